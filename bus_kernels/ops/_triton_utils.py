@@ -1,0 +1,14 @@
+"""Small helpers shared by the Triton launchers."""
+
+from __future__ import annotations
+
+import triton
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def tile_rows(block_cols: int, budget: int = 4096, max_rows: int = 64) -> int:
+    """Rows per tile so that a (rows, block_cols) fp32 tile stays within ``budget`` elements."""
+    return max(1, min(max_rows, budget // block_cols))

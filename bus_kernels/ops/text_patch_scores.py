@@ -1,0 +1,244 @@
+"""Text-guided patch scores (BUS TSPS, Sec. 3.2): how much a query (the caption's [CLS] projected by
+a ViT layer's query projection; or the image [CLS] for EViT) attends to each patch.
+
+``scores[b, n] = mean_h softmax_n(scale * <query[b, h], keys[b, n, h]>)``; each row sums to 1.
+
+Triton path:
+  * ``_tps_logits_kernel`` (one program per (row, head)): one pass over the keys computes the logits,
+    stores them (B, H, N) fp32 (1/D of the key traffic) and keeps an online max / sum for the
+    log-sum-exp (B, H).
+  * ``_tps_combine_kernel`` (row x token block): averages ``exp(logit - lse)`` over heads.
+  * ``_tps_bwd_kernel`` (one program per (row, head)): ``dlogit = p * (g - <p, g>) / H``; reads the
+    saved logits for ``<p, g>``, then the keys once for ``dq`` and writes ``dk`` once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from .._validation import check_dim_size, check_float, check_rank, check_same_device, check_tensor
+from ..backends import get_impl, register_impl, select_backend
+from ._triton_utils import next_pow2, tile_rows
+
+TRITON_MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def _tps_logits_kernel(
+    q_ptr, k_ptr, logits_ptr, lse_ptr,
+    N, H, D, stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=dmask, other=0.0).to(tl.float32) * scale
+    m = tl.full((), float("-inf"), tl.float32)
+    l = tl.zeros((), dtype=tl.float32)
+    row = (b * H + h) * N
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        kt = tl.load(
+            k_ptr + b * stride_kb + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
+            mask=nmask[:, None] & dmask[None, :], other=0.0,
+        ).to(tl.float32)
+        z = tl.sum(kt * q[None, :], axis=1)
+        z = tl.where(nmask, z, float("-inf"))
+        tl.store(logits_ptr + row + offs_n, z, mask=nmask)
+        m_new = tl.maximum(m, tl.max(z, axis=0))  # finite: every block has a valid token
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    tl.store(lse_ptr + b * H + h, m + tl.log(l))
+
+
+@triton.jit
+def _tps_combine_kernel(logits_ptr, lse_ptr, out_ptr, N, H, inv_h, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for h in range(0, H):
+        lse = tl.load(lse_ptr + b * H + h)
+        z = tl.load(logits_ptr + (b * H + h) * N + offs_n, mask=nmask, other=float("-inf"))
+        acc += tl.exp(z - lse)
+    tl.store(out_ptr + b * N + offs_n, acc * inv_h, mask=nmask)
+
+
+@triton.jit
+def _tps_bwd_kernel(
+    q_ptr, k_ptr, logits_ptr, lse_ptr, g_ptr, dq_ptr, dk_ptr,
+    N, H, D, stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, scale, inv_h,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    row = (b * H + h) * N
+    lse = tl.load(lse_ptr + b * H + h)
+    # <p, g> over the row, from the saved logits
+    pg = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        p = tl.exp(tl.load(logits_ptr + row + offs_n, mask=nmask, other=float("-inf")) - lse)
+        pg += p * tl.load(g_ptr + b * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    dot = tl.sum(pg, axis=0)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    dq = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        tile_mask = nmask[:, None] & dmask[None, :]
+        p = tl.exp(tl.load(logits_ptr + row + offs_n, mask=nmask, other=float("-inf")) - lse)
+        g = tl.load(g_ptr + b * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        dz = p * (g - dot) * (inv_h * scale)  # d loss / d (q.k), per token
+        kt = tl.load(
+            k_ptr + b * stride_kb + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
+            mask=tile_mask, other=0.0,
+        ).to(tl.float32)
+        dq += tl.sum(dz[:, None] * kt, axis=0)
+        dk = dz[:, None] * q[None, :]
+        tl.store(dk_ptr + ((b * N + offs_n[:, None]) * H + h) * D + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(dq_ptr + (b * H + h) * D + offs_d, dq.to(dq_ptr.dtype.element_ty), mask=dmask)
+
+
+def _blocks(D: int) -> tuple[int, int]:
+    block_d = next_pow2(D)
+    return tile_rows(block_d, budget=4096, max_rows=128), block_d
+
+
+def _strides(query: torch.Tensor, keys: torch.Tensor) -> tuple[int, ...]:
+    return query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2)
+
+
+@torch.library.custom_op("bus::text_patch_scores_triton", mutates_args=())
+def _tps_triton(query: torch.Tensor, keys: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """query (B, H, D), keys (B, N, H, D), both with unit stride in D ->
+    scores (B, N) fp32, logits (B, H, N) fp32, lse (B, H) fp32."""
+    B, N, H, D = keys.shape
+    out = torch.empty(B, N, dtype=torch.float32, device=keys.device)
+    logits = torch.empty(B, H, N, dtype=torch.float32, device=keys.device)
+    lse = torch.empty(B, H, dtype=torch.float32, device=keys.device)
+    if B == 0:
+        return out, logits, lse
+    block_n, block_d = _blocks(D)
+    _tps_logits_kernel[(B, H)](query, keys, logits, lse, N, H, D, *_strides(query, keys), scale, BLOCK_N=block_n, BLOCK_D=block_d)
+    combine_n = min(next_pow2(N), 1024)
+    _tps_combine_kernel[(B, triton.cdiv(N, combine_n))](logits, lse, out, N, H, 1.0 / H, BLOCK_N=combine_n)
+    return out, logits, lse
+
+
+@_tps_triton.register_fake
+def _(query, keys, scale):
+    B, N, H, D = keys.shape
+    f32 = dict(dtype=torch.float32)
+    return keys.new_empty(B, N, **f32), keys.new_empty(B, H, N, **f32), keys.new_empty(B, H, **f32)
+
+
+@torch.library.custom_op("bus::text_patch_scores_triton_backward", mutates_args=())
+def _tps_triton_backward(
+    grad: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad (B, N) -> grad_query (B, H, D), grad_keys (B, N, H, D), in the inputs' dtypes."""
+    B, N, H, D = keys.shape
+    grad = grad.contiguous()
+    dq = torch.empty(B, H, D, dtype=query.dtype, device=query.device)
+    dk = torch.empty(B, N, H, D, dtype=keys.dtype, device=keys.device)
+    if B == 0:
+        return dq, dk
+    block_n, block_d = _blocks(D)
+    _tps_bwd_kernel[(B, H)](
+        query, keys, logits, lse, grad, dq, dk, N, H, D, *_strides(query, keys), scale, 1.0 / H,
+        BLOCK_N=block_n, BLOCK_D=block_d,
+    )
+    return dq, dk
+
+
+@_tps_triton_backward.register_fake
+def _(grad, query, keys, logits, lse, scale):
+    return query.new_empty(query.shape), keys.new_empty(keys.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    query, keys, scale = inputs
+    _out, logits, lse = output
+    ctx.save_for_backward(query, keys, logits, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad, _g_logits, _g_lse):
+    query, keys, logits, lse = ctx.saved_tensors
+    if grad is None:
+        return None, None, None
+    dq, dk = _tps_triton_backward(grad, query, keys, logits, lse, ctx.scale)
+    return dq, dk, None
+
+
+torch.library.register_autograd("bus::text_patch_scores_triton", _backward, setup_context=_setup_context)
+
+
+def _tps_triton_impl(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if keys.stride(-1) != 1:
+        keys = keys.contiguous()
+    return _tps_triton(query, keys, scale)[0]
+
+
+register_impl("text_patch_scores", "torch", reference.text_patch_scores)
+register_impl("text_patch_scores", "triton", _tps_triton_impl)
+
+
+def text_patch_scores(
+    query: torch.Tensor, keys: torch.Tensor, *, scale: float | None = None, backend: str | None = None
+) -> torch.Tensor:
+    """Relevance of each patch to a query: mean over heads of the query's attention over the patches.
+
+    Args:
+        query: ``(B, H, D)`` floating (float16/bfloat16/float32; float64 with the torch backend),
+            e.g. the text [CLS] through a ViT layer's query projection, split into heads.
+        keys: ``(B, N, H, D)`` same dtype and device, ``N >= 1``: that layer's keys of the N candidate
+            tokens (strided views such as a slice of a fused qkv tensor are fine).
+        scale: softmax temperature; default ``D ** -0.5``.
+        backend: ``"triton"``, ``"native"``, ``"torch"`` or ``None`` (best available; env ``BUS_KERNELS_BACKEND``).
+
+    Returns:
+        ``(B, N)`` float32; each row sums to 1. Differentiable in ``query`` and ``keys``.
+    """
+    check_tensor("query", query)
+    check_tensor("keys", keys)
+    check_rank("query", query, 3, "(B, H, D)")
+    check_rank("keys", keys, 4, "(B, N, H, D)")
+    check_float("query", query)
+    check_float("keys", keys)
+    if query.dtype != keys.dtype:
+        raise TypeError(f"keys must have query's dtype {query.dtype}, got {keys.dtype}")
+    B, H, D = query.shape
+    check_dim_size("keys", keys, 0, B, "batch size B of query")
+    check_dim_size("keys", keys, 2, H, "head count H of query")
+    check_dim_size("keys", keys, 3, D, "head dim D of query")
+    if keys.shape[1] == 0:
+        raise ValueError("keys must hold at least one token (N >= 1), got N=0")
+    if H == 0 or D == 0:
+        raise ValueError(f"query must have H >= 1 heads of D >= 1 dims, got shape {tuple(query.shape)}")
+    check_same_device([("query", query), ("keys", keys)])
+    if scale is None:
+        scale = D**-0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    requires_grad = torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad)
+
+    def extra(name: str) -> list[str]:
+        if name == "triton" and D > TRITON_MAX_HEAD_DIM:
+            return [f"head dim {D} > {TRITON_MAX_HEAD_DIM}"]
+        return []
+
+    name = select_backend("text_patch_scores", query.device, query.dtype, requires_grad, backend, extra)
+    return get_impl("text_patch_scores", name)(query, keys, scale)

@@ -1,0 +1,437 @@
+"""Top-k token selection + gather + fusion of the dropped tokens (BUS TSPS, Sec. 3.2; EViT's
+"inattentive token fusion"; ELIP's score-weighted merge).
+
+Per row b of ``x (B, N, C)`` with scores ``s (B, N)``: keep the k highest-scoring tokens (ties to the
+lower position) in ascending position order, then, if ``fuse``, append one token
+``sum_{j dropped} s_j x_j / max(sum_{j dropped} s_j, eps)``.
+
+Triton path, three kernels:
+  * ``_topk_select_kernel`` (one program per row): the row's scores are mapped to order-preserving
+    integer keys on-chip, a 32-step bisection finds the k-th largest key, ties are broken by a
+    prefix sum, and a second prefix sum gives each kept token its output slot. Writes ``index`` and a
+    (B, N) int32 slot map (-1 = dropped). No sort, no global scratch beyond the slot map.
+  * ``_topk_gather_fwd_kernel`` (row x channel block): one pass over x, each element read once; kept
+    rows are stored to their slot, dropped rows accumulate into the fused token in fp32.
+  * ``_topk_gather_bwd_kernel`` (row x token block): grad_x written once per element without atomics;
+    grad_scores (through the fused token only) reduced over channels in the same program.
+
+The same kernels serve the fixed-k op (all rows keep k) and the ragged ``topk_gather_varlen``
+(per-row k, packed output with ``cu_seqlens``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from .._validation import check_dim_size, check_float, check_int, check_rank, check_same_device, check_tensor
+from ..backends import get_impl, register_impl, select_backend
+from ..reference.pruning import FUSE_EPS
+from ._triton_utils import next_pow2, tile_rows
+
+# Largest N the on-chip selection takes (the row's scores live in registers as one tile).
+TRITON_MAX_N = 16384
+
+
+class TopkGatherOutput(NamedTuple):
+    """tokens: (B, k + fuse, C), x's dtype. index: (B, k) int64, ascending kept positions."""
+
+    tokens: torch.Tensor
+    index: torch.Tensor
+
+
+class TopkGatherVarlenOutput(NamedTuple):
+    """tokens: (total, C), x's dtype, row b at ``tokens[cu_seqlens[b]:cu_seqlens[b+1]]`` (kept, then fused).
+    index: (sum k,) int64, row b's kept positions (ascending) at ``index[cu_seqlens[b] - b*fuse :
+    cu_seqlens[b+1] - (b+1)*fuse]``. cu_seqlens: (B + 1,) int32. max_seqlen: int, longest row."""
+
+    tokens: torch.Tensor
+    index: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _topk_select_kernel(
+    scores_ptr, k_ptr, index_off_ptr, slot_ptr, index_ptr,
+    N, stride_sb,
+    NP: tl.constexpr,
+):
+    b = tl.program_id(0)
+    offs = tl.arange(0, NP)
+    valid = offs < N
+    s = tl.load(scores_ptr + b * stride_sb + offs, mask=valid, other=0.0).to(tl.float32) + 0.0  # -0.0 -> +0.0
+    bits = s.to(tl.int32, bitcast=True)
+    # order-preserving map float -> signed int: negative floats have their magnitude bits flipped
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    key = tl.where(valid, key, -4294967296)  # padding sorts below every real key
+    k = tl.load(k_ptr + b).to(tl.int32)
+
+    # largest threshold t with count(key >= t) >= k, i.e. the k-th largest key
+    lo = tl.full((), -2147483648, tl.int64)
+    hi = tl.full((), 2147483647, tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2
+        enough = tl.sum((key >= mid).to(tl.int32), axis=0) >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+
+    above = key > lo
+    n_above = tl.sum(above.to(tl.int32), axis=0)
+    tie = key == lo
+    tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based rank among equal keys, by position
+    keep = above | (tie & (tie_rank <= k - n_above))
+    slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    tl.store(slot_ptr + b * N + offs, tl.where(keep, slot, -1), mask=valid)
+    index_base = tl.load(index_off_ptr + b)
+    tl.store(index_ptr + index_base + slot, offs.to(tl.int64), mask=keep)
+
+
+@triton.jit
+def _topk_gather_fwd_kernel(
+    x_ptr, scores_ptr, slot_ptr, k_ptr, out_off_ptr,
+    out_ptr, fused_ptr, den_ptr,
+    N, C, stride_xb, stride_xn, stride_sb, eps,
+    FUSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(0)
+    cb = tl.program_id(1)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    out_base = tl.load(out_off_ptr + b)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    den = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        slot = tl.load(slot_ptr + b * N + offs_n, mask=nmask, other=-1)
+        tile_mask = nmask[:, None] & cmask[None, :]
+        xt = tl.load(x_ptr + b * stride_xb + offs_n[:, None] * stride_xn + offs_c[None, :], mask=tile_mask, other=0.0)
+        rows = (out_base + slot).to(tl.int64)
+        tl.store(out_ptr + rows[:, None] * C + offs_c[None, :], xt, mask=tile_mask & (slot >= 0)[:, None])
+        if FUSE:
+            s = tl.load(scores_ptr + b * stride_sb + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            w = tl.where(nmask & (slot < 0), s, 0.0)
+            acc += tl.sum(w[:, None] * xt.to(tl.float32), axis=0)
+            den += w
+    if FUSE:
+        total = tl.sum(den, axis=0)
+        fused = acc / tl.maximum(total, eps)
+        k = tl.load(k_ptr + b)
+        tl.store(out_ptr + (out_base + k).to(tl.int64) * C + offs_c, fused.to(out_ptr.dtype.element_ty), mask=cmask)
+        tl.store(fused_ptr + b * C + offs_c, fused, mask=cmask)
+        tl.store(den_ptr + b, total, mask=cb == 0)
+
+
+@triton.jit
+def _topk_gather_bwd_kernel(
+    gout_ptr, x_ptr, scores_ptr, slot_ptr, k_ptr, out_off_ptr, fused_ptr, den_ptr,
+    gx_ptr, gs_ptr,
+    N, C, stride_xb, stride_xn, stride_sb, eps,
+    FUSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    slot = tl.load(slot_ptr + b * N + offs_n, mask=nmask, other=-1)
+    kept = slot >= 0
+    dropped = nmask & (slot < 0)
+    out_base = tl.load(out_off_ptr + b)
+    rows = (out_base + slot).to(tl.int64)
+    if FUSE:
+        total = tl.load(den_ptr + b)
+        denom = tl.maximum(total, eps)
+        s = tl.load(scores_ptr + b * stride_sb + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        coef = tl.where(dropped, s / denom, 0.0)
+        # d fused / d s_j = (x_j - fused) / denom while the sum is above eps, x_j / eps when clamped
+        fused_scale = tl.where(total > eps, 1.0, 0.0)
+        fused_row = (out_base + tl.load(k_ptr + b)).to(tl.int64)
+    gs = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        cmask = offs_c < C
+        tile_mask = nmask[:, None] & cmask[None, :]
+        gx = tl.load(gout_ptr + rows[:, None] * C + offs_c[None, :], mask=tile_mask & kept[:, None], other=0.0)
+        gx = gx.to(tl.float32)
+        if FUSE:
+            gf = tl.load(gout_ptr + fused_row * C + offs_c, mask=cmask, other=0.0).to(tl.float32)
+            f = tl.load(fused_ptr + b * C + offs_c, mask=cmask, other=0.0)
+            gx += coef[:, None] * gf[None, :]
+            drop_mask = tile_mask & dropped[:, None]
+            xt = tl.load(x_ptr + b * stride_xb + offs_n[:, None] * stride_xn + offs_c[None, :], mask=drop_mask, other=0.0)
+            diff = xt.to(tl.float32) - fused_scale * f[None, :]
+            gs += tl.sum(tl.where(drop_mask, diff * gf[None, :], 0.0), axis=1)
+        tl.store(gx_ptr + b * N * C + offs_n[:, None] * C + offs_c[None, :], gx.to(gx_ptr.dtype.element_ty), mask=tile_mask)
+    if FUSE:
+        gs = gs / denom
+    tl.store(gs_ptr + b * N + offs_n, gs.to(gs_ptr.dtype.element_ty), mask=nmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers, registered as torch.library custom ops so torch.compile traces through them.
+
+
+def _row_offsets(k: torch.Tensor, fuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start of each row in the packed tokens and in the packed index, both (B,) int64."""
+    lengths = k + int(fuse)
+    return torch.cumsum(lengths, 0) - lengths, torch.cumsum(k, 0) - k
+
+
+def _gather_blocks(C: int) -> tuple[int, int]:
+    block_c = min(next_pow2(C), 128)
+    return tile_rows(block_c, budget=4096, max_rows=64), block_c
+
+
+@torch.library.custom_op("bus::topk_gather_triton", mutates_args=())
+def _topk_gather_triton(
+    x: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, total_kept: int, fuse: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (B, N, C) with unit channel stride, scores (B, N), k (B,) int64, total_kept = sum(k) ->
+    tokens (total_kept + B*fuse, C), index (total_kept,) int64, slot (B, N) int32, fused (B, C) fp32, den (B,) fp32."""
+    B, N, C = x.shape
+    out_off, index_off = _row_offsets(k, fuse)
+    tokens = x.new_empty(total_kept + B * int(fuse), C)
+    index = torch.empty(total_kept, dtype=torch.int64, device=x.device)
+    slot = torch.empty(B, N, dtype=torch.int32, device=x.device)
+    fused = torch.zeros(B, C, dtype=torch.float32, device=x.device)
+    den = torch.zeros(B, dtype=torch.float32, device=x.device)
+    if B == 0 or N == 0:
+        return tokens, index, slot, fused, den
+    NP = next_pow2(N)
+    _topk_select_kernel[(B,)](scores, k, index_off, slot, index, N, scores.stride(0), NP=NP, num_warps=8 if NP >= 2048 else 4)
+    if C > 0:
+        block_n, block_c = _gather_blocks(C)
+        _topk_gather_fwd_kernel[(B, triton.cdiv(C, block_c))](
+            x, scores, slot, k, out_off, tokens, fused, den,
+            N, C, x.stride(0), x.stride(1), scores.stride(0), FUSE_EPS,
+            FUSE=fuse, BLOCK_N=block_n, BLOCK_C=block_c,
+        )
+    return tokens, index, slot, fused, den
+
+
+@_topk_gather_triton.register_fake
+def _(x, scores, k, total_kept, fuse):
+    B, N, C = x.shape
+    return (
+        x.new_empty(total_kept + B * int(fuse), C),
+        x.new_empty(total_kept, dtype=torch.int64),
+        x.new_empty(B, N, dtype=torch.int32),
+        x.new_empty(B, C, dtype=torch.float32),
+        x.new_empty(B, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("bus::topk_gather_triton_backward", mutates_args=())
+def _topk_gather_triton_backward(
+    grad_tokens: torch.Tensor, x: torch.Tensor, scores: torch.Tensor, k: torch.Tensor,
+    slot: torch.Tensor, fused: torch.Tensor, den: torch.Tensor, fuse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad_tokens (total, C) -> grad_x (B, N, C) in x's dtype, grad_scores (B, N) in scores' dtype."""
+    B, N, C = x.shape
+    grad_tokens = grad_tokens.contiguous()
+    grad_x = torch.empty(B, N, C, dtype=x.dtype, device=x.device)
+    grad_scores = torch.empty(B, N, dtype=scores.dtype, device=x.device)
+    if B == 0 or N == 0:
+        return grad_x, grad_scores
+    out_off, _ = _row_offsets(k, fuse)
+    block_n, block_c = _gather_blocks(C)
+    _topk_gather_bwd_kernel[(B, triton.cdiv(N, block_n))](
+        grad_tokens, x, scores, slot, k, out_off, fused, den, grad_x, grad_scores,
+        N, C, x.stride(0), x.stride(1), scores.stride(0), FUSE_EPS,
+        FUSE=fuse, BLOCK_N=block_n, BLOCK_C=block_c,
+    )
+    return grad_x, grad_scores
+
+
+@_topk_gather_triton_backward.register_fake
+def _(grad_tokens, x, scores, k, slot, fused, den, fuse):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(scores)
+
+
+def _setup_context(ctx, inputs, output):
+    x, scores, k, _total_kept, fuse = inputs
+    _tokens, _index, slot, fused, den = output
+    ctx.save_for_backward(x, scores, k, slot, fused, den)
+    ctx.fuse = fuse
+
+
+def _backward(ctx, grad_tokens, _gi, _gs, _gf, _gd):
+    x, scores, k, slot, fused, den = ctx.saved_tensors
+    if grad_tokens is None:
+        return None, None, None, None, None
+    grad_x, grad_scores = _topk_gather_triton_backward(grad_tokens, x, scores, k, slot, fused, den, ctx.fuse)
+    return grad_x, grad_scores, None, None, None
+
+
+torch.library.register_autograd("bus::topk_gather_triton", _backward, setup_context=_setup_context)
+
+
+def _prepare_triton(x: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if scores.stride(-1) != 1:
+        scores = scores.contiguous()
+    return x, scores
+
+
+def _topk_gather_triton_impl(x, scores, k: int, fuse: bool):
+    B, N, C = x.shape
+    x, scores = _prepare_triton(x, scores)
+    k_rows = torch.full((B,), k, dtype=torch.int64, device=x.device)
+    tokens, index, *_ = _topk_gather_triton(x, scores, k_rows, B * k, fuse)
+    return tokens.view(B, k + int(fuse), C), index.view(B, k)
+
+
+def _topk_gather_varlen_triton_impl(x, scores, k: torch.Tensor, fuse: bool):
+    x, scores = _prepare_triton(x, scores)
+    B = x.shape[0]
+    total_kept = int(k.sum()) if B > 0 else 0
+    tokens, index, *_ = _topk_gather_triton(x, scores, k, total_kept, fuse)
+    return tokens, index, _cu_seqlens(k, fuse), _max_seqlen(k, fuse)
+
+
+def _cu_seqlens(k: torch.Tensor, fuse: bool) -> torch.Tensor:
+    cu = torch.zeros(k.shape[0] + 1, dtype=torch.int32, device=k.device)
+    cu[1:] = torch.cumsum(k + int(fuse), 0)
+    return cu
+
+
+def _max_seqlen(k: torch.Tensor, fuse: bool) -> int:
+    return int(k.max()) + int(fuse) if k.numel() > 0 else 0
+
+
+register_impl("topk_gather", "torch", reference.topk_gather)
+register_impl("topk_gather", "triton", _topk_gather_triton_impl)
+register_impl("topk_gather_varlen", "torch", reference.topk_gather_varlen)
+register_impl("topk_gather_varlen", "triton", _topk_gather_varlen_triton_impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+
+
+def _check_x_scores(x, scores) -> tuple[int, int, int]:
+    check_tensor("x", x)
+    check_tensor("scores", scores)
+    check_rank("x", x, 3, "(B, N, C)")
+    check_rank("scores", scores, 2, "(B, N)")
+    check_float("x", x)
+    check_float("scores", scores)
+    B, N, C = x.shape
+    check_dim_size("scores", scores, 0, B, "batch size B of x")
+    check_dim_size("scores", scores, 1, N, "token count N of x")
+    check_same_device([("x", x), ("scores", scores)])
+    return B, N, C
+
+
+def _pick_backend(x: torch.Tensor, scores: torch.Tensor, backend: str | None) -> str:
+    requires_grad = torch.is_grad_enabled() and (x.requires_grad or scores.requires_grad)
+
+    def extra(name: str) -> list[str]:
+        if name == "triton" and x.shape[1] > TRITON_MAX_N:
+            return [f"N={x.shape[1]} exceeds the on-chip selection limit {TRITON_MAX_N}"]
+        return []
+
+    # both ops dispatch under the one name "topk_gather"
+    return select_backend("topk_gather", x.device, x.dtype, requires_grad, backend, extra)
+
+
+def topk_gather(
+    x: torch.Tensor, scores: torch.Tensor, k: int, *, fuse: bool = True, backend: str | None = None
+) -> TopkGatherOutput:
+    """Keep the ``k`` best-scoring tokens of each row and (optionally) fuse the rest into one.
+
+    Args:
+        x: ``(B, N, C)`` float16/bfloat16/float32 (float64: torch backend) tokens.
+        scores: ``(B, N)`` floating, same device; higher is kept first, equal scores go to the lower
+            position. Non-negative scores (e.g. ``text_patch_scores``) make the fused token a weighted mean.
+        k: ``1 <= k <= N`` tokens kept per row.
+        fuse: append the fused token ``sum_{j dropped} s_j x_j / max(sum_{j dropped} s_j, 1e-6)``
+            (all zeros when nothing is dropped).
+        backend: ``"triton"``, ``"native"``, ``"torch"`` or ``None`` (best available; env ``BUS_KERNELS_BACKEND``).
+
+    Returns:
+        ``TopkGatherOutput(tokens (B, k + fuse, C) in x's dtype, index (B, k) int64)`` with the kept
+        positions in ascending order. Differentiable in ``x`` and ``scores`` (the latter through the
+        fused token only).
+    """
+    B, N, C = _check_x_scores(x, scores)
+    if N == 0:
+        raise ValueError("x must have at least one token (N >= 1), got N=0")
+    k = check_int("k", k, 1, N)
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
+    name = _pick_backend(x, scores, backend)
+    tokens, index = get_impl("topk_gather", name)(x, scores, k, fuse)
+    return TopkGatherOutput(tokens, index)
+
+
+def topk_gather_varlen(
+    x: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, *, fuse: bool = True, backend: str | None = None
+) -> TopkGatherVarlenOutput:
+    """``topk_gather`` with a different ``k`` per row; the result is packed (flash-attn varlen layout).
+
+    Args:
+        x: ``(B, N, C)`` floating tokens. scores: ``(B, N)`` floating.
+        k: ``(B,)`` integer tensor on x's device, ``0 <= k[b] <= N`` (e.g. from ``keep_by_mass``).
+        fuse, backend: as in ``topk_gather``.
+
+    Returns:
+        ``TopkGatherVarlenOutput(tokens (total, C), index (sum k,) int64, cu_seqlens (B + 1,) int32,
+        max_seqlen int)`` where ``total = sum(k) + B * fuse``; row b's kept tokens (ascending position)
+        then its fused token are ``tokens[cu_seqlens[b]:cu_seqlens[b + 1]]``.
+    """
+    B, N, C = _check_x_scores(x, scores)
+    check_tensor("k", k)
+    if k.dtype.is_floating_point or k.dtype == torch.bool or k.is_complex():
+        raise TypeError(f"k must be an integer tensor, got {k.dtype}")
+    check_rank("k", k, 1, "(B,)")
+    check_dim_size("k", k, 0, B, "batch size B of x")
+    check_same_device([("x", x), ("k", k)])
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
+    k = k.to(torch.int64)
+    if B > 0:
+        k_min, k_max = int(k.min()), int(k.max())
+        if k_min < 0 or k_max > N:
+            raise ValueError(f"k must be in [0, N={N}] for every row, got values in [{k_min}, {k_max}]")
+    name = _pick_backend(x, scores, backend)
+    return TopkGatherVarlenOutput(*get_impl("topk_gather_varlen", name)(x, scores, k, fuse))
+
+
+def keep_by_mass(scores: torch.Tensor, mass: float, min_keep: int, max_keep: int) -> torch.Tensor:
+    """Per row, the smallest k whose k highest scores hold at least ``mass`` of the row's total score.
+
+    Args:
+        scores: ``(B, N)`` non-negative floating scores (e.g. ``text_patch_scores``, rows summing to 1).
+        mass: fraction in ``(0, 1]``.
+        min_keep, max_keep: clamp, ``1 <= min_keep <= max_keep <= N``.
+
+    Returns:
+        ``(B,)`` int64 keep counts (no gradient), ready for ``topk_gather_varlen``.
+    """
+    check_tensor("scores", scores)
+    check_rank("scores", scores, 2, "(B, N)")
+    check_float("scores", scores)
+    N = scores.shape[1]
+    if isinstance(mass, bool) or not isinstance(mass, (int, float)):
+        raise TypeError(f"mass must be a float, got {type(mass).__name__}")
+    if not 0.0 < mass <= 1.0:
+        raise ValueError(f"mass must be in (0, 1], got {mass}")
+    min_keep = check_int("min_keep", min_keep, 1, N)
+    max_keep = check_int("max_keep", max_keep, min_keep, N)
+    with torch.no_grad():
+        s = scores.float()
+        top = torch.sort(s, dim=1, descending=True).values.cumsum(dim=1)  # (B, N)
+        target = mass * top[:, -1:]
+        # prefixes are non-decreasing, so the ones still below the target come first
+        k = (top < target).sum(dim=1) + 1
+        return k.clamp(min_keep, max_keep).to(torch.int64)
