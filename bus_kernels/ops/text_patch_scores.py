@@ -32,7 +32,7 @@ def _tps_logits_kernel(
     N, H, D, stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * N * H * D may exceed 2**31
     h = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
@@ -58,7 +58,7 @@ def _tps_logits_kernel(
 
 @triton.jit
 def _tps_combine_kernel(logits_ptr, lse_ptr, out_ptr, N, H, inv_h, BLOCK_N: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -75,7 +75,7 @@ def _tps_bwd_kernel(
     N, H, D, stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, scale, inv_h,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * N * H * D may exceed 2**31
     h = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
@@ -242,3 +242,32 @@ def text_patch_scores(
 
     name = select_backend("text_patch_scores", query.device, query.dtype, requires_grad, backend, extra)
     return get_impl("text_patch_scores", name)(query, keys, scale)
+
+
+def aot_specs():
+    """Kernel variants compiled by ``python -m bus_kernels.aot``."""
+    from ..aot import TRITON_DTYPES, KernelSpec
+
+    strides = {n: "i32" for n in ("N", "H", "D", "stride_qb", "stride_qh", "stride_kb", "stride_kn", "stride_kh")}
+    specs = []
+    for dt in TRITON_DTYPES.values():
+        for D in (64, 128, 256):
+            block_n, block_d = _blocks(D)
+            consts = {"BLOCK_N": block_n, "BLOCK_D": block_d}
+            specs.append(KernelSpec(
+                f"tps_logits {dt} D={D}", _tps_logits_kernel,
+                {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "logits_ptr": "*fp32", "lse_ptr": "*fp32", **strides,
+                 "scale": "fp32", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}, consts,
+            ))
+            specs.append(KernelSpec(
+                f"tps_bwd {dt} D={D}", _tps_bwd_kernel,
+                {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "logits_ptr": "*fp32", "lse_ptr": "*fp32", "g_ptr": "*fp32",
+                 "dq_ptr": f"*{dt}", "dk_ptr": f"*{dt}", **strides, "scale": "fp32", "inv_h": "fp32",
+                 "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}, consts,
+            ))
+    specs.append(KernelSpec(
+        "tps_combine fp32 BLOCK_N=1024", _tps_combine_kernel,
+        {"logits_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "H": "i32", "inv_h": "fp32",
+         "BLOCK_N": "constexpr"}, {"BLOCK_N": 1024},
+    ))
+    return specs

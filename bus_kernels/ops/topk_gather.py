@@ -65,7 +65,7 @@ def _topk_select_kernel(
     N, stride_sb,
     NP: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, NP)
     valid = offs < N
     s = tl.load(scores_ptr + b * stride_sb + offs, mask=valid, other=0.0).to(tl.float32) + 0.0  # -0.0 -> +0.0
@@ -102,7 +102,7 @@ def _topk_gather_fwd_kernel(
     N, C, stride_xb, stride_xn, stride_sb, eps,
     FUSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * N * C may exceed 2**31
     cb = tl.program_id(1)
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < C
@@ -138,7 +138,7 @@ def _topk_gather_bwd_kernel(
     N, C, stride_xb, stride_xn, stride_sb, eps,
     FUSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     slot = tl.load(slot_ptr + b * N + offs_n, mask=nmask, other=-1)
@@ -435,3 +435,35 @@ def keep_by_mass(scores: torch.Tensor, mass: float, min_keep: int, max_keep: int
         # prefixes are non-decreasing, so the ones still below the target come first
         k = (top < target).sum(dim=1) + 1
         return k.clamp(min_keep, max_keep).to(torch.int64)
+
+
+def aot_specs():
+    """Kernel variants compiled by ``python -m bus_kernels.aot``."""
+    from ..aot import TRITON_DTYPES, KernelSpec
+
+    specs = []
+    for dt in TRITON_DTYPES.values():
+        for NP in (1024, 4096, TRITON_MAX_N):
+            specs.append(KernelSpec(
+                f"topk_select {dt} NP={NP}", _topk_select_kernel,
+                {"scores_ptr": f"*{dt}", "k_ptr": "*i64", "index_off_ptr": "*i64", "slot_ptr": "*i32",
+                 "index_ptr": "*i64", "N": "i32", "stride_sb": "i32", "NP": "constexpr"},
+                {"NP": NP}, num_warps=8 if NP >= 2048 else 4,
+            ))
+        for C in (64, 768):
+            block_n, block_c = _gather_blocks(C)
+            common = {"x_ptr": f"*{dt}", "scores_ptr": f"*{dt}", "slot_ptr": "*i32", "k_ptr": "*i64",
+                      "out_off_ptr": "*i64"}
+            scalars = {"N": "i32", "C": "i32", "stride_xb": "i32", "stride_xn": "i32", "stride_sb": "i32",
+                       "eps": "fp32", "FUSE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_C": "constexpr"}
+            consts = {"FUSE": True, "BLOCK_N": block_n, "BLOCK_C": block_c}
+            specs.append(KernelSpec(
+                f"topk_gather_fwd {dt} C={C}", _topk_gather_fwd_kernel,
+                {**common, "out_ptr": f"*{dt}", "fused_ptr": "*fp32", "den_ptr": "*fp32", **scalars}, consts,
+            ))
+            specs.append(KernelSpec(
+                f"topk_gather_bwd {dt} C={C}", _topk_gather_bwd_kernel,
+                {"gout_ptr": f"*{dt}", **common, "fused_ptr": "*fp32", "den_ptr": "*fp32",
+                 "gx_ptr": f"*{dt}", "gs_ptr": f"*{dt}", **scalars}, consts,
+            ))
+    return specs

@@ -1,0 +1,144 @@
+"""Compile every Triton kernel of the package ahead of time for real GPUs, with no GPU present.
+
+    python -m bus_kernels.aot [--arch 80 90] [--json PATH]
+
+For each kernel variant (dtype, block sizes) and each target (sm_80, sm_90) this runs Triton's
+full pipeline (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin via ptxas) and reads the cubin's resource
+usage with ``cuobjdump``: registers per thread, local memory (spills), shared memory. It catches
+what the CPU interpreter lets pass (type errors, unsupported ops, register pressure). Exits 1 if any
+variant fails to compile or spills.
+
+Each op module declares its variants in ``aot_specs() -> list[KernelSpec]``. Must run without
+``TRITON_INTERPRET=1`` (the interpreter replaces the kernels by Python functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+
+@dataclass
+class KernelSpec:
+    """One compilable variant of a kernel: pointer/scalar types and the constexpr values."""
+
+    name: str  # e.g. "topk_gather_fwd fp16 C128"
+    fn: object  # the @triton.jit function
+    signature: dict[str, str]  # arg -> "*fp16" | "*fp32" | "*i64" | "i32" | "fp32" | "constexpr"
+    constexprs: dict[str, object] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int | None = None
+
+
+TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+@dataclass
+class AotResult:
+    name: str
+    arch: int
+    ok: bool
+    registers: int | None = None
+    local_bytes: int | None = None  # per-thread local memory: > 0 means spills
+    static_shared: int | None = None
+    dynamic_shared: int | None = None
+    error: str | None = None
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    usage = dict((k, int(v)) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    return usage
+
+
+def compile_spec(spec: KernelSpec, arch: int) -> AotResult:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    try:
+        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+        options = {"num_warps": spec.num_warps}
+        if spec.num_stages is not None:
+            options["num_stages"] = spec.num_stages
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        usage = _resource_usage(compiled.asm["cubin"])
+        return AotResult(
+            spec.name, arch, True,
+            registers=usage.get("REG"),
+            local_bytes=usage.get("LOCAL", 0) + usage.get("STACK", 0),
+            static_shared=usage.get("SHARED"),
+            dynamic_shared=compiled.metadata.shared,
+        )
+    except Exception as e:  # report every failure, keep going
+        return AotResult(spec.name, arch, False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def all_specs() -> list[KernelSpec]:
+    """Every kernel variant of every op module that declares ``aot_specs()``."""
+    import importlib
+
+    specs = []
+    for module in _OP_MODULES:
+        specs += importlib.import_module(module).aot_specs()
+    return specs
+
+
+_OP_MODULES = [
+    "bus_kernels.ops.text_patch_scores",
+    "bus_kernels.ops.topk_gather",
+]
+
+
+def format_table(results: list[AotResult]) -> str:
+    lines = [
+        "| kernel | arch | ok | registers | spill/local bytes | shared (static + dynamic) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r.ok:
+            lines.append(
+                f"| {r.name} | sm_{r.arch} | yes | {r.registers} | {r.local_bytes} | {r.static_shared} + {r.dynamic_shared} |"
+            )
+        else:
+            lines.append(f"| {r.name} | sm_{r.arch} | **FAILED** | | | {r.error} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bus_kernels.aot", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default: 80 90)")
+    parser.add_argument("--filter", default="", help="only kernels whose name contains this string")
+    parser.add_argument("--json", help="also write the results as JSON to this path")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("error: unset TRITON_INTERPRET: ahead-of-time compilation needs the real Triton compiler", file=sys.stderr)
+        return 2
+    results = [compile_spec(s, arch) for s in all_specs() if args.filter in s.name for arch in args.arch]
+    print(format_table(results))
+    failed = [r for r in results if not r.ok]
+    spilled = [r for r in results if r.ok and r.local_bytes]
+    print(f"\n{len(results)} variants: {len(results) - len(failed)} compiled, {len(failed)} failed, {len(spilled)} with spills")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.__dict__ for r in results], f, indent=1)
+    return 1 if failed or spilled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
