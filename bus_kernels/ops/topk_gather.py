@@ -7,7 +7,7 @@ lower position) in ascending position order, then, if ``fuse``, append one token
 
 Triton path, three kernels:
   * ``_topk_select_kernel`` (one program per row): the row's scores are mapped to order-preserving
-    integer keys on-chip, a 32-step bisection finds the k-th largest key, ties are broken by a
+    integer keys on-chip, a 32-step radix select finds the k-th largest key, ties are broken by a
     prefix sum, and a second prefix sum gives each kept token its output slot. Writes ``index`` and a
     (B, N) int32 slot map (-1 = dropped). No sort, no global scratch beyond the slot map.
   * ``_topk_gather_fwd_kernel`` (row x channel block): one pass over x, each element read once; kept
@@ -69,24 +69,21 @@ def _topk_select_kernel(
     offs = tl.arange(0, NP)
     valid = offs < N
     s = tl.load(scores_ptr + b * stride_sb + offs, mask=valid, other=0.0).to(tl.float32) + 0.0  # -0.0 -> +0.0
-    bits = s.to(tl.int32, bitcast=True)
-    # order-preserving map float -> signed int: negative floats have their magnitude bits flipped
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-    key = tl.where(valid, key, -4294967296)  # padding sorts below every real key
+    bits = s.to(tl.uint32, bitcast=True)
+    # order-preserving map float -> uint32: negatives have all bits flipped, non-negatives the sign bit set
+    key = tl.where((bits >> 31) == 1, bits ^ 0xFFFFFFFF, bits | 0x80000000)
     k = tl.load(k_ptr + b).to(tl.int32)
 
-    # largest threshold t with count(key >= t) >= k, i.e. the k-th largest key
-    lo = tl.full((), -2147483648, tl.int64)
-    hi = tl.full((), 2147483647, tl.int64)
-    for _ in range(32):
-        mid = lo + (hi - lo + 1) // 2
-        enough = tl.sum((key >= mid).to(tl.int32), axis=0) >= k
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
+    # radix select, most significant bit first: the largest t with count(key >= t) >= k is the k-th largest key
+    t = tl.zeros((), dtype=tl.uint32)
+    for bit in range(31, -1, -1):
+        cand = t | (tl.full((), 1, tl.uint32) << bit)
+        enough = tl.sum((valid & (key >= cand)).to(tl.int32), axis=0) >= k
+        t = tl.where(enough, cand, t)
 
-    above = key > lo
+    above = valid & (key > t)
     n_above = tl.sum(above.to(tl.int32), axis=0)
-    tie = key == lo
+    tie = valid & (key == t)
     tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based rank among equal keys, by position
     keep = above | (tie & (tie_rank <= k - n_above))
     slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
@@ -185,9 +182,17 @@ def _row_offsets(k: torch.Tensor, fuse: bool) -> tuple[torch.Tensor, torch.Tenso
     return torch.cumsum(lengths, 0) - lengths, torch.cumsum(k, 0) - k
 
 
+# Tiles of at most 2048 elements over 8 warps keep the gather kernels spill-free (see python -m bus_kernels.aot).
+GATHER_WARPS = 8
+
+
 def _gather_blocks(C: int) -> tuple[int, int]:
     block_c = min(next_pow2(C), 128)
-    return tile_rows(block_c, budget=4096, max_rows=64), block_c
+    return tile_rows(block_c, budget=2048, max_rows=32), block_c
+
+
+def _select_warps(NP: int) -> int:
+    return 4 if NP <= 1024 else 16 if NP <= 4096 else 8
 
 
 @torch.library.custom_op("bus::topk_gather_triton", mutates_args=())
@@ -206,13 +211,13 @@ def _topk_gather_triton(
     if B == 0 or N == 0:
         return tokens, index, slot, fused, den
     NP = next_pow2(N)
-    _topk_select_kernel[(B,)](scores, k, index_off, slot, index, N, scores.stride(0), NP=NP, num_warps=8 if NP >= 2048 else 4)
+    _topk_select_kernel[(B,)](scores, k, index_off, slot, index, N, scores.stride(0), NP=NP, num_warps=_select_warps(NP))
     if C > 0:
         block_n, block_c = _gather_blocks(C)
         _topk_gather_fwd_kernel[(B, triton.cdiv(C, block_c))](
             x, scores, slot, k, out_off, tokens, fused, den,
             N, C, x.stride(0), x.stride(1), scores.stride(0), FUSE_EPS,
-            FUSE=fuse, BLOCK_N=block_n, BLOCK_C=block_c,
+            FUSE=fuse, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=GATHER_WARPS,
         )
     return tokens, index, slot, fused, den
 
@@ -246,7 +251,7 @@ def _topk_gather_triton_backward(
     _topk_gather_bwd_kernel[(B, triton.cdiv(N, block_n))](
         grad_tokens, x, scores, slot, k, out_off, fused, den, grad_x, grad_scores,
         N, C, x.stride(0), x.stride(1), scores.stride(0), FUSE_EPS,
-        FUSE=fuse, BLOCK_N=block_n, BLOCK_C=block_c,
+        FUSE=fuse, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=GATHER_WARPS,
     )
     return grad_x, grad_scores
 
@@ -448,7 +453,7 @@ def aot_specs():
                 f"topk_select {dt} NP={NP}", _topk_select_kernel,
                 {"scores_ptr": f"*{dt}", "k_ptr": "*i64", "index_off_ptr": "*i64", "slot_ptr": "*i32",
                  "index_ptr": "*i64", "N": "i32", "stride_sb": "i32", "NP": "constexpr"},
-                {"NP": NP}, num_warps=8 if NP >= 2048 else 4,
+                {"NP": NP}, num_warps=_select_warps(NP),
             ))
         for C in (64, 768):
             block_n, block_c = _gather_blocks(C)
@@ -459,11 +464,11 @@ def aot_specs():
             consts = {"FUSE": True, "BLOCK_N": block_n, "BLOCK_C": block_c}
             specs.append(KernelSpec(
                 f"topk_gather_fwd {dt} C={C}", _topk_gather_fwd_kernel,
-                {**common, "out_ptr": f"*{dt}", "fused_ptr": "*fp32", "den_ptr": "*fp32", **scalars}, consts,
+                {**common, "out_ptr": f"*{dt}", "fused_ptr": "*fp32", "den_ptr": "*fp32", **scalars}, consts, num_warps=GATHER_WARPS,
             ))
             specs.append(KernelSpec(
                 f"topk_gather_bwd {dt} C={C}", _topk_gather_bwd_kernel,
                 {"gout_ptr": f"*{dt}", **common, "fused_ptr": "*fp32", "den_ptr": "*fp32",
-                 "gx_ptr": f"*{dt}", "gs_ptr": f"*{dt}", **scalars}, consts,
+                 "gx_ptr": f"*{dt}", "gs_ptr": f"*{dt}", **scalars}, consts, num_warps=GATHER_WARPS,
             ))
     return specs
