@@ -1,0 +1,383 @@
+"""Embedded synthetic image-caption data with exact per-patch relevance labels.
+
+Stands in for a real VLP corpus on a laptop and in tests: every sample is a pure function of
+``(seed, split, index)``, generated in well under a millisecond at 64x64 (numpy, vectorised), with no
+files. It exercises everything BUS needs:
+
+* ITC / ITM / MLM / PrefixLM: a caption naming the size, colour and shape of two objects and their
+  spatial relation, e.g. ``"a small red circle left of a large blue square"``.
+* PTM (BUS Sec. 3.3, patch-text matching): ``patch_labels`` marks exactly the patches of the
+  ``image_size / patch_size`` grid that contain at least one pixel of an object the caption mentions.
+* Retrieval: ``split="test"`` draws from a different random stream than ``"train"`` (held out).
+
+Retrieval cannot be solved by colour alone: every scene has distractors that reuse the mentioned
+objects' colours (with another shape or size) and shapes (with another colour); no distractor
+matches a mentioned object in all of size, colour and shape, so the caption names its objects
+unambiguously, and only the combination of attributes plus the relation identifies the image.
+
+Geometry (normalised units, image side = 1): an object has a centre ``(cx, cy)`` and a radius ``r``.
+A pixel in row ``i``, column ``j`` of an ``S x S`` image is inside the object when its centre
+``u = (j + 0.5) / S - cx``, ``v = (i + 0.5) / S - cy`` satisfies
+
+* circle:   ``u^2 + v^2 <= r^2``
+* square:   ``max(|u|, |v|) <= 0.8 r``
+* diamond:  ``|u| + |v| <= r``
+* triangle: ``-r <= v <= r`` and ``|u| <= (v + r) / 2`` (apex up)
+* cross:    ``(|u| <= r/3 and |v| <= r) or (|v| <= r/3 and |u| <= r)``
+
+Objects never overlap (centres are at least ``r_a + r_b + gap`` apart), so none is occluded. The
+relation ``"A left of B"`` holds when ``cx_A + margin < cx_B`` (``right of``, ``above`` = smaller
+``cy``, ``below`` likewise), with ``margin = RELATION_MARGIN``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+SHAPES = ("circle", "square", "diamond", "triangle", "cross")
+SIZES = {"small": 0.065, "medium": 0.095, "large": 0.13}  # radius as a fraction of the image side
+COLOURS = {  # RGB, uint8; saturated so the textured grey background never looks like an object
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (40, 70, 230),
+    "yellow": (240, 215, 30),
+    "purple": (140, 40, 180),
+    "orange": (250, 140, 15),
+    "cyan": (30, 200, 215),
+    "white": (245, 245, 245),
+}
+RELATIONS = ("left of", "right of", "above", "below")
+TEMPLATES = (  # {a}, {b}: "a small red circle"; {rel}: one of RELATIONS
+    "{a} {rel} {b}",
+    "{a} is {rel} {b}",
+    "there is {a} {rel} {b}",
+    "{a} placed {rel} {b}",
+    "an image of {a} {rel} {b}",
+)
+SPLITS = {"train": 0, "val": 1, "test": 2}
+RELATION_MARGIN = 0.1  # normalised distance between centres along the relation's axis
+GAP = 0.03  # smallest free space between two objects (normalised)
+MAX_DISTRACTORS = 3
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One shape in a scene. ``cx, cy, radius`` are normalised to the image side (0..1)."""
+
+    shape: str
+    colour: str
+    size: str
+    cx: float
+    cy: float
+    radius: float
+
+    @property
+    def phrase(self) -> str:
+        """``"a small red circle"`` (``"an"`` before a vowel)."""
+        article = "an" if self.size[0] in "aeiou" else "a"
+        return f"{article} {self.size} {self.colour} {self.shape}"
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        return COLOURS[self.colour]
+
+
+@dataclass
+class SyntheticSample:
+    """image: (S, S, 3) uint8. patch_labels: (S/p * S/p,) float32, row-major over the patch grid (the
+    order of a ViT's flattened patch tokens); 1 where the patch shows a mentioned object.
+    objects: every object drawn; ``mentioned`` holds the indices of the caption's two objects
+    (subject first) and ``relation`` the relation between them."""
+
+    image: np.ndarray
+    caption: str
+    patch_labels: np.ndarray
+    objects: list[SceneObject]
+    mentioned: tuple[int, int]
+    relation: str
+    index: int
+    split: str
+    extras: dict = field(default_factory=dict)
+
+
+def _check_geometry(image_size: object, patch_size: object) -> tuple[int, int]:
+    for name, value in (("image_size", image_size), ("patch_size", patch_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be at least 32 pixels for legible shapes, got {image_size}")
+    if image_size % patch_size != 0:
+        raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+    return image_size, patch_size
+
+
+def _check_index_args(seed: object, index: object, split: object) -> None:
+    for name, value in (("seed", seed), ("index", index)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 0:
+            raise ValueError(f"{name} must be non-negative, got {value}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+
+
+class _Draws:
+    """Scalar random draws served from one block of uniforms: one generator call instead of dozens
+    (each ``Generator`` call costs microseconds, which dominates a 64x64 sample)."""
+
+    def __init__(self, rng: np.random.Generator, block: int = 64):
+        self.rng, self.block = rng, block
+        self.values, self.pos = rng.random(block).tolist(), 0
+
+    def uniform(self, lo: float = 0.0, hi: float = 1.0) -> float:
+        if self.pos == len(self.values):
+            self.values, self.pos = self.rng.random(self.block).tolist(), 0
+        v = self.values[self.pos]
+        self.pos += 1
+        return lo + (hi - lo) * v
+
+    def choice(self, n: int) -> int:
+        return min(int(self.uniform() * n), n - 1)
+
+
+_COLOUR_NAMES = tuple(COLOURS)
+_SIZE_NAMES = tuple(SIZES)
+
+
+def _place(draws: _Draws, radius: float, placed: list[SceneObject], tries: int = 32):
+    """A centre for a new object of ``radius`` that keeps ``GAP`` from every placed one, or None after
+    ``tries`` rejected candidates. Plain Python: with at most 5 objects this beats array set-up."""
+    lo, hi = radius + 0.01, 1.0 - radius - 0.01
+    for _ in range(tries):
+        cx, cy = draws.uniform(lo, hi), draws.uniform(lo, hi)
+        if all((cx - o.cx) ** 2 + (cy - o.cy) ** 2 >= (o.radius + radius + GAP) ** 2 for o in placed):
+            return cx, cy
+    return None
+
+
+def _valid_relations(a: SceneObject, b: SceneObject) -> list[str]:
+    """Relations ``"a REL b"`` that hold with ``RELATION_MARGIN`` to spare."""
+    rels = []
+    if a.cx + RELATION_MARGIN < b.cx:
+        rels.append("left of")
+    if a.cx > b.cx + RELATION_MARGIN:
+        rels.append("right of")
+    if a.cy + RELATION_MARGIN < b.cy:
+        rels.append("above")
+    if a.cy > b.cy + RELATION_MARGIN:
+        rels.append("below")
+    return rels
+
+
+def _attributes(draws: _Draws) -> tuple[str, str, str]:
+    return SHAPES[draws.choice(len(SHAPES))], _COLOUR_NAMES[draws.choice(len(COLOURS))], _SIZE_NAMES[draws.choice(len(SIZES))]
+
+
+def _distractor_attributes(draws: _Draws, kind: int, ref: SceneObject) -> tuple[str, str, str]:
+    """kind 0: ``ref``'s colour, another shape; 1: ``ref``'s shape, another colour; 2: anything."""
+    shape, colour, size = _attributes(draws)
+    if kind == 0:
+        colour = ref.colour
+        shape = SHAPES[(SHAPES.index(ref.shape) + 1 + draws.choice(len(SHAPES) - 1)) % len(SHAPES)]
+    elif kind == 1:
+        shape = ref.shape
+        n = len(_COLOUR_NAMES)
+        colour = _COLOUR_NAMES[(_COLOUR_NAMES.index(ref.colour) + 1 + draws.choice(n - 1)) % n]
+    return shape, colour, size
+
+
+def make_scene(seed: int, index: int, split: str = "train") -> tuple[list[SceneObject], tuple[int, int], str, str]:
+    """The resolution-independent part of a sample: (objects, mentioned indices, relation, caption).
+
+    The same ``(seed, split, index)`` gives the same scene at every image size."""
+    _check_index_args(seed, index, split)
+    rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
+    return _make_scene(rng)[:4]
+
+
+def _make_scene(rng: np.random.Generator):
+    draws = _Draws(rng)
+    objects: list[SceneObject] = []
+    # The two mentioned objects, with distinct descriptions; an empty canvas always fits two.
+    while len(objects) < 2:
+        shape, colour, size = _attributes(draws)
+        if objects and (shape, colour, size) == (objects[0].shape, objects[0].colour, objects[0].size):
+            continue
+        centre = _place(draws, SIZES[size], objects)
+        if centre is not None:
+            objects.append(SceneObject(shape, colour, size, centre[0], centre[1], SIZES[size]))
+    a, b = objects
+    relations = _valid_relations(a, b)  # non-empty: centres are >= 0.16 apart, > margin on one axis
+    relation = relations[draws.choice(len(relations))]
+
+    # Distractors: the first two echo a mentioned object's colour / shape (hard negatives for a
+    # colour-only or shape-only matcher); none repeats a mentioned object's full description.
+    taken = {(o.shape, o.colour, o.size) for o in objects}
+    n_distractors = 2 + draws.choice(MAX_DISTRACTORS - 1)
+    for k in range(n_distractors):
+        for _attempt in range(4):  # a crowded canvas may have no room for a large shape: redraw
+            ref = objects[draws.choice(2)]
+            shape, colour, size = _distractor_attributes(draws, min(k, 2), ref)
+            if (shape, colour, size) in taken:
+                continue
+            centre = _place(draws, SIZES[size], objects)
+            if centre is not None:
+                objects.append(SceneObject(shape, colour, size, centre[0], centre[1], SIZES[size]))
+                break
+
+    template = TEMPLATES[draws.choice(len(TEMPLATES))]
+    caption = template.format(a=a.phrase, rel=relation, b=b.phrase)
+    return objects, (0, 1), relation, caption, draws
+
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
+    """Boolean inside-test for pixel-centre offsets ``u`` (1, w), ``v`` (h, 1) -> (h, w)."""
+    au, av = np.abs(u), np.abs(v)
+    if shape == "circle":
+        return u * u + v * v <= r * r
+    if shape == "square":
+        return np.maximum(au, av) <= 0.8 * r
+    if shape == "diamond":
+        return au + av <= r
+    if shape == "triangle":
+        return (v >= -r) & (v <= r) & (au <= (v + r) / 2)
+    if shape == "cross":
+        t = r / 3
+        return ((au <= t) & (av <= r)) | ((av <= t) & (au <= r))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def object_mask(obj: SceneObject, image_size: int) -> tuple[tuple[slice, slice], np.ndarray]:
+    """Pixels of ``obj`` in an ``image_size``-square image: (row slice, col slice) and the boolean mask
+    (h, w) inside that window."""
+    s = image_size
+    y0 = max(math.floor((obj.cy - obj.radius) * s) - 1, 0)
+    y1 = min(math.ceil((obj.cy + obj.radius) * s) + 1, s)
+    x0 = max(math.floor((obj.cx - obj.radius) * s) - 1, 0)
+    x1 = min(math.ceil((obj.cx + obj.radius) * s) + 1, s)
+    v = ((np.arange(y0, y1) + 0.5) / s - obj.cy)[:, None]  # (h, 1)
+    u = ((np.arange(x0, x1) + 0.5) / s - obj.cx)[None, :]  # (1, w)
+    return (slice(y0, y1), slice(x0, x1)), _shape_mask(obj.shape, u, v, obj.radius)
+
+
+def _background(draws: _Draws, rng: np.random.Generator, s: int) -> np.ndarray:
+    """A low-saturation textured background, (s, s, 3) uint8: a grey base with a slight tint, a random
+    pattern (stripes at a random angle, a checkerboard or smooth waves) and pixel noise. Every pattern
+    is separable (outer products of 1-D waves), which keeps 224 px cheap. Values stay inside
+    [0.18, 0.78] * 255 by construction, so no clipping is needed."""
+    base = draws.uniform(0.35, 0.6)
+    amp = draws.uniform(0.04, 0.1)
+    freq = 2 * np.pi * draws.uniform(3.0, 9.0)
+    kind = draws.choice(3)
+    t = ((np.arange(s, dtype=np.float32) + 0.5) / s).astype(np.float32)  # (s,) pixel centres
+    if kind == 0:  # stripes: sin(f (x cos a + y sin a)) = sin(X) cos(Y) + cos(X) sin(Y)
+        angle = draws.uniform(0.0, np.pi)
+        xs, ys = freq * np.cos(angle) * t, freq * np.sin(angle) * t
+        pattern = np.outer(np.cos(ys), np.sin(xs)) + np.outer(np.sin(ys), np.cos(xs))
+    elif kind == 1:  # checkerboard
+        pattern = np.outer(np.sign(np.sin(freq * t)), np.sign(np.sin(freq * t)))
+    else:  # smooth waves: product of two low-frequency waves
+        fx, fy = draws.uniform(2.0, 8.0), draws.uniform(2.0, 8.0)
+        px, py = draws.uniform(0.0, 6.3), draws.uniform(0.0, 6.3)
+        pattern = np.outer(np.sin(fy * t + py), np.sin(fx * t + px))
+    noise = rng.random((s, s), dtype=np.float32)  # uniform 0..1
+    grey = (255.0 * (base - 0.03) + 0.5) + (255.0 * amp) * pattern + (255.0 * 0.06) * noise  # (s, s)
+    image = np.empty((s, s, 3), dtype=np.uint8)
+    for c in range(3):  # add the tint per channel straight into uint8 (truncation of a value >= 0)
+        np.add(grey, 255.0 * draws.uniform(-0.04, 0.04), out=image[:, :, c], casting="unsafe")
+    return image
+
+
+def patch_grid_labels(mask: np.ndarray, patch_size: int) -> np.ndarray:
+    """(S, S) bool pixel mask -> (S/p * S/p,) float32: 1 where any pixel of the patch is set."""
+    s = mask.shape[0]
+    g = s // patch_size
+    return mask.reshape(g, patch_size, g, patch_size).any(axis=(1, 3)).reshape(-1).astype(np.float32)
+
+
+def render_sample(seed: int, index: int, *, split: str = "train", image_size: int = 64,
+                  patch_size: int = 8) -> SyntheticSample:
+    """Generate sample ``index`` of ``split`` for ``seed``.
+
+    Args:
+        seed: int >= 0, the dataset's seed.
+        index: int >= 0, the sample's position.
+        split: ``"train"``, ``"val"`` or ``"test"`` (independent random streams: held-out splits).
+        image_size: side S of the square image in pixels (>= 32, a multiple of ``patch_size``).
+        patch_size: side p of a ViT patch; labels are on the (S/p) x (S/p) grid.
+
+    Returns:
+        SyntheticSample with ``image`` (S, S, 3) uint8 and ``patch_labels`` (S/p * S/p,) float32.
+    """
+    _check_geometry(image_size, patch_size)
+    _check_index_args(seed, index, split)
+    rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
+    objects, mentioned, relation, caption, draws = _make_scene(rng)
+
+    image = _background(draws, rng, image_size)  # (S, S, 3) uint8
+    relevant = np.zeros((image_size, image_size), dtype=bool)
+    for k, obj in enumerate(objects):
+        window, mask = object_mask(obj, image_size)
+        image[window][mask] = obj.rgb
+        if k in mentioned:
+            relevant[window] |= mask
+    labels = patch_grid_labels(relevant, patch_size)
+    return SyntheticSample(image, caption, labels, objects, mentioned, relation, int(index), split)
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """Map-style dataset of ``num_samples`` synthetic samples (see module docstring).
+
+    ``dataset[i]`` is a dict: ``image`` (3, S, S) float32 normalised with ``mean``/``std``, ``caption``
+    str, ``patch_labels`` (S/p * S/p,) float32, ``id`` ``"synthetic-{split}-{seed}-{i}"``. Images are
+    generated at the target size, so no crop or resize is applied (a crop could cut a mentioned object
+    out and make the caption false).
+    """
+
+    def __init__(self, num_samples: int, *, seed: int = 0, split: str = "train", image_size: int = 64,
+                 patch_size: int = 8, mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+                 std: tuple[float, float, float] = (0.5, 0.5, 0.5)):
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+            raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        _check_geometry(image_size, patch_size)
+        _check_index_args(seed, 0, split)
+        from .transforms import check_mean_std
+
+        self.num_samples, self.seed, self.split = num_samples, seed, split
+        self.image_size, self.patch_size = image_size, patch_size
+        mean_t, std_t = check_mean_std(mean, std)
+        self._mean = mean_t.view(3, 1, 1)
+        self._std = std_t.view(3, 1, 1)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def sample(self, index: int) -> SyntheticSample:
+        """The raw sample (uint8 image, scene objects) behind ``self[index]``."""
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for a dataset of {self.num_samples} samples")
+        return render_sample(self.seed, index, split=self.split, image_size=self.image_size,
+                             patch_size=self.patch_size)
+
+    def __getitem__(self, index: int) -> dict:
+        s = self.sample(index)
+        image = torch.from_numpy(s.image).permute(2, 0, 1).float().div_(255.0)  # (3, S, S)
+        image = (image - self._mean) / self._std
+        return {
+            "image": image,
+            "caption": s.caption,
+            "patch_labels": torch.from_numpy(s.patch_labels),
+            "id": f"synthetic-{self.split}-{self.seed}-{index}",
+        }

@@ -1,0 +1,188 @@
+"""Synthetic image-caption data: determinism, exact PTM patch labels, caption/scene consistency, hardness."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from bus_model.data import synthetic
+from bus_model.data.synthetic import SyntheticDataset, make_scene, render_sample
+
+CAPTION_RE = re.compile(
+    r"^(?:there is |an image of )?an? (\w+) (\w+) (\w+) (?:is |placed )?(left of|right of|above|below) an? (\w+) (\w+) (\w+)$"
+)
+
+
+def _reference_mask(obj, size):
+    """Pixel mask of one object from the geometry stated in the module docstring (torch float64)."""
+    c = (torch.arange(size, dtype=torch.float64) + 0.5) / size
+    v = (c - obj.cy)[:, None].expand(size, size)
+    u = (c - obj.cx)[None, :].expand(size, size)
+    r = obj.radius
+    if obj.shape == "circle":
+        return u**2 + v**2 <= r**2
+    if obj.shape == "square":
+        return torch.maximum(u.abs(), v.abs()) <= 0.8 * r
+    if obj.shape == "diamond":
+        return u.abs() + v.abs() <= r
+    if obj.shape == "triangle":
+        return (v >= -r) & (v <= r) & (u.abs() <= 0.5 * (v + r))
+    if obj.shape == "cross":
+        return ((u.abs() <= r / 3) & (v.abs() <= r)) | ((v.abs() <= r / 3) & (u.abs() <= r))
+    raise AssertionError(obj.shape)
+
+
+def _reference_labels(mask, patch):
+    g = mask.shape[0] // patch
+    out = torch.zeros(g * g)
+    for row in range(g):
+        for col in range(g):
+            out[row * g + col] = float(bool(mask[row * patch:(row + 1) * patch, col * patch:(col + 1) * patch].any()))
+    return out
+
+
+def _find(objects, size, colour, shape):
+    return [o for o in objects if (o.size, o.colour, o.shape) == (size, colour, shape)]
+
+
+def test_same_seed_and_index_give_identical_samples():
+    for index in (0, 7, 123456):
+        a = render_sample(3, index, image_size=64, patch_size=8)
+        b = render_sample(3, index, image_size=64, patch_size=8)
+        assert np.array_equal(a.image, b.image)
+        assert a.caption == b.caption
+        assert np.array_equal(a.patch_labels, b.patch_labels)
+        assert a.objects == b.objects
+    ds1, ds2 = SyntheticDataset(20, seed=5), SyntheticDataset(20, seed=5)
+    for i in (0, 13, 19):
+        x, y = ds1[i], ds2[i]
+        assert torch.equal(x["image"], y["image"]) and x["caption"] == y["caption"]
+        assert torch.equal(x["patch_labels"], y["patch_labels"])
+
+
+def test_seed_and_split_change_the_sample():
+    base = render_sample(0, 4)
+    assert not np.array_equal(base.image, render_sample(1, 4).image)
+    assert not np.array_equal(base.image, render_sample(0, 4, split="test").image)
+    # held-out split: no test image equals a train image
+    train = {render_sample(0, i).image.tobytes() for i in range(300)}
+    test = {render_sample(0, i, split="test").image.tobytes() for i in range(100)}
+    assert not train & test
+
+
+@pytest.mark.parametrize("size,patch", [(64, 8), (96, 16), (72, 24), (224, 16)])
+def test_patch_labels_mark_exactly_the_mentioned_objects(size, patch):
+    rng = np.random.default_rng(size)
+    for index in rng.integers(0, 10**6, size=6 if size < 224 else 2):
+        s = render_sample(11, int(index), image_size=size, patch_size=patch)
+        assert s.image.shape == (size, size, 3) and s.image.dtype == np.uint8
+        assert s.patch_labels.shape == ((size // patch) ** 2,) and s.patch_labels.dtype == np.float32
+        union = torch.zeros(size, size, dtype=torch.bool)
+        for k, obj in enumerate(s.objects):
+            mask = _reference_mask(obj, size)
+            assert mask.any(), "every object must cover at least one pixel"
+            # the image shows the object exactly where its geometry says (no occlusion)
+            pixels = torch.from_numpy(s.image)[mask]
+            assert torch.equal(pixels, torch.tensor(obj.rgb, dtype=torch.uint8).expand_as(pixels))
+            if k in s.mentioned:
+                union |= mask
+        expected = _reference_labels(union, patch)
+        assert torch.equal(torch.from_numpy(s.patch_labels), expected)
+        assert 0 < expected.sum() < expected.numel()
+
+
+def test_captions_name_unique_objects_and_true_relations():
+    for index in range(300):
+        objects, mentioned, relation, caption = make_scene(2, index)
+        m = CAPTION_RE.match(caption)
+        assert m, caption
+        size_a, colour_a, shape_a, rel, size_b, colour_b, shape_b = m.groups()
+        assert rel == relation
+        match_a, match_b = _find(objects, size_a, colour_a, shape_a), _find(objects, size_b, colour_b, shape_b)
+        assert len(match_a) == 1 and len(match_b) == 1, caption  # the caption is unambiguous
+        a, b = match_a[0], match_b[0]
+        assert (a, b) == (objects[mentioned[0]], objects[mentioned[1]])
+        margin = synthetic.RELATION_MARGIN
+        holds = {
+            "left of": a.cx + margin < b.cx,
+            "right of": a.cx > b.cx + margin,
+            "above": a.cy + margin < b.cy,
+            "below": a.cy > b.cy + margin,
+        }[rel]
+        assert holds, (caption, a, b)
+        # objects do not overlap
+        for i, o in enumerate(objects):
+            for p in objects[i + 1:]:
+                assert np.hypot(o.cx - p.cx, o.cy - p.cy) >= o.radius + p.radius + synthetic.GAP - 1e-12
+
+
+def test_scene_is_resolution_independent():
+    for index in (1, 2, 3):
+        small, big = render_sample(4, index, image_size=64, patch_size=8), render_sample(4, index, image_size=224, patch_size=16)
+        assert small.caption == big.caption and small.objects == big.objects
+
+
+def test_colour_alone_does_not_identify_the_image():
+    """Distractors reuse the mentioned colours: a matcher that only checks 'both caption colours occur
+    in the image' faces many candidates per caption, so it cannot retrieve the right image."""
+    scenes = [make_scene(9, i, "test") for i in range(200)]
+    colour_sets = [{o.colour for o in objs} for objs, *_ in scenes]
+    shared_colour = shared_shape = 0
+    candidates = []
+    for objs, (ia, ib), _, _ in scenes:
+        mentioned = [objs[ia], objs[ib]]
+        distractors = [o for k, o in enumerate(objs) if k not in (ia, ib)]
+        shared_colour += any(d.colour == m.colour for d in distractors for m in mentioned)
+        shared_shape += any(d.shape == m.shape and d.colour != m.colour for d in distractors for m in mentioned)
+        wanted = {objs[ia].colour, objs[ib].colour}
+        candidates.append(sum(wanted <= cs for cs in colour_sets))
+    assert shared_colour >= 190 and shared_shape >= 190
+    assert np.mean(candidates) > 10, np.mean(candidates)
+
+
+def test_dataset_items_are_normalised_tensors():
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    ds = SyntheticDataset(10, seed=1, split="val", image_size=64, patch_size=16, mean=mean, std=std)
+    assert len(ds) == 10 and ds.num_patches == 16
+    item = ds[3]
+    raw = ds.sample(3)
+    assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
+    back = item["image"].double() * torch.tensor(std, dtype=torch.float64)[:, None, None] + torch.tensor(mean, dtype=torch.float64)[:, None, None]
+    expected = torch.from_numpy(raw.image).permute(2, 0, 1).double() / 255
+    torch.testing.assert_close(back, expected, atol=1e-6, rtol=0)
+    assert item["patch_labels"].shape == (16,) and item["caption"] == raw.caption
+    assert item["id"] == "synthetic-val-1-3"
+    with pytest.raises(IndexError):
+        ds[10]
+
+
+@pytest.mark.parametrize(
+    "kwargs,err,msg",
+    [
+        (dict(image_size=60, patch_size=8), ValueError, "multiple of patch_size"),
+        (dict(image_size=16, patch_size=8), ValueError, "at least 32"),
+        (dict(image_size=64, patch_size=0), ValueError, "patch_size"),
+        (dict(image_size=64.0, patch_size=8), TypeError, "image_size"),
+        (dict(split="dev"), ValueError, "split"),
+        (dict(seed=-1), ValueError, "seed"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, err, msg):
+    args = dict(seed=0, image_size=64, patch_size=8, split="train")
+    args.update(kwargs)
+    with pytest.raises(err, match=msg):
+        render_sample(args["seed"], 0, split=args["split"], image_size=args["image_size"], patch_size=args["patch_size"])
+    with pytest.raises(err, match=msg):
+        SyntheticDataset(4, **args)
+
+
+def test_dataset_bad_sizes_and_normalisation():
+    with pytest.raises(ValueError, match="num_samples"):
+        SyntheticDataset(0)
+    with pytest.raises(ValueError, match="mean"):
+        SyntheticDataset(4, mean=(0.5, 0.5))
+    with pytest.raises(ValueError, match="std"):
+        SyntheticDataset(4, std=(0.5, 0.0, 0.5))
+    with pytest.raises(ValueError, match="index"):
+        render_sample(0, -3)
