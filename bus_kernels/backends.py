@@ -206,6 +206,12 @@ def _triton_availability(device_type: str) -> str | None:
     return None
 
 
+def _torch_availability(device_type: str) -> str | None:
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
 PRUNING_OPS = frozenset({"text_patch_scores", "topk_gather"})
 ATTENTION_OPS = frozenset({"varlen_attention"})
 
@@ -216,6 +222,7 @@ register_backend(
         ops=PRUNING_OPS | ATTENTION_OPS,
         devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+        availability=_torch_availability,
     )
 )
 register_backend(
