@@ -1,0 +1,27 @@
+"""Drop-in text-guided token pruning for existing timm and Hugging Face ViTs (the ToMe way).
+
+BUS TSPS (arXiv 2307.08504, Sec. 3.2) and EViT selection without adopting ``bus_model``::
+
+    import bus_kernels.patch
+    bus_kernels.patch.timm(vit, layers=[3, 6, 9], keep=0.7, policy="text")
+    with bus_kernels.patch.text_guidance(vit, caption_cls):  # (B, C_vit)
+        features = vit.forward_features(images)
+    bus_kernels.patch.unpatch(vit)
+
+    timm(model, *, layers, keep, policy, fuse)       -> patch a timm VisionTransformer in place
+    hf_vision(model, *, layers, keep, policy, fuse)  -> the same for HF CLIPVisionModel / ViTModel
+    text_guidance(model, text_query)                 -> context manager supplying the caption embedding
+    kept_patches(model)                              -> which patches the last forward kept, per layer
+    unpatch(model)                                   -> the original classes, exactly
+
+timm and transformers are imported only when a model is patched.
+"""
+
+from ._core import kept_patches, text_guidance, unpatch
+from .hf import patch_hf_vision
+from .timm import patch_timm
+
+hf_vision = patch_hf_vision
+timm = patch_timm  # ``bus_kernels.patch.timm(model, ...)``, as ``tome.patch.timm``
+
+__all__ = ["hf_vision", "kept_patches", "patch_hf_vision", "patch_timm", "text_guidance", "timm", "unpatch"]

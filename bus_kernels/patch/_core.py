@@ -1,0 +1,248 @@
+"""What the timm and Hugging Face patches share: the per-model state, the pruning step, class swapping.
+
+The pruning step is BUS's Text-Semantics-Aware Patch Selector (TSPS, arXiv 2307.08504, Sec. 3.2) and,
+without a caption, EViT's image-[CLS] selection (arXiv 2202.07800, Sec. 3): a query (the caption
+embedding through the layer's own query projection, or the image [CLS] query) attends over the
+layer's patch keys (``text_patch_scores``); the best ``keep`` share of the patch tokens is kept and
+the rest are fused into one score-weighted token (``topk_gather``).
+
+Patching follows ToMe (``tome/patch/timm.py``): each pruning layer's class is swapped for a subclass
+that calls the ORIGINAL ``forward`` and prunes its output, so nothing of the upstream layer is copied.
+The layer's queries and keys are read with forward hooks on the attention's query/key modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .._validation import check_dim_size, check_float, check_rank, check_tensor
+from ..ops import text_patch_scores, topk_gather
+
+POLICIES = ("evit", "text")
+
+# Attribute names put on patched modules; ``unpatch`` removes exactly these.
+STATE_ATTR = "_bus_patch_state"
+ORIGINAL_CLASS_ATTR = "_bus_original_class"
+LAYER_ATTRS = ("_bus_layer_index", "_bus_captured", "_bus_hooks", "_bus_patch_state", "_bus_original_class")
+
+
+@dataclass(eq=False)
+class PatchState:
+    """One per patched model, shared by its pruning layers (ToMe's ``_tome_info``).
+
+    ``keep[layer]`` is the share of the current patch tokens that layer keeps. ``kept_patches`` is
+    refilled on every forward: layer -> ``(B, k)`` int64 positions (in the patch grid, row-major) of
+    the original patches still present after that layer; -1 marks a fused token that was kept.
+    """
+
+    keep: dict[int, float]
+    policy: str
+    fuse: bool
+    num_prefix_tokens: int  # [CLS] and register tokens at the front: never pruned, never scored
+    embed_dim: int  # width a caption embedding must have
+    backend: str | None
+    layers: list = field(default_factory=list)  # the patched layer modules, in order
+    hooks: list = field(default_factory=list)
+    text_query: torch.Tensor | None = None
+    kept_patches: dict[int, torch.Tensor] = field(default_factory=dict)
+    positions: torch.Tensor | None = None  # (B, n) original patch position of each current patch token
+
+
+def keep_count(keep: float, n: int) -> int:
+    """Patch tokens a layer keeps out of ``n``: ``round_half_up(keep * n)`` clamped to ``[1, n]``."""
+    return min(n, max(1, math.floor(keep * n + 0.5)))
+
+
+def check_options(layers, keep, policy, fuse, depth: int) -> dict[int, float]:
+    """Validate the public patch arguments; returns layer -> keep ratio."""
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+        raise TypeError(f"layers must be a sequence of layer indices (ints), got {type(layers).__name__}")
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layers must hold ints, got {layer!r} ({type(layer).__name__})")
+        if not 0 <= layer < depth:
+            raise ValueError(f"layers: index {layer} is out of range for a model with {depth} layers (0..{depth - 1})")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers must not repeat an index, got {list(layers)}")
+    if isinstance(keep, (int, float)) and not isinstance(keep, bool):
+        keeps = [keep] * len(layers)
+    elif isinstance(keep, Sequence) and not isinstance(keep, (str, bytes)):
+        keeps = list(keep)
+        if len(keeps) != len(layers):
+            raise ValueError(f"keep has {len(keeps)} ratios but layers has {len(layers)} indices")
+    else:
+        raise TypeError(f"keep must be a float in (0, 1] or a sequence of them, got {type(keep).__name__}")
+    for ratio in keeps:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise TypeError(f"keep must hold floats, got {ratio!r}")
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"keep must be in (0, 1], got {ratio}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
+    return {layer: float(ratio) for layer, ratio in zip(layers, keeps)}
+
+
+def _subclass(cls: type, mixin: type) -> type:
+    """``mixin`` + ``cls``, created once per original class (stable for isinstance and torch.compile)."""
+    cache = mixin.__dict__.get("_bus_subclasses")
+    if cache is None:
+        cache = {}
+        setattr(mixin, "_bus_subclasses", cache)
+    if cls not in cache:
+        cache[cls] = type(f"Pruning{cls.__name__}", (mixin, cls), {"__module__": mixin.__module__})
+    return cache[cls]
+
+
+def swap_layer(
+    layer: nn.Module, mixin: type, state: PatchState, index: int, query_module: nn.Module, key_module: nn.Module
+) -> None:
+    """Turn ``layer`` into a pruning layer: swap its class, hook its attention's query/key outputs."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(name: str) -> Callable:
+        def hook(_module, _inputs, output):
+            captured[name] = output
+
+        return hook
+
+    hooks = [query_module.register_forward_hook(capture("q")), key_module.register_forward_hook(capture("k"))]
+    layer._bus_original_class = type(layer)
+    layer._bus_layer_index = index
+    layer._bus_captured = captured
+    layer._bus_hooks = hooks
+    layer._bus_patch_state = state
+    layer.__class__ = _subclass(type(layer), mixin)
+    state.layers.append(layer)
+    state.hooks.extend(hooks)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo ``bus_kernels.patch.timm`` / ``hf_vision``: original classes, no hooks, no extra attributes.
+
+    Args:
+        model: a model patched by this package (a model that is not patched is returned unchanged).
+
+    Returns:
+        ``model`` itself, behaving exactly as before it was patched.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None:
+        return model
+    for hook in state.hooks:
+        hook.remove()
+    for layer in state.layers:
+        layer.__class__ = layer._bus_original_class
+        for name in LAYER_ATTRS:
+            layer.__dict__.pop(name, None)
+    del model.__dict__[STATE_ATTR]
+    return model
+
+
+def get_state(model: nn.Module) -> PatchState:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None:
+        raise ValueError(
+            f"model ({type(model).__name__}) is not patched: call bus_kernels.patch.timm(...) or hf_vision(...) first"
+        )
+    return state
+
+
+@contextlib.contextmanager
+def text_guidance(model: nn.Module, text_query: torch.Tensor) -> Iterator[None]:
+    """Score patches against a caption while inside the ``with`` block (models patched with ``policy="text"``).
+
+    Args:
+        model: a model patched with ``policy="text"``.
+        text_query: ``(B, C)`` floating caption embedding (e.g. the text encoder's [CLS]), already in the
+            ViT's width ``C``; ``B`` must equal the image batch size. Each pruning layer maps it through
+            its own query projection (and query norm, if the model has one).
+
+    Nesting is allowed; the previous caption is restored on exit.
+    """
+    state = get_state(model)
+    if state.policy != "text":
+        raise ValueError(f"text_guidance needs a model patched with policy='text'; this one uses {state.policy!r}")
+    check_tensor("text_query", text_query)
+    check_rank("text_query", text_query, 2, "(B, C)")
+    check_float("text_query", text_query)
+    check_dim_size("text_query", text_query, 1, state.embed_dim, "the ViT's embedding width")
+    previous = state.text_query
+    state.text_query = text_query
+    try:
+        yield
+    finally:
+        state.text_query = previous
+
+
+def kept_patches(model: nn.Module) -> dict[int, torch.Tensor]:
+    """Which patches the last forward kept: pruning layer -> ``(B, k [+1])`` int64 patch positions.
+
+    Positions index the patch grid row-major (``0 .. num_patches - 1``) as it entered the first
+    pruning layer; ``-1`` marks a fused token carried on from an earlier pruning layer. Layers whose
+    ``keep`` left every token in place are listed with all positions.
+    """
+    return dict(get_state(model).kept_patches)
+
+
+def text_query_for(state: PatchState, batch: int) -> torch.Tensor:
+    """The active caption embedding, checked against the image batch."""
+    text_query = state.text_query
+    if text_query is None:
+        raise ValueError(
+            "this model was patched with policy='text' and needs a caption embedding: run it inside "
+            "`with bus_kernels.patch.text_guidance(model, text_query):`"
+        )
+    if text_query.shape[0] != batch:
+        raise ValueError(f"text_query has batch size {text_query.shape[0]} but the images have {batch}")
+    return text_query
+
+
+def prune_tokens(
+    state: PatchState, layer: int, x: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Prune one layer's output.
+
+    Args:
+        x: ``(B, P + n, C)`` the layer's output (``P`` prefix tokens, then ``n`` patch tokens).
+        query: ``(B, H, D)`` the scoring query (image [CLS] or projected caption).
+        keys: ``(B, P + n, H, D)`` the layer's attention keys over the same tokens.
+        scale: the attention's softmax scale.
+
+    Returns:
+        ``(B, P + k + fuse, C)``: prefix tokens, the ``k = keep_count(keep, n)`` best patch tokens in
+        their original order, then the fused token; ``x`` itself when ``k == n``.
+    """
+    P = state.num_prefix_tokens
+    B, N, _ = x.shape
+    n = N - P
+    if layer == min(state.keep):  # first pruning layer of this forward: start tracking positions
+        state.kept_patches = {}
+        state.positions = torch.arange(n, device=x.device).expand(B, n)
+    positions = state.positions
+    k = keep_count(state.keep[layer], n)
+    if k == n:
+        state.kept_patches[layer] = positions
+        return x
+    query = query.to(keys.dtype)
+    scores = text_patch_scores(query, keys[:, P:], scale=scale, backend=state.backend)  # (B, n) f32
+    kept = topk_gather(x[:, P:], scores, k, fuse=state.fuse, backend=state.backend)
+    positions = torch.gather(positions, 1, kept.index)  # (B, k)
+    if state.fuse:
+        positions = torch.cat([positions, positions.new_full((B, 1), -1)], dim=1)
+    state.positions = positions
+    state.kept_patches[layer] = positions
+    return torch.cat([x[:, :P], kept.tokens], dim=1)
