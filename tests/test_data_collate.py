@@ -45,7 +45,8 @@ def test_eval_transform_resizes_and_normalises():
     img = PIL.new("RGB", (50, 30), colour)
     out, boxes = ImageTransform((24, 40), train=False, mean=mean, std=std)(img, [[5, 3, 25, 15]])
     assert out.shape == (3, 24, 40) and out.dtype == torch.float32 and type(out) is torch.Tensor
-    want = (torch.tensor(colour, dtype=torch.float64) / 255 - torch.tensor(mean, dtype=torch.float64)) / torch.tensor(std, dtype=torch.float64)
+    colour64, mean64, std64 = (torch.tensor(v, dtype=torch.float64) for v in (colour, mean, std))
+    want = (colour64 / 255 - mean64) / std64
     torch.testing.assert_close(out.double().mean(dim=(1, 2)), want, atol=1e-5, rtol=0)
     # a resize scales the boxes by (40/50, 24/30)
     torch.testing.assert_close(boxes, torch.tensor([[4.0, 2.4, 20.0, 12.0]]), atol=1e-4, rtol=0)
@@ -118,7 +119,8 @@ def test_collate_all_skipped_gives_an_empty_batch(tok):
 
 def test_collate_with_dataloader_truncates(tok):
     ds = SyntheticDataset(7, image_size=64, patch_size=8)
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=Collator(tok, image_size=64, patch_size=8, max_length=6))
+    collate = Collator(tok, image_size=64, patch_size=8, max_length=6)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate)
     batches = list(loader)
     assert [b["images"].shape[0] for b in batches] == [4, 3]
     assert all(b["input_ids"].shape[1] == 6 for b in batches)

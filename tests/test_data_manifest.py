@@ -2,6 +2,7 @@
 
 import csv
 import json
+import tarfile
 
 import pytest
 import torch
@@ -55,7 +56,8 @@ def _write_csv(path, rows):
         writer = csv.DictWriter(f, fieldnames=["image", "caption", "boxes"])
         writer.writeheader()
         for r in rows:
-            writer.writerow({"image": r["image"], "caption": r["caption"], "boxes": json.dumps(r["boxes"]) if "boxes" in r else ""})
+            boxes = json.dumps(r["boxes"]) if "boxes" in r else ""
+            writer.writerow({"image": r["image"], "caption": r["caption"], "boxes": boxes})
     return path
 
 
@@ -183,3 +185,29 @@ def test_coco_bad_inputs(tmp_path):
     bad.write_text(json.dumps({"images": [], "annotations": [{"id": 7, "image_id": 3, "caption": "x"}]}))
     with pytest.raises(ValueError, match="unknown image_id 3"):
         read_coco_captions(bad, tmp_path)
+
+
+def test_build_dataset_picks_the_loader_from_the_path(tmp_path):
+    from bus_model.data import CocoCaptionsDataset, SyntheticDataset, WebDatasetShards, build_dataset
+
+    kw = dict(image_size=32, patch_size=8)
+    syn = build_dataset("synthetic", split="test", num_samples=12, seed=4, **kw)
+    assert isinstance(syn, SyntheticDataset) and len(syn) == 12 and syn.split == "test"
+    names, _ = _write_images(tmp_path, 2)
+    manifest = _write_jsonl(tmp_path / "m.jsonl", [{"image": n, "caption": f"c{i}"} for i, n in enumerate(names)])
+    ds = build_dataset(manifest, **kw)
+    assert isinstance(ds, ManifestDataset) and ds.transform.train and ds[1]["caption"] == "c1"
+    assert not build_dataset(manifest, split="test", **kw).transform.train
+    coco, _ = _coco(tmp_path)
+    assert isinstance(build_dataset(coco, image_root=tmp_path / "val2017", **kw), CocoCaptionsDataset)
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "00000.tar", "w"):
+        pass
+    assert isinstance(build_dataset(tmp_path / "shards", **kw), WebDatasetShards)
+    with pytest.raises(FileNotFoundError, match="data path not found"):
+        build_dataset(tmp_path / "nothing.jsonl", **kw)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="cannot tell"):
+        build_dataset(tmp_path / "notes.txt", **kw)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        build_dataset("synthetic", image_size=36, patch_size=8)

@@ -10,7 +10,8 @@ from bus_model.data import synthetic
 from bus_model.data.synthetic import SyntheticDataset, make_scene, render_sample
 
 CAPTION_RE = re.compile(
-    r"^(?:there is |an image of )?an? (\w+) (\w+) (\w+) (?:is |placed )?(left of|right of|above|below) an? (\w+) (\w+) (\w+)$"
+    r"^(?:there is |an image of )?an? (\w+) (\w+) (\w+) (?:is |placed )?"
+    r"(left of|right of|above|below) an? (\w+) (\w+) (\w+)$"
 )
 
 
@@ -119,7 +120,8 @@ def test_captions_name_unique_objects_and_true_relations():
 
 def test_scene_is_resolution_independent():
     for index in (1, 2, 3):
-        small, big = render_sample(4, index, image_size=64, patch_size=8), render_sample(4, index, image_size=224, patch_size=16)
+        small = render_sample(4, index, image_size=64, patch_size=8)
+        big = render_sample(4, index, image_size=224, patch_size=16)
         assert small.caption == big.caption and small.objects == big.objects
 
 
@@ -148,7 +150,8 @@ def test_dataset_items_are_normalised_tensors():
     item = ds[3]
     raw = ds.sample(3)
     assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
-    back = item["image"].double() * torch.tensor(std, dtype=torch.float64)[:, None, None] + torch.tensor(mean, dtype=torch.float64)[:, None, None]
+    std64, mean64 = (torch.tensor(v, dtype=torch.float64)[:, None, None] for v in (std, mean))
+    back = item["image"].double() * std64 + mean64
     expected = torch.from_numpy(raw.image).permute(2, 0, 1).double() / 255
     torch.testing.assert_close(back, expected, atol=1e-6, rtol=0)
     assert item["patch_labels"].shape == (16,) and item["caption"] == raw.caption

@@ -5,6 +5,7 @@
   real data; broken images are skipped and reported, never fatal.
 * ``ImageTransform`` — torchvision crop/resize + normalisation; ``patch_labels_from_boxes``.
 * ``build_synthetic_tokenizer`` / ``load_tokenizer`` / ``save_tokenizer``.
+* ``build_dataset("synthetic" | path, ...)`` — the loader a ``--data`` argument names.
 * ``Collator`` — the batch dict the model consumes; ``SkipReport`` sums skipped samples.
 
 torchvision, PIL and transformers are imported only when a real-data transform, an image decode or a
@@ -14,6 +15,7 @@ tokenizer is used, so importing this package needs just torch and numpy.
 from .coco import CocoCaptionsDataset, read_coco_captions, retrieval_groups
 from .collate import Collator
 from .decode import SkippedSample, SkipReport, load_rgb
+from .factory import build_dataset
 from .manifest import CaptionImageDataset, ManifestDataset, ManifestRecord, read_manifest
 from .synthetic import SyntheticDataset, SyntheticSample, render_sample
 from .tokenizer import build_synthetic_tokenizer, load_tokenizer, save_tokenizer, synthetic_vocabulary
@@ -34,6 +36,7 @@ __all__ = [
     "SyntheticDataset",
     "SyntheticSample",
     "WebDatasetShards",
+    "build_dataset",
     "build_synthetic_tokenizer",
     "expand_shards",
     "load_rgb",

@@ -55,8 +55,9 @@ def load_rgb(source: str | os.PathLike | bytes):
         with Image.open(stream) as img:
             img.load()  # decode now: a truncated file fails here, not later in a transform
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        # PIL raises OSError for truncated data, SyntaxError for some broken headers
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
+        # PIL raises OSError for truncated data, SyntaxError for some broken headers, DecompressionBombError
+        # for absurd dimensions
         raise ImageLoadError(DECODE_ERROR, f"{err.__class__.__name__}: {err}") from None
 
 

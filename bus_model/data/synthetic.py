@@ -33,7 +33,7 @@ relation ``"A left of B"`` holds when ``cx_A + margin < cx_B`` (``right of``, ``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -101,7 +101,6 @@ class SyntheticSample:
     relation: str
     index: int
     split: str
-    extras: dict = field(default_factory=dict)
 
 
 def _check_geometry(image_size: object, patch_size: object) -> tuple[int, int]:
@@ -176,7 +175,9 @@ def _valid_relations(a: SceneObject, b: SceneObject) -> list[str]:
 
 
 def _attributes(draws: _Draws) -> tuple[str, str, str]:
-    return SHAPES[draws.choice(len(SHAPES))], _COLOUR_NAMES[draws.choice(len(COLOURS))], _SIZE_NAMES[draws.choice(len(SIZES))]
+    shape = SHAPES[draws.choice(len(SHAPES))]
+    colour = _COLOUR_NAMES[draws.choice(len(_COLOUR_NAMES))]
+    return shape, colour, _SIZE_NAMES[draws.choice(len(_SIZE_NAMES))]
 
 
 def _distractor_attributes(draws: _Draws, kind: int, ref: SceneObject) -> tuple[str, str, str]:
@@ -354,8 +355,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
         self.num_samples, self.seed, self.split = num_samples, seed, split
         self.image_size, self.patch_size = image_size, patch_size
         mean_t, std_t = check_mean_std(mean, std)
-        self._mean = mean_t.view(3, 1, 1)
-        self._std = std_t.view(3, 1, 1)
+        self._scale = (1.0 / (255.0 * std_t)).view(3, 1, 1)
+        self._shift = (-mean_t / std_t).view(3, 1, 1)
 
     @property
     def num_patches(self) -> int:
@@ -373,8 +374,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         s = self.sample(index)
-        image = torch.from_numpy(s.image).permute(2, 0, 1).float().div_(255.0)  # (3, S, S)
-        image = (image - self._mean) / self._std
+        # (S, S, 3) uint8 -> (3, S, S) float32 (x / 255 - mean) / std, as one copy and one fused op
+        image = torch.from_numpy(s.image).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+        image = torch.addcmul(self._shift, image, self._scale)
         return {
             "image": image,
             "caption": s.caption,

@@ -66,6 +66,12 @@ def expand_shards(spec) -> list[str]:
     return paths
 
 
+def is_shard_spec(spec: str) -> bool:
+    """Whether a ``--data`` string names webdataset shards: a ``.tar`` file, a directory, a glob or a
+    brace range."""
+    return bool(_BRACE.search(spec)) or any(c in spec for c in "*?[") or os.path.isdir(spec) or spec.endswith(".tar")
+
+
 def _split_name(name: str) -> tuple[str, str]:
     """``"dir/000123.jpg"`` -> (``"dir/000123"``, ``"jpg"``); the extension is everything after the
     first dot of the file name, lower-cased."""
