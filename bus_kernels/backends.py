@@ -220,7 +220,8 @@ register_backend(
         name="torch",
         description="pure PyTorch reference (bus_kernels.reference); differentiable by autograd",
         ops=PRUNING_OPS | ATTENTION_OPS,
-        devices=frozenset({"cpu", "cuda"}),
+        # meta: shape-only runs, e.g. counting FLOPs of a paper-scale model without computing it
+        devices=frozenset({"cpu", "cuda", "meta"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
         availability=_torch_availability,
     )
@@ -238,4 +239,4 @@ register_backend(
 
 for _op in PRUNING_OPS | ATTENTION_OPS:
     # On CPU the interpreter is for testing, never the default.
-    register_op(_op, {"cuda": ["triton", "torch"], "cpu": ["torch", "triton"]})
+    register_op(_op, {"cuda": ["triton", "torch"], "cpu": ["torch", "triton"], "meta": ["torch"]})

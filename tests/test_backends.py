@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bus_kernels as bk
-from bus_kernels.backends import BackendNotSupportedError, select_backend
+from bus_kernels.backends import BackendNotSupportedError, registered_ops, select_backend
 
 CPU = torch.device("cpu")
 
@@ -31,13 +31,24 @@ def test_requested_backend_that_cannot_take_the_inputs_says_why():
 
 
 def test_no_backend_error_lists_every_rejection():
-    with pytest.raises(BackendNotSupportedError, match=r"no backend can run topk_gather on meta"):
-        select_backend("topk_gather", torch.device("meta"), torch.float32, False)
+    with pytest.raises(BackendNotSupportedError, match=r"no backend can run topk_gather on xpu"):
+        select_backend("topk_gather", torch.device("xpu"), torch.float32, False)
 
 
-def test_default_on_cpu_is_torch():
-    assert select_backend("topk_gather", CPU, torch.float32, True) == "torch"
-    assert select_backend("text_patch_scores", CPU, torch.float64, False) == "torch"
+def test_meta_tensors_run_on_the_torch_backend():
+    """Shape-only runs (FLOP counting of paper-scale models) dispatch to the reference."""
+    x, scores = torch.empty(2, 197, 768, device="meta"), torch.empty(2, 197, device="meta")
+    tokens, index = bk.topk_gather(x, scores, 137)
+    assert tokens.shape == (2, 138, 768) and tokens.device.type == "meta" and index.shape == (2, 137)
+
+
+def test_default_on_cpu_is_the_first_available_and_never_the_interpreter():
+    for op in ("topk_gather", "text_patch_scores"):
+        chosen = select_backend(op, CPU, torch.float32, True)
+        assert chosen != "triton" and chosen in bk.available_backends("cpu")
+        preference = registered_ops()[op]["cpu"]
+        assert all(n not in bk.available_backends("cpu") for n in preference[: preference.index(chosen)])
+    assert select_backend("text_patch_scores", CPU, torch.float64, False) == "torch"  # only torch takes fp64
 
 
 def test_env_var_overrides_the_default(monkeypatch):
@@ -85,4 +96,4 @@ def test_info_reports_every_backend():
     assert result.returncode == 0, result.stderr
     for name in bk.backend_status("cpu"):
         assert f"  {name}:" in result.stdout
-    assert "topk_gather: cpu: torch" in result.stdout
+    assert "topk_gather: cpu: " in result.stdout and "varlen_attention: cpu: " in result.stdout
