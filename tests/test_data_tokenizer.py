@@ -10,6 +10,7 @@ from bus_model.data.tokenizer import (
     load_tokenizer,
     save_tokenizer,
     synthetic_vocabulary,
+    text_config_overrides,
 )
 
 
@@ -78,3 +79,18 @@ def test_bad_arguments(tmp_path):
         load_tokenizer(tmp_path / "empty")
     with pytest.raises(TypeError, match="tokenizer"):
         save_tokenizer(object(), tmp_path / "x")
+
+
+def test_text_config_overrides_follow_the_tokenizer(tok):
+    over = text_config_overrides(tok)
+    assert over == {"vocab_size": len(tok), "pad_token_id": 0, "cls_token_id": 2, "sep_token_id": 3, "mask_token_id": 4}
+    assert over["vocab_size"] > max(tok.get_vocab().values())
+
+    class NoMask:
+        pad_token_id, cls_token_id, sep_token_id, mask_token_id = 0, 1, 2, None
+
+        def __len__(self):
+            return 10
+
+    with pytest.raises(ValueError, match="no mask token"):
+        text_config_overrides(NoMask())

@@ -18,7 +18,13 @@ from .decode import SkippedSample, SkipReport, load_rgb
 from .factory import build_dataset
 from .manifest import CaptionImageDataset, ManifestDataset, ManifestRecord, read_manifest
 from .synthetic import SyntheticDataset, SyntheticSample, render_sample
-from .tokenizer import build_synthetic_tokenizer, load_tokenizer, save_tokenizer, synthetic_vocabulary
+from .tokenizer import (
+    build_synthetic_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    synthetic_vocabulary,
+    text_config_overrides,
+)
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, patch_labels_from_boxes
 from .webdataset import WebDatasetShards, expand_shards
 
@@ -48,4 +54,5 @@ __all__ = [
     "retrieval_groups",
     "save_tokenizer",
     "synthetic_vocabulary",
+    "text_config_overrides",
 ]

@@ -2,8 +2,8 @@
 
 Every dataset in ``bus_model.data`` yields dicts ``{"image", "caption", "patch_labels", "id"}`` (or a
 ``SkippedSample`` for a broken real-data sample); ``Collator`` turns a list of those into the batch the
-model and losses consume. Samples without patch labels (real data with no boxes) get an all-zero row
-and ``has_patch_labels = False``, so the PTM loss can mask them out.
+model and losses consume. Samples without patch labels (real data with no boxes) get a row of -1
+(``bus_model.losses.ptm_loss`` skips any row with a negative value) and ``has_patch_labels = False``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Collator:
         images: (B, 3, H, W) float32
         input_ids: (B, L) int64, padded with the tokenizer's pad id (L = longest caption in the batch)
         attention_mask: (B, L) int64, 1 on real tokens
-        patch_labels: (B, N) float32, row-major patch grid; zeros where the sample has none
+        patch_labels: (B, N) float32 in [0, 1], row-major patch grid; a row of -1 where the sample has none
         has_patch_labels: (B,) bool
         captions: list of B str; ids: list of B str
         skipped: list of ``SkippedSample`` left out of this batch
@@ -52,7 +52,7 @@ class Collator:
         h, w = self.image_size
         b = len(good)
         images = torch.empty(b, 3, h, w, dtype=torch.float32)
-        labels = torch.zeros(b, self.num_patches, dtype=torch.float32)
+        labels = torch.full((b, self.num_patches), -1.0, dtype=torch.float32)  # -1: no labels (PTM skips)
         has_labels = torch.zeros(b, dtype=torch.bool)
         for i, it in enumerate(good):
             img = it["image"]

@@ -66,6 +66,20 @@ def build_synthetic_tokenizer(model_max_length: int = 32):
     )
 
 
+def text_config_overrides(tokenizer) -> dict[str, int]:
+    """The text-tower settings a tokenizer dictates: ``{"vocab_size", "pad_token_id", "cls_token_id",
+    "sep_token_id", "mask_token_id"}`` (e.g. ``get_config(name, text=text_config_overrides(tok))``).
+
+    Raises ValueError if the tokenizer lacks one of the special tokens BUS needs."""
+    ids = {}
+    for name in ("pad", "cls", "sep", "mask"):
+        value = getattr(tokenizer, f"{name}_token_id", None)
+        if value is None:
+            raise ValueError(f"tokenizer has no {name} token; BUS needs [PAD], [CLS], [SEP] and [MASK]")
+        ids[f"{name}_token_id"] = int(value)
+    return {"vocab_size": len(tokenizer), **ids}
+
+
 def save_tokenizer(tokenizer, directory: str | os.PathLike) -> str:
     """``tokenizer.save_pretrained(directory)`` (creating it); returns the directory."""
     if not hasattr(tokenizer, "save_pretrained"):
