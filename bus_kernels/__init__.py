@@ -17,6 +17,7 @@ from .ops import (
     topk_gather,
     topk_gather_varlen,
 )
+from . import native as _native  # noqa: E402,F401  registers "native" (csrc/); loads a built library, never compiles
 
 __version__ = "0.1.0"
 

@@ -11,3 +11,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import bus_kernels  # noqa: E402,F401  (import after the environment is set)
+
+# The "native" backend (csrc/): build its CPU kernels once (cached under ~/.cache/bus_kernels, so later
+# sessions only load them) before collection, so the tests parametrised over backends cover it.
+# BUS_SKIP_NATIVE_BUILD=1 skips the build; without a compiler the backend skips with its reason.
+if os.environ.get("BUS_SKIP_NATIVE_BUILD") != "1":
+    from bus_kernels.build import ensure_built  # noqa: E402
+
+    _native_build_error = ensure_built(cpu_only=not torch.cuda.is_available())
+    if _native_build_error is not None:
+        import warnings
+
+        warnings.warn(f"native backend not built: {_native_build_error}", stacklevel=1)

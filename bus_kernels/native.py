@@ -1,0 +1,221 @@
+"""Backend ``"native"``: the compiled C++/CUDA kernels of ``csrc/`` (BUS TSPS, Sec. 3.2), bound as
+``torch.ops.bus.text_patch_scores``, ``torch.ops.bus.topk_gather`` and their ``*_backward`` ops.
+
+Importing this module never compiles: it looks for a built library (one installed with the package by
+``BUS_BUILD_EXT=1 pip install``, else an up-to-date JIT build in the cache of ``python -m
+bus_kernels.build``) and loads it. Without one, the backend is registered but reports why it is
+unavailable (``python -m bus_kernels.info``). ``load()`` can pick up a build made later in the process.
+
+The C++ ops take a per-row ``k`` tensor, so ``topk_gather`` (all rows keep k) and ``topk_gather_varlen``
+share one kernel. Autograd and fake (meta) kernels are registered here with ``torch.library``, so
+``backend="native"`` is differentiable and ``torch.compile`` traces through it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from . import _native_paths as _build
+from .backends import PRUNING_OPS, Backend, add_preference, register_backend, register_impl
+
+# CUDA limits of the on-chip selection (scores + slot map of a row in shared memory) and of the
+# per-lane registers of the text-patch kernels; the CPU kernels have none.
+NATIVE_CUDA_MAX_N = 16384
+NATIVE_CUDA_MAX_HEAD_DIM = 256
+
+_state: dict = {"path": None, "reason": "not looked for yet"}
+
+
+def _package_libraries() -> list[Path]:
+    """Libraries built ahead of time by setup.py into the package (``bus_kernels/_native*.so``)."""
+    return sorted(Path(__file__).resolve().parent.glob("_native*.so"))
+
+
+def _cached_library(variant: str) -> tuple[Path | None, str | None]:
+    """The JIT build of ``variant`` if it exists and matches the sources, else (None, why not)."""
+    path = _build.library_path(variant)
+    if not path.is_file():
+        return None, f"no {variant} build in {path.parent}"
+    stamp = _build.read_stamp(variant)
+    if _build.CSRC.is_dir() and (stamp is None or stamp.get("source_hash") != _build.source_hash(variant)):
+        return None, f"the {variant} build in {path.parent} is stale (csrc/ changed since)"
+    return path, None
+
+
+def find_library() -> tuple[Path | None, str]:
+    """Path of the library to load (or None) and a description of what was found or missing."""
+    found = _package_libraries()
+    if found:
+        return found[0], "installed with the package"
+    notes = []
+    variants = (["cuda"] if torch.version.cuda else []) + ["cpu"]
+    for variant in variants:
+        path, why = _cached_library(variant)
+        if path is not None:
+            return path, f"JIT build ({variant})"
+        notes.append(why)
+    return None, "not built (" + "; ".join(notes) + "): run `python -m bus_kernels.build`"
+
+
+def is_loaded() -> bool:
+    return _state["path"] is not None
+
+
+def library_path() -> Path | None:
+    return _state["path"]
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the loaded library was built with its CUDA kernels."""
+    return is_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key("bus::topk_gather", "CUDA")
+
+
+def load(path: str | Path | None = None) -> bool:
+    """Load the library at ``path`` (default: ``find_library()``); True if the native ops are available."""
+    if is_loaded():
+        return True
+    if path is None:
+        path, note = find_library()
+        if path is None:
+            _state["reason"] = note
+            return False
+    path = Path(path)
+    try:
+        if str(path) not in torch.ops.loaded_libraries:
+            torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as e:
+        _state["reason"] = f"failed to load {path}: {e}"
+        return False
+    _register_python_side()
+    _state["path"] = path
+    _state["reason"] = None
+    return True
+
+
+def _availability(device_type: str) -> str | None:
+    if not is_loaded():
+        return _state["reason"]
+    if device_type == "cuda":
+        if not has_cuda_kernels():
+            return "the native library was built without CUDA kernels (no toolkit, or --cpu-only)"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library: fake kernels and autograd for the C++ ops
+
+
+def _tps_fake(query, keys, scale):
+    B, N, H, _ = keys.shape
+    f32 = dict(dtype=torch.float32)
+    return keys.new_empty(B, N, **f32), keys.new_empty(B, H, N, **f32), keys.new_empty(B, H, **f32)
+
+
+def _tps_backward_fake(grad, query, keys, logits, lse, scale):
+    return query.new_empty(query.shape), keys.new_empty(keys.shape)
+
+
+def _tps_setup_context(ctx, inputs, output):
+    query, keys, scale = inputs
+    _scores, logits, lse = output
+    ctx.save_for_backward(query, keys, logits, lse)
+    ctx.scale = scale
+
+
+def _tps_backward(ctx, grad, _g_logits, _g_lse):
+    query, keys, logits, lse = ctx.saved_tensors
+    if grad is None:
+        return None, None, None
+    dq, dk = torch.ops.bus.text_patch_scores_backward(grad, query, keys, logits, lse, ctx.scale)
+    return dq, dk, None
+
+
+def _topk_fake(x, scores, k, total_kept, fuse):
+    B, N, C = x.shape
+    return (
+        x.new_empty(total_kept + B * int(fuse), C),
+        x.new_empty(total_kept, dtype=torch.int64),
+        x.new_empty(B, N, dtype=torch.int32),
+        x.new_empty(B, C, dtype=torch.float32),
+        x.new_empty(B, dtype=torch.float32),
+    )
+
+
+def _topk_backward_fake(grad_tokens, x, scores, k, slot, fused, den, fuse):
+    return x.new_empty(x.shape), scores.new_empty(scores.shape)
+
+
+def _topk_setup_context(ctx, inputs, output):
+    x, scores, k, _total_kept, fuse = inputs
+    _tokens, _index, slot, fused, den = output
+    ctx.save_for_backward(x, scores, k, slot, fused, den)
+    ctx.fuse = fuse
+
+
+def _topk_backward(ctx, grad_tokens, _gi, _gs, _gf, _gd):
+    x, scores, k, slot, fused, den = ctx.saved_tensors
+    if grad_tokens is None:
+        return None, None, None, None, None
+    grad_x, grad_scores = torch.ops.bus.topk_gather_backward(grad_tokens, x, scores, k, slot, fused, den, ctx.fuse)
+    return grad_x, grad_scores, None, None, None
+
+
+def _register_python_side() -> None:
+    torch.library.register_fake("bus::text_patch_scores")(_tps_fake)
+    torch.library.register_fake("bus::text_patch_scores_backward")(_tps_backward_fake)
+    torch.library.register_fake("bus::topk_gather")(_topk_fake)
+    torch.library.register_fake("bus::topk_gather_backward")(_topk_backward_fake)
+    torch.library.register_autograd("bus::text_patch_scores", _tps_backward, setup_context=_tps_setup_context)
+    torch.library.register_autograd("bus::topk_gather", _topk_backward, setup_context=_topk_setup_context)
+    for op in PRUNING_OPS:
+        # CUDA: after triton (measured on GPUs by benchmarks/), before the torch reference.
+        add_preference(op, "cuda", "native", position=1)
+        # CPU: first -- faster than the torch reference at the paper's sizes (benchmarks/bench_native_cpu.py).
+        add_preference(op, "cpu", "native", position=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations behind the public functions (inputs already validated by bus_kernels.ops)
+
+
+def _tps_native_impl(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.ops.bus.text_patch_scores(query, keys, scale)[0]
+
+
+def _topk_gather_native_impl(x: torch.Tensor, scores: torch.Tensor, k: int, fuse: bool):
+    B, _, C = x.shape
+    k_rows = torch.full((B,), k, dtype=torch.int64, device=x.device)
+    tokens, index, *_ = torch.ops.bus.topk_gather(x, scores, k_rows, B * k, fuse)
+    return tokens.view(B, k + int(fuse), C), index.view(B, k)
+
+
+def _topk_gather_varlen_native_impl(x: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, fuse: bool):
+    from .ops.topk_gather import _cu_seqlens, _max_seqlen
+
+    total_kept = int(k.sum()) if k.numel() > 0 else 0
+    tokens, index, *_ = torch.ops.bus.topk_gather(x, scores, k, total_kept, fuse)
+    return tokens, index, _cu_seqlens(k, fuse), _max_seqlen(k, fuse)
+
+
+register_backend(
+    Backend(
+        name="native",
+        description="compiled C++ (CPU) and CUDA kernels from csrc/ (python -m bus_kernels.build)",
+        ops=PRUNING_OPS,
+        devices=frozenset({"cpu", "cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        availability=_availability,
+    )
+)
+register_impl("text_patch_scores", "native", _tps_native_impl)
+register_impl("topk_gather", "native", _topk_gather_native_impl)
+register_impl("topk_gather_varlen", "native", _topk_gather_varlen_native_impl)
+if os.environ.get(_build.AUTOLOAD_ENV, "1") != "0":
+    load()
+else:
+    _state["reason"] = f"not loaded ({_build.AUTOLOAD_ENV}=0)"

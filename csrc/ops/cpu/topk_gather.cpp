@@ -1,0 +1,215 @@
+// CPU kernels of bus::topk_gather and its backward (BUS TSPS, Sec. 3.2): the CUDA algorithm run
+// row by row, rows in parallel (at::parallel_for). Per row: keys + radix select of the k-th largest
+// score (common/pruning.h), one ascending pass that assigns slots, copies the kept tokens and
+// accumulates the fused token in fp32.
+#include "ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cstring>
+#include <vector>
+
+#include "../common/checks.h"
+#include "../common/pruning.h"
+#include "loops.h"
+
+namespace bus {
+namespace cpu {
+namespace {
+
+// Start of each row in the packed tokens (k + fuse rows each) and in the packed index (k each).
+struct RowOffsets {
+  std::vector<int64_t> out, index;
+};
+
+RowOffsets row_offsets(const int64_t* k, int64_t B, bool fuse) {
+  RowOffsets o;
+  o.out.resize(B);
+  o.index.resize(B);
+  int64_t out = 0, index = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    o.out[b] = out;
+    o.index[b] = index;
+    out += k[b] + (fuse ? 1 : 0);
+    index += k[b];
+  }
+  return o;
+}
+
+// The k-th largest key and the tie rule of one row.
+TopkRule select_row(const uint32_t* keys, int64_t N, int64_t k) {
+  RadixState st = radix_init(k);
+  if (k > 0) {
+    for (int pass = 0; pass < kRadixPasses; ++pass) {
+      int hist[kRadixBins] = {0};
+      for (int64_t n = 0; n < N; ++n) {
+        if (radix_matches(st, keys[n])) ++hist[radix_digit(keys[n], pass)];
+      }
+      radix_pick_bin(st, hist, pass);
+    }
+  }
+  return topk_rule(st, k);
+}
+
+template <typename T>
+void forward_rows(const at::Tensor& x, const at::Tensor& s32, const int64_t* k, const RowOffsets& off, bool fuse,
+                  at::Tensor& tokens, at::Tensor& index, at::Tensor& slot, at::Tensor& fused, at::Tensor& den) {
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  const int64_t sxb = x.stride(0), sxn = x.stride(1);
+  const T* xp = x.data_ptr<T>();
+  const float* sp = s32.data_ptr<float>();
+  T* tp = tokens.data_ptr<T>();
+  int64_t* ip = index.data_ptr<int64_t>();
+  int32_t* slp = slot.data_ptr<int32_t>();
+  float* fp = fused.data_ptr<float>();
+  float* dp = den.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint32_t> keys(N);
+    std::vector<float> acc(C);
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* s = sp + b * N;
+      const T* xb = xp + b * sxb;
+      T* out = tp + off.out[b] * C;
+      int64_t* idx = ip + off.index[b];
+      int32_t* sl = slp + b * N;
+      for (int64_t n = 0; n < N; ++n) keys[n] = score_key(s[n]);
+      const TopkRule rule = select_row(keys.data(), N, k[b]);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      uint32_t tie_rank = 0;
+      int32_t kept = 0;
+      float weight_sum = 0.f;
+      for (int64_t n = 0; n < N; ++n) {
+        const bool keep = topk_keeps(rule, keys[n], tie_rank);
+        tie_rank += keys[n] == rule.threshold ? 1u : 0u;
+        if (keep) {
+          sl[n] = kept;
+          idx[kept] = n;
+          std::memcpy(out + kept * C, xb + n * sxn, C * sizeof(T));
+          ++kept;
+        } else {
+          sl[n] = -1;
+          if (fuse) {
+            const float w = fuse_weight(false, s[n]);
+            weight_sum += w;
+            axpy_f32(acc.data(), w, xb + n * sxn, C);
+          }
+        }
+      }
+      if (fuse) {
+        const float inv = 1.f / fuse_denominator(weight_sum);
+        float* f = fp + b * C;
+        T* fused_out = out + k[b] * C;
+        for (int64_t c = 0; c < C; ++c) {
+          f[c] = acc[c] * inv;
+          fused_out[c] = static_cast<T>(f[c]);
+        }
+        dp[b] = weight_sum;
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_rows(const at::Tensor& g, const at::Tensor& x, const at::Tensor& s32, const int64_t* k,
+                   const RowOffsets& off, const at::Tensor& slot, const at::Tensor& fused, const at::Tensor& den,
+                   bool fuse, at::Tensor& grad_x, at::Tensor& grad_s) {
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  const int64_t sxb = x.stride(0), sxn = x.stride(1);
+  const T* gp = g.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  const float* sp = s32.data_ptr<float>();
+  const int32_t* slp = slot.data_ptr<int32_t>();
+  const float* fp = fused.data_ptr<float>();
+  const float* dp = den.data_ptr<float>();
+  T* gxp = grad_x.data_ptr<T>();
+  float* gsp = grad_s.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> gf(C), diff(C);
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* grow = gp + off.out[b] * C;
+      const int32_t* sl = slp + b * N;
+      const float* f = fp + b * C;
+      const float denom = fuse ? fuse_denominator(dp[b]) : 1.f;
+      const float fused_scale = fuse ? fuse_grad_fused_scale(dp[b]) : 0.f;
+      if (fuse) to_f32(gf.data(), grow + k[b] * C, C);
+      for (int64_t n = 0; n < N; ++n) {
+        T* gx = gxp + (b * N + n) * C;
+        float gs = 0.f;
+        if (sl[n] >= 0) {
+          std::memcpy(gx, grow + sl[n] * C, C * sizeof(T));
+        } else if (fuse) {
+          scale_store(gx, sp[b * N + n] / denom, gf.data(), C);
+          const T* xr = xp + b * sxb + n * sxn;
+          for (int64_t c = 0; c < C; ++c) diff[c] = static_cast<float>(xr[c]) - fused_scale * f[c];
+          gs = dot_f32(diff.data(), gf.data(), C) / denom;
+        } else {
+          std::memset(gx, 0, C * sizeof(T));
+        }
+        gsp[b * N + n] = gs;
+      }
+    }
+  });
+}
+
+void check_k_values(const int64_t* k, int64_t B, int64_t N, int64_t total_kept) {
+  int64_t sum = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(k[b] >= 0 && k[b] <= N, "k must be in [0, N=", N, "] for every row, got ", k[b], " in row ", b);
+    sum += k[b];
+  }
+  TORCH_CHECK_VALUE(sum == total_kept, "total_kept must equal sum(k)=", sum, ", got ", total_kept);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_gather(
+    const at::Tensor& x_in, const at::Tensor& scores, const at::Tensor& k_in, int64_t total_kept, bool fuse) {
+  check_topk_gather(x_in, scores, k_in, total_kept);
+  const int64_t B = x_in.size(0), N = x_in.size(1), C = x_in.size(2);
+  const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor s32 = scores.to(at::kFloat).contiguous();
+  const at::Tensor k = k_in.contiguous();
+  check_k_values(k.data_ptr<int64_t>(), B, N, total_kept);
+  auto tokens = at::empty({total_kept + B * (fuse ? 1 : 0), C}, x.options());
+  auto index = at::empty({total_kept}, x.options().dtype(at::kLong));
+  auto slot = at::empty({B, N}, x.options().dtype(at::kInt));
+  auto fused = at::zeros({B, C}, x.options().dtype(at::kFloat));
+  auto den = at::zeros({B}, x.options().dtype(at::kFloat));
+  if (B == 0 || N == 0) return {tokens, index, slot, fused, den};
+  const RowOffsets off = row_offsets(k.data_ptr<int64_t>(), B, fuse);
+  BUS_DISPATCH_KERNEL_TYPES(x.scalar_type(), "bus_topk_gather_cpu", [&] {
+    forward_rows<scalar_t>(x, s32, k.data_ptr<int64_t>(), off, fuse, tokens, index, slot, fused, den);
+  });
+  return {tokens, index, slot, fused, den};
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_gather_backward(const at::Tensor& grad_tokens, const at::Tensor& x_in,
+                                                        const at::Tensor& scores, const at::Tensor& k_in,
+                                                        const at::Tensor& slot, const at::Tensor& fused,
+                                                        const at::Tensor& den, bool fuse) {
+  check_topk_gather_backward(grad_tokens, x_in, scores, k_in, slot, fused, den);
+  const int64_t B = x_in.size(0), N = x_in.size(1), C = x_in.size(2);
+  const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor g = grad_tokens.to(x.scalar_type()).contiguous();
+  const at::Tensor s32 = scores.to(at::kFloat).contiguous();
+  const at::Tensor k = k_in.contiguous();
+  int64_t total_kept = 0;
+  for (int64_t b = 0; b < B; ++b) total_kept += k.data_ptr<int64_t>()[b];
+  check_k_values(k.data_ptr<int64_t>(), B, N, total_kept);
+  check_dim_size("grad_tokens", g, 0, total_kept + B * (fuse ? 1 : 0), "sum(k) + B * fuse rows");
+  auto grad_x = at::empty({B, N, C}, x.options());
+  auto grad_s = at::empty({B, N}, x.options().dtype(at::kFloat));
+  if (B > 0 && N > 0) {
+    const RowOffsets off = row_offsets(k.data_ptr<int64_t>(), B, fuse);
+    const at::Tensor slot_c = slot.contiguous(), fused_c = fused.contiguous(), den_c = den.contiguous();
+    BUS_DISPATCH_KERNEL_TYPES(x.scalar_type(), "bus_topk_gather_backward_cpu", [&] {
+      backward_rows<scalar_t>(g, x, s32, k.data_ptr<int64_t>(), off, slot_c, fused_c, den_c, fuse, grad_x, grad_s);
+    });
+  }
+  return {grad_x, grad_s.to(scores.scalar_type())};
+}
+
+}  // namespace cpu
+}  // namespace bus

@@ -1,0 +1,74 @@
+// Raw-pointer launchers of the CUDA kernels (csrc/ops/cuda/*.cu), called from dispatch.cpp.
+//
+// This header includes no CUDA or ATen header: the .cu files compile without ATen (fast, and what
+// `python -m bus_kernels.build --ptxas` compiles), and dispatch.cpp (host compiler) holds the
+// at::Tensor side. Strides are in elements; every tensor has unit stride in its last dim.
+#pragma once
+
+#include <cstdint>
+
+namespace bus {
+namespace cuda {
+
+enum class Dtype { kFloat32, kFloat16, kBFloat16 };
+
+struct TopkGatherForwardArgs {
+  const void* x;  // (B, N, C)
+  int64_t stride_xb, stride_xn;
+  const float* scores;         // (B, N) contiguous
+  const int64_t* k;            // (B,)
+  const int64_t* out_offset;   // (B,) first row of each segment of `tokens`
+  const int64_t* index_offset; // (B,) first entry of each segment of `index`
+  int64_t B, N, C;
+  int64_t total_kept;  // rows of `index`; `tokens` has total_kept + B * fuse rows
+  bool fuse;
+  void* tokens;    // (total_kept + B * fuse, C) contiguous
+  int64_t* index;  // (total_kept,)
+  int32_t* slot;   // (B, N): row within the segment, -1 = dropped
+  float* fused;    // (B, C)
+  float* den;      // (B,) sum of the dropped scores
+};
+
+struct TopkGatherBackwardArgs {
+  const void* grad_tokens;  // (total_kept + B * fuse, C) contiguous
+  const void* x;            // (B, N, C)
+  int64_t stride_xb, stride_xn;
+  const float* scores;  // (B, N) contiguous
+  const int64_t* k;
+  const int64_t* out_offset;
+  const int32_t* slot;
+  const float* fused;
+  const float* den;
+  int64_t B, N, C, total_rows;
+  bool fuse;
+  void* grad_x;        // (B, N, C) contiguous
+  float* grad_scores;  // (B, N)
+};
+
+struct TextPatchScoresArgs {
+  const void* query;  // (B, H, D)
+  int64_t stride_qb, stride_qh;
+  const void* keys;  // (B, N, H, D)
+  int64_t stride_kb, stride_kn, stride_kh;
+  int64_t B, N, H, D;
+  float scale;
+  float* scores;  // (B, N)
+  float* logits;  // (B, H, N)
+  float* lse;     // (B, H)
+  // backward only
+  const float* grad;  // (B, N) contiguous
+  void* grad_query;   // (B, H, D) contiguous
+  void* grad_keys;    // (B, N, H, D) contiguous
+};
+
+// Largest head dim of the text-patch kernels (the query of a head lives in registers).
+constexpr int64_t kMaxHeadDim = 256;
+
+// Each launcher returns nullptr on success, else a message (unsupported size or CUDA error).
+const char* topk_gather_forward(Dtype dtype, const TopkGatherForwardArgs& args, void* stream);
+const char* topk_gather_backward(Dtype dtype, const TopkGatherBackwardArgs& args, void* stream);
+const char* text_patch_scores_forward(Dtype dtype, const TextPatchScoresArgs& args, void* stream);
+const char* text_patch_scores_backward(Dtype dtype, const TextPatchScoresArgs& args, void* stream);
+
+}  // namespace cuda
+}  // namespace bus

@@ -1,0 +1,205 @@
+"""Native backend (csrc/) specifics: the C++ ops as registered, their input checks, torch.library
+registration (opcheck), bf16 (which the Triton interpreter cannot run), thread-count independence, and
+the build helper (compiler / CUDA toolkit discovery, stale or missing builds).
+
+The numerics shared with the other backends (shapes, ties, fp16/fp32, gradients, varlen, compile) are
+in test_pruning_ops.py, parametrised over every available backend, native included."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bus_kernels as bk
+from bus_kernels import build, native
+from bus_kernels.backends import BackendNotSupportedError, select_backend
+from test_pruning_ops import ref_row, ref_scores
+
+needs_native = pytest.mark.skipif(not native.is_loaded(), reason=f"native backend: {native._availability('cpu')}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops as registered
+
+
+@needs_native
+def test_ops_registered_next_to_the_python_custom_ops():
+    for name in ("text_patch_scores", "text_patch_scores_backward", "topk_gather", "topk_gather_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bus::{name}", "CPU")
+    # the Python-defined ops of the same namespace are still there
+    assert hasattr(torch.ops.bus, "topk_gather_triton") and hasattr(torch.ops.bus, "text_patch_scores_triton")
+    assert "native" in bk.available_backends("cpu")
+    assert select_backend("topk_gather", torch.device("cpu"), torch.float32, True) == "native"
+
+
+@needs_native
+def test_opcheck_fake_kernels_and_autograd():
+    x = torch.randn(3, 11, 8, requires_grad=True)
+    s = torch.rand(3, 11, requires_grad=True)
+    k = torch.tensor([4, 0, 11])
+    torch.library.opcheck(torch.ops.bus.topk_gather.default, (x, s, k, 15, True))
+    q = torch.randn(2, 3, 16, requires_grad=True)
+    keys = torch.randn(2, 9, 3, 16, requires_grad=True)
+    torch.library.opcheck(torch.ops.bus.text_patch_scores.default, (q, keys, 0.25))
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: torch.ops.bus.topk_gather(torch.randn(3, 4), torch.rand(3, 4), torch.ones(3, dtype=torch.long), 3, True),
+         ValueError, r"x must have shape \(B, N, C\) \(3 dims\), got shape \(3, 4\)"),
+        (lambda: torch.ops.bus.topk_gather(torch.ones(2, 4, 3, dtype=torch.long), torch.rand(2, 4), torch.ones(2, dtype=torch.long), 2, True),
+         TypeError, r"x must have a floating dtype \(float16, bfloat16, float32\), got torch.int64"),
+        (lambda: torch.ops.bus.topk_gather(torch.randn(2, 4, 3), torch.rand(2, 5), torch.ones(2, dtype=torch.long), 2, True),
+         ValueError, r"scores has size 5 in dim 1 .* expected 4 \(token count N of x\)"),
+        (lambda: torch.ops.bus.topk_gather(torch.randn(2, 4, 3), torch.rand(2, 4), torch.ones(2, dtype=torch.int32), 2, True),
+         TypeError, r"k must have dtype torch.int64, got torch.int32"),
+        (lambda: torch.ops.bus.topk_gather(torch.randn(2, 4, 3), torch.rand(2, 4), torch.tensor([1, 5]), 6, True),
+         ValueError, r"k must be in \[0, N=4\] for every row, got 5 in row 1"),
+        (lambda: torch.ops.bus.topk_gather(torch.randn(2, 4, 3), torch.rand(2, 4), torch.tensor([1, 2]), 4, True),
+         ValueError, r"total_kept must equal sum\(k\)=3, got 4"),
+        (lambda: torch.ops.bus.text_patch_scores(torch.randn(2, 3, 8), torch.randn(2, 5, 3, 8).half(), 1.0),
+         TypeError, r"keys must have query's dtype torch.float32, got torch.float16"),
+        (lambda: torch.ops.bus.text_patch_scores(torch.randn(2, 3, 8), torch.randn(2, 5, 4, 8), 1.0),
+         ValueError, r"keys has size 4 in dim 2 .* expected 3 \(head count H of query\)"),
+        (lambda: torch.ops.bus.text_patch_scores(torch.randn(2, 3, 8), torch.randn(2, 0, 3, 8), 1.0),
+         ValueError, r"keys must hold at least one token \(N >= 1\), got N=0"),
+    ],
+)
+def test_cpp_checks_name_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@needs_native
+@pytest.mark.parametrize("B,N,C,k", [(2, 37, 24, 9), (3, 200, 40, 1), (1, 5, 8, 5)])
+def test_bfloat16_matches_float64(B, N, C, k):
+    x = torch.randn(B, N, C).bfloat16()
+    s = torch.rand(B, N)
+    tokens, index = bk.topk_gather(x, s, k, backend="native")
+    assert tokens.dtype == torch.bfloat16
+    for b in range(B):
+        want, keep = ref_row(x[b].double(), s[b].double(), k, True)
+        assert index[b].tolist() == keep
+        torch.testing.assert_close(tokens[b, :k].double(), want[:k], atol=0, rtol=0)  # a copy
+        torch.testing.assert_close(tokens[b, k].double(), want[k], atol=1e-2, rtol=1e-2)  # one bf16 rounding
+    q = torch.randn(B, 3, 32).bfloat16()
+    keys = torch.randn(B, N, 3, 32).bfloat16()
+    out = bk.text_patch_scores(q, keys, backend="native")
+    torch.testing.assert_close(out.double(), ref_scores(q.double(), keys.double(), 32**-0.5), atol=1e-6, rtol=1e-4)
+
+
+@needs_native
+def test_results_do_not_depend_on_the_thread_count():
+    x = torch.randn(5, 301, 33, requires_grad=True)
+    s = torch.rand(5, 301, requires_grad=True)
+    g = torch.randn(5, 151, 33)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            tokens, index = bk.topk_gather(x, s, 150, backend="native")
+            results.append((tokens, index, *torch.autograd.grad(tokens, (x, s), g)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Availability and the build helper
+
+
+def test_reports_unavailable_with_reason_when_not_built(tmp_path):
+    code = (
+        "import torch, bus_kernels\n"
+        "from bus_kernels.backends import backend_status, select_backend, BackendNotSupportedError\n"
+        "print(backend_status('cpu')['native'])\n"
+        "try:\n"
+        "    select_backend('topk_gather', torch.device('cpu'), torch.float32, False, backend='native')\n"
+        "except BackendNotSupportedError as e:\n"
+        "    print('REJECTED', e)\n"
+    )
+    env = dict(os.environ, BUS_KERNELS_BUILD_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "not built" in out and "python -m bus_kernels.build" in out and str(tmp_path) in out
+    assert "REJECTED backend 'native' cannot run topk_gather" in out
+
+
+def test_stale_build_is_not_loaded(tmp_path, monkeypatch):
+    monkeypatch.setenv(build.BUILD_DIR_ENV, str(tmp_path))
+    lib = build.library_path("cpu")
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"")  # never loaded by this test
+    stamp = lib.parent / build.STAMP_NAME
+    stamp.write_text(json.dumps({"source_hash": "0" * 16}))
+    path, why = native._cached_library("cpu")
+    assert path is None and "stale" in why
+    stamp.write_text(json.dumps({"source_hash": build.source_hash("cpu")}))
+    assert native._cached_library("cpu") == (lib, None)
+
+
+def test_cpu_hash_ignores_cuda_sources_only():
+    assert build.source_hash("cpu") != build.source_hash("cuda")
+    files = {p.relative_to(build.CSRC).as_posix() for p in build.cpu_sources() + build.cuda_sources()}
+    assert "ops/register.cpp" in files and any(f.endswith(".cu") for f in files)
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/bin/c++")
+    assert build.find_cxx() is None
+    with pytest.raises(build.BuildError, match=r"no C\+\+ compiler found .*set CXX"):
+        build.build(cpu_only=True)
+
+
+def _fake_toolkit(root: Path) -> Path:
+    """A directory shaped like a CUDA toolkit whose nvcc, like the real one, prints _HERE_ on --dryrun."""
+    home = root / "cuda-fake"
+    (home / "bin").mkdir(parents=True)
+    (home / "include").mkdir()
+    (home / "include" / "cuda_runtime.h").write_text("")
+    nvcc = home / "bin" / "nvcc"
+    nvcc.write_text(f'#!/bin/sh\necho "#$ _HERE_={home}/bin" >&2\n')
+    nvcc.chmod(nvcc.stat().st_mode | stat.S_IEXEC)
+    return home
+
+
+def test_cuda_home_from_a_wrapper_script_on_path(tmp_path, monkeypatch):
+    home = _fake_toolkit(tmp_path)
+    wrappers = tmp_path / "wrappers"
+    wrappers.mkdir()
+    wrapper = wrappers / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {home}/bin/nvcc "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{wrappers}:/usr/bin:/bin")
+    assert build.find_cuda_home() == str(home)
+
+
+def test_cuda_home_through_a_symlink_and_from_the_environment(tmp_path, monkeypatch):
+    home = _fake_toolkit(tmp_path)
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "nvcc").symlink_to(home / "bin" / "nvcc")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{links}:/usr/bin:/bin")
+    assert build.find_cuda_home() == str(home)
+    other = _fake_toolkit(tmp_path / "other")
+    monkeypatch.setenv("CUDA_HOME", str(other))
+    assert build.find_cuda_home() == str(other)
+
+
+def test_arch_list_parsing():
+    assert build._arch_numbers("8.0;9.0") == ["80", "90"]
+    assert build._arch_numbers("8.6 9.0+PTX") == ["86", "90"]
