@@ -244,3 +244,145 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="text_query has batch size 2 but the images have 3"):
         with patch.text_guidance(model, torch.randn(2, WIDTH)):
             model(pixel_values=images())
+
+
+# ---------------------------------------------------------------------------------------------
+# register_hf_attention: an HF text encoder on packed sequences through bus_kernels.varlen_attention
+
+import bus_kernels  # noqa: E402
+
+needs_varlen = pytest.mark.skipif(
+    not hasattr(bus_kernels, "varlen_attention"), reason="bus_kernels.varlen_attention not available"
+)
+
+
+def tiny_bert(dtype=torch.float32, **kwargs):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=61, hidden_size=30, num_hidden_layers=2, num_attention_heads=3, intermediate_size=44,
+        max_position_embeddings=32, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0, **kwargs,
+    )
+    return transformers.BertModel(config).to(dtype).eval()
+
+
+def padded_batch(lengths, seqlen, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 61, (len(lengths), seqlen), generator=g)
+    mask = (torch.arange(seqlen)[None] < torch.tensor(lengths)[:, None]).long()
+    return ids * mask, mask
+
+
+@needs_varlen
+@pytest.mark.parametrize("reference", ["eager", "sdpa"])
+@pytest.mark.parametrize("lengths", [[9, 4, 1, 7], [9, 9]])  # padded batch; nothing padded (mask None)
+def test_bert_on_packed_sequences_equals_hf_attention(reference, lengths):
+    name = patch.register_hf_attention()
+    model = tiny_bert(torch.float64)
+    ids, mask = padded_batch(lengths, 9)
+    model.set_attn_implementation(reference)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    model.set_attn_implementation(name)
+    assert model.config._attn_implementation == name
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    valid = mask.bool()  # padded positions are not defined by either implementation
+    torch.testing.assert_close(out[valid], expected[valid], rtol=1e-10, atol=1e-10)
+
+
+@needs_varlen
+def test_bert_gradients_equal_eager():
+    patch.register_hf_attention()
+    ids, mask = padded_batch([6, 3, 5], 6, seed=4)
+    grads = {}
+    for impl in ("eager", "bus_varlen"):
+        model = tiny_bert(torch.float64)
+        model.set_attn_implementation(impl)
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        (out[mask.bool()] ** 2).sum().backward()
+        grads[impl] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["eager"].keys() == grads["bus_varlen"].keys()
+    for n, g in grads["eager"].items():
+        torch.testing.assert_close(grads["bus_varlen"][n], g, rtol=1e-9, atol=1e-10, msg=n)
+
+
+@needs_varlen
+def test_bert_sequences_packed_into_one_row():
+    """A flattening collator's layout: one row, positions restarting, cu_seq_lens passed as kwargs."""
+    patch.register_hf_attention()
+    model = tiny_bert(torch.float64)
+    lengths = [5, 2, 7]
+    ids, mask = padded_batch(lengths, 7, seed=6)
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]  # (14, C)
+        model.set_attn_implementation("bus_varlen")
+        cu = torch.tensor([0, 5, 7, 14], dtype=torch.int32)
+        packed = model(
+            input_ids=ids[mask.bool()][None],
+            position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7,
+        ).last_hidden_state[0]
+    torch.testing.assert_close(packed, expected, rtol=1e-10, atol=1e-10)
+
+
+def _sdpa_reference(q, k, v, key_mask, causal, scale):
+    """(B, Sq, H, D) float64 attention with a key padding mask and a causal mask aligned bottom-right to
+    each row's unpadded key count (flash-attn varlen semantics)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    logits = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    allowed = key_mask.bool()[:, None, None, :].expand_as(logits).clone()
+    if causal:
+        Sq, Sk = q.shape[2], k.shape[2]
+        for b, length in enumerate(key_mask.sum(1).tolist()):
+            q_length = length if Sq == Sk else Sq  # with Sq == Sk the mask also marks the queries
+            allowed[b] &= torch.ones(Sq, Sk, dtype=torch.bool).tril(length - q_length)
+    return torch.einsum("bhqk,bhkd->bqhd", logits.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+
+
+@needs_varlen
+@pytest.mark.parametrize("Sq, Sk, causal", [(6, 6, True), (3, 7, False), (4, 7, True)])
+def test_attention_function_gqa_causal_cross_against_reference(Sq, Sk, causal):
+    g = torch.Generator().manual_seed(11)
+    B, H, H_kv, D = 2, 4, 2, 5
+    q = torch.randn(B, H, Sq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H_kv, Sk, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H_kv, Sk, D, generator=g, dtype=torch.float64)
+    lengths = [Sk, Sk - 2]
+    key_mask = (torch.arange(Sk)[None] < torch.tensor(lengths)[:, None]).long()
+    out, weights = patch.hf_varlen_attention(
+        torch.nn.Module(), q, k, v, key_mask, scaling=0.3, is_causal=causal
+    )
+    expected = _sdpa_reference(q, k, v, key_mask, causal, 0.3)
+    assert weights is None and out.shape == (B, Sq, H, D)
+    if Sq == Sk:  # the mask also marks the query tokens; padded query rows come back as zeros
+        valid = key_mask.bool()
+        torch.testing.assert_close(out[valid], expected[valid], rtol=1e-10, atol=1e-10)
+        assert not out[~valid].any()
+    else:
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+@needs_varlen
+def test_attention_function_bad_inputs():
+    q = torch.randn(2, 2, 3, 4)
+    with pytest.raises(ValueError, match="needs a 2D padding mask"):
+        patch.hf_varlen_attention(torch.nn.Module(), q, q, q, torch.ones(2, 1, 3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="has no attention dropout"):
+        patch.hf_varlen_attention(torch.nn.Module(), q, q, q, None, dropout=0.1)
+    with pytest.raises(ValueError, match="not a multiple of key's 3"):
+        kv = torch.randn(2, 3, 3, 4)
+        patch.hf_varlen_attention(torch.nn.Module(), q, kv, kv, None)
+    with pytest.raises(TypeError, match="name must be a non-empty str"):
+        patch.register_hf_attention("")
+    patch.register_hf_attention()
+    training = tiny_bert()
+    training.config.attention_probs_dropout_prob = 0.1
+    for layer in training.encoder.layer:
+        layer.attention.self.dropout.p = 0.1
+    training.set_attn_implementation("bus_varlen")
+    training.train()
+    ids, mask = padded_batch([3, 2], 3)
+    with pytest.raises(ValueError, match="has no attention dropout"):
+        training(input_ids=ids, attention_mask=mask)

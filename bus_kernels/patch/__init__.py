@@ -13,15 +13,29 @@ BUS TSPS (arXiv 2307.08504, Sec. 3.2) and EViT selection without adopting ``bus_
     text_guidance(model, text_query)                 -> context manager supplying the caption embedding
     kept_patches(model)                              -> which patches the last forward kept, per layer
     unpatch(model)                                   -> the original classes, exactly
+    register_hf_attention()                          -> "bus_varlen": HF models attend on packed sequences
+                                                        through varlen_attention (set_attn_implementation)
 
-timm and transformers are imported only when a model is patched.
+timm and transformers are imported only when a model is patched (or the attention registered).
 """
 
 from ._core import kept_patches, text_guidance, unpatch
 from .hf import patch_hf_vision
+from .hf_attention import HF_ATTENTION_NAME, hf_varlen_attention, register_hf_attention
 from .timm import patch_timm
 
 hf_vision = patch_hf_vision
 timm = patch_timm  # ``bus_kernels.patch.timm(model, ...)``, as ``tome.patch.timm``
 
-__all__ = ["hf_vision", "kept_patches", "patch_hf_vision", "patch_timm", "text_guidance", "timm", "unpatch"]
+__all__ = [
+    "HF_ATTENTION_NAME",
+    "hf_varlen_attention",
+    "hf_vision",
+    "kept_patches",
+    "patch_hf_vision",
+    "patch_timm",
+    "register_hf_attention",
+    "text_guidance",
+    "timm",
+    "unpatch",
+]

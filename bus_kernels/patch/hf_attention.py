@@ -1,0 +1,134 @@
+"""``bus_kernels.varlen_attention`` as a Hugging Face attention implementation (transformers >= 4.48).
+
+After ``register_hf_attention()`` any model whose attention goes through transformers'
+``AttentionInterface`` (BERT, CLIP, ViT, Llama, ...) runs on packed sequences with
+``model.set_attn_implementation("bus_varlen")`` (or ``from_pretrained(..., attn_implementation=
+"bus_varlen")``): padding tokens are removed before attention (``unpad``), the packed sequences
+attend in ``varlen_attention`` (flash-attn semantics, BUS paper Sec. 3.3's text encoder without the
+padding), and the result is scattered back (``pad``). Sequences already packed into one row by a
+flattening collator (``cu_seq_lens_q`` / ``cu_seq_lens_k`` keyword arguments) are used as they are.
+
+The mask side is transformers' own flash-attention mask function, which hands over the 2D padding
+mask ``(B, S_k)`` (or None when nothing is padded).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+HF_ATTENTION_NAME = "bus_varlen"
+
+
+def _heads_last(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) -> (B, S, H, D)."""
+    return x.transpose(1, 2)
+
+
+def _full_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    """(B + 1,) int32 offsets of B unpadded sequences of ``seqlen`` tokens."""
+    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+
+
+def hf_varlen_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """A transformers attention function (the ``AttentionInterface`` signature) on ``varlen_attention``.
+
+    Args:
+        module: the calling attention module (``is_causal`` is read from it when not passed).
+        query: ``(B, H, S_q, D)`` floating. key, value: ``(B, H_kv, S_k, D)``, ``H % H_kv == 0`` (GQA
+            heads are repeated).
+        attention_mask: None, or the 2D padding mask ``(B, S_k)`` (bool/int, nonzero = token) that
+            transformers' flash-attention mask function produces. With ``S_q == S_k`` it also marks
+            the query tokens; otherwise (cross-attention, decoding) every query is a token.
+        dropout: must be 0 (``varlen_attention`` has no attention dropout).
+        scaling: softmax scale (default ``D ** -0.5``).
+        is_causal: causal mask aligned bottom-right to each row's unpadded key count (flash-attn).
+        kwargs: ``cu_seq_lens_q`` / ``cu_seq_lens_k`` ``(N + 1,)`` and ``max_length_q`` /
+            ``max_length_k`` describe sequences packed into a batch of one row (no padding mask).
+
+    Returns:
+        ``(attn_output (B, S_q, H, D) in query's dtype, None)``; padded query positions are zeros.
+    """
+    from .. import pad, unpad, varlen_attention
+
+    if dropout:
+        raise ValueError(
+            f"attn_implementation={HF_ATTENTION_NAME!r} has no attention dropout (got dropout={dropout}): "
+            "set the config's attention dropout to 0 or use model.eval()"
+        )
+    if kwargs.get("output_attentions"):
+        raise ValueError(f"attn_implementation={HF_ATTENTION_NAME!r} cannot return attention weights")
+    if is_causal is None:
+        is_causal = bool(getattr(module, "is_causal", False))
+    B, H, S_q, D = query.shape
+    H_kv, S_k = key.shape[1], key.shape[2]
+    if H % H_kv:
+        raise ValueError(f"query has {H} heads, not a multiple of key's {H_kv}")
+    if H_kv != H:  # grouped-query attention: each kv head serves H // H_kv query heads
+        key = key.repeat_interleave(H // H_kv, dim=1)
+        value = value.repeat_interleave(H // H_kv, dim=1)
+    q, k, v = _heads_last(query), _heads_last(key), _heads_last(value)  # (B, S, H, D)
+    common = dict(softmax_scale=scaling, causal=bool(is_causal))
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None and attention_mask is None:
+        if B != 1:
+            raise ValueError(f"cu_seq_lens_q/k describe sequences packed into one row, but the batch has {B} rows")
+        out = varlen_attention(
+            q[0], k[0], v[0], cu_q.to(torch.int32), cu_k.to(torch.int32),
+            int(kwargs["max_length_q"]), int(kwargs["max_length_k"]), **common,
+        )
+        return out[None], None
+    if attention_mask is None:
+        # nothing padded: every row is one full sequence
+        out = varlen_attention(
+            q.reshape(B * S_q, H, D), k.reshape(B * S_k, H, D), v.reshape(B * S_k, H, D),
+            _full_cu_seqlens(B, S_q, q.device), _full_cu_seqlens(B, S_k, q.device), S_q, S_k, **common,
+        )
+        return out.view(B, S_q, H, D), None
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"attn_implementation={HF_ATTENTION_NAME!r} needs a 2D padding mask (B, S_k), got shape "
+            f"{tuple(attention_mask.shape)}: pass the tokenizer's attention_mask, not a prepared 4D mask"
+        )
+    keys = unpad(k, attention_mask)  # k packed (total_k, H, D)
+    v_packed = torch.index_select(v.reshape(B * S_k, H, D), 0, keys.indices)
+    if S_q == S_k:
+        queries = unpad(q, attention_mask)
+    else:
+        queries = unpad(q, torch.ones(B, S_q, dtype=torch.bool, device=q.device))
+    out = varlen_attention(
+        queries.x_packed, keys.x_packed, v_packed, queries.cu_seqlens, keys.cu_seqlens,
+        queries.max_seqlen, keys.max_seqlen, **common,
+    )
+    return pad(out, queries.indices, B, S_q), None
+
+
+def register_hf_attention(name: str = HF_ATTENTION_NAME) -> str:
+    """Register ``hf_varlen_attention`` with transformers under ``name``; returns ``name``.
+
+    Then ``model.set_attn_implementation(name)`` or ``AutoModel.from_pretrained(path,
+    attn_implementation=name)``. Needs transformers >= 4.48 (``AttentionInterface``); idempotent.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    except ImportError as exc:
+        raise ImportError(
+            "registering an attention implementation needs transformers >= 4.48 (AttentionInterface)"
+        ) from exc
+    AttentionInterface.register(name, hf_varlen_attention)
+    AttentionMaskInterface.register(name, flash_attention_mask)  # hands over the 2D padding mask
+    return name
