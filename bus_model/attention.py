@@ -1,0 +1,103 @@
+"""Multi-head attention core used by every tower, with the implementation chosen by config.
+
+``sdpa``: padded tensors and boolean key masks through ``torch.nn.functional.scaled_dot_product_attention``.
+``varlen``: the valid tokens are packed (flash-attn layout) and sent through ``bus_kernels.varlen_attention``,
+so padding (text, ragged kept patches after ``keep_by_mass``) costs no attention work.
+Both return the same values at valid query positions; padded query positions are zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import bus_kernels
+
+from .config import ATTN_IMPLS
+
+
+def is_concrete(t: torch.Tensor) -> bool:
+    """False for meta and fake tensors (FLOP counting, tracing), whose values cannot be read."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type != "meta" and not is_fake(t)
+
+
+def varlen_available() -> bool:
+    """Whether ``bus_kernels`` provides ``varlen_attention`` (needed by ``attn_impl="varlen"``)."""
+    return hasattr(bus_kernels, "varlen_attention")
+
+
+def _lengths_and_cu(mask: torch.Tensor | None, batch: int, seqlen: int, device: torch.device):
+    """mask (B, S) bool, valid tokens left-aligned -> (flat indices of valid tokens, cu_seqlens (B+1,) int32, max)."""
+    if mask is None:
+        lengths = torch.full((batch,), seqlen, dtype=torch.int32, device=device)
+        flat = torch.arange(batch * seqlen, device=device)
+        max_len = seqlen
+    else:
+        lengths = mask.sum(dim=1, dtype=torch.int32)
+        flat = mask.reshape(-1).nonzero().squeeze(1)
+        max_len = int(lengths.max()) if batch else 0
+    cu = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    cu[1:] = lengths.cumsum(0)
+    return flat, cu, max_len
+
+
+def multi_head_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_mask: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    impl: str = "sdpa",
+) -> torch.Tensor:
+    """Scaled dot-product attention over heads.
+
+    Args:
+        q: ``(B, Sq, H, D)`` floating queries. k, v: ``(B, Sk, H, D)`` same dtype/device.
+        key_mask: ``(B, Sk)`` bool, True for valid keys, valid tokens first in each row; None: all valid.
+        query_mask: ``(B, Sq)`` bool, True for valid queries (only ``varlen`` uses it to skip padding);
+            None: all valid.
+        causal: query i sees keys ``<= i`` (self-attention, Sq == Sk).
+        impl: ``"sdpa"`` or ``"varlen"``.
+
+    Returns:
+        ``(B, Sq, H, D)`` in q's dtype.
+    """
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"impl must be one of {ATTN_IMPLS}, got {impl!r}")
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    if causal and Sq != Sk:
+        raise ValueError(f"causal attention needs Sq == Sk, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if impl == "sdpa":
+        attn_mask = None
+        if key_mask is not None:
+            attn_mask = key_mask[:, None, None, :]  # (B, 1, 1, Sk)
+            if causal:
+                attn_mask = attn_mask & torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril()
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=attn_mask, is_causal=causal and attn_mask is None,
+        )  # (B, H, Sq, D)
+        out = out.transpose(1, 2)
+        if query_mask is not None:
+            out = out * query_mask[:, :, None, None].to(out.dtype)
+        return out
+    if not varlen_available():
+        raise RuntimeError(
+            "attn_impl='varlen' needs bus_kernels.varlen_attention, which this bus_kernels does not provide; "
+            "use attn_impl='sdpa'"
+        )
+    q_idx, cu_q, max_q = _lengths_and_cu(query_mask, B, Sq, q.device)
+    k_idx, cu_k, max_k = _lengths_and_cu(key_mask, B, Sk, q.device)
+    q_packed = q.reshape(B * Sq, H, D).index_select(0, q_idx)  # (total_q, H, D)
+    k_packed = k.reshape(B * Sk, H, D).index_select(0, k_idx)
+    v_packed = v.reshape(B * Sk, H, D).index_select(0, k_idx)
+    out_packed = bus_kernels.varlen_attention(
+        q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, causal=causal
+    )  # (total_q, H, D)
+    out = q.new_zeros(B * Sq, H, D).index_copy(0, q_idx, out_packed.to(q.dtype))
+    return out.view(B, Sq, H, D)

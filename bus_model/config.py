@@ -1,0 +1,224 @@
+"""Model configuration: dataclasses with commented fields, loaded from the named JSON files in ``configs/``.
+
+The sizes follow the BUS paper (arXiv 2307.08504, §4.1 "Implementation Details"): a ViT-B/16 image
+encoder, a 6-layer BERT-base text encoder, a 6-layer fusion encoder and a 12-layer decoder. Values the
+paper does not state (exact TSPS layers, PAD size, PTM weighting) are fields here with the defaults of
+``shared/DESIGN.md``. Every ``<name>`` config has a ``<name>-baseline`` twin: same stack, no token
+selection and no PAD, so the fusion encoder and decoder see every ViT token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+POLICIES = ("bus", "evit", "elip", "none")
+ATTN_IMPLS = ("sdpa", "varlen")
+
+
+@dataclass
+class VisionConfig:
+    """ViT image encoder (timm ``VisionTransformer`` layout, so timm weights load as they are)."""
+
+    image_size: int = 224  # input height = width in pixels
+    patch_size: int = 16  # square patches; image_size must be a multiple
+    in_chans: int = 3  # image channels
+    width: int = 768  # embedding dimension C
+    depth: int = 12  # number of Transformer blocks
+    num_heads: int = 12  # attention heads; width must be a multiple
+    mlp_ratio: float = 4.0  # MLP hidden size = mlp_ratio * width
+    qkv_bias: bool = True  # bias in the fused qkv projection (timm default)
+    layer_norm_eps: float = 1e-6  # timm's ViT LayerNorm epsilon
+
+
+@dataclass
+class SelectionConfig:
+    """Token selection inside the ViT (BUS §3.2 TSPS; ELIP §3; EViT)."""
+
+    policy: str = "bus"  # "bus" (text [CLS] query, TSPS) | "evit" (image [CLS]) | "elip" | "none"
+    layers: tuple[int, ...] = (3, 6, 9)  # 0-based blocks; bus/evit select after that block's attention,
+    # elip selects before that block (after a no-grad look-ahead through the stage)
+    keep_ratios: tuple[float, ...] = (0.7, 0.7, 0.7)  # one per layer, each in (0, 1]
+    ratio_of: str = "current"  # "current": of the current patch tokens | "original": of the image's patches (ELIP)
+    fuse: bool = True  # merge the dropped tokens into one score-weighted token
+    keep_mode: str = "ratio"  # "ratio": fixed count per layer | "mass": per image with keep_by_mass (ragged)
+    keep_mass: float = 0.9  # keep_mode="mass": share of the score mass the kept tokens must hold
+    min_keep_ratio: float = 0.1  # keep_mode="mass": lower clamp on the kept share of candidates
+    elip_visual_weight: float = 0.8  # elip: fused query = w * visual CLS + (1 - w) * text CLS
+
+
+@dataclass
+class TextConfig:
+    """BERT text encoder (HF ``transformers`` ``BertModel`` layout). Fusion and decoder share its sizes."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 6  # text-only layers (BUS: the first 6 layers of BERT-base)
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0  # BERT uncased ids: [PAD]=0, [CLS]=101, [SEP]=102, [MASK]=103
+    cls_token_id: int = 101  # also the decoder's begin-of-sentence token
+    sep_token_id: int = 102  # also the decoder's end-of-sentence token
+    mask_token_id: int = 103
+
+
+@dataclass
+class PadConfig:
+    """Patch Abstraction Decoder (BUS §3.3): M learnable queries summarise the kept patches."""
+
+    enabled: bool = True  # False in the baselines: the fusion layers see all ViT tokens
+    num_queries: int = 64  # M, the length of the visual summary
+    num_layers: int = 2  # each: self-attention, cross-attention to [CLS + kept + fused], MLP
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class LossConfig:
+    """Pre-training objectives (BUS §3.4); each can be switched off and is returned separately."""
+
+    itc: bool = True  # image-text contrastive, learnable temperature, symmetric InfoNCE
+    itm: bool = True  # image-text matching with hard negatives mined from ITC similarities
+    mlm: bool = True  # masked language modelling through the fusion encoder
+    prefix_lm: bool = True  # captioning loss on the decoder, the image summary as prefix
+    ptm: bool = True  # patch-text matching on the selector's scores (needs patch_labels)
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    mlm_weight: float = 1.0
+    prefix_lm_weight: float = 1.0
+    ptm_weight: float = 1.0
+    embed_dim: int = 256  # ITC projection size
+    temperature: float = 0.07  # initial ITC temperature (learned as log(1 / temperature))
+    mlm_probability: float = 0.15  # share of text tokens masked (80% [MASK], 10% random, 10% kept)
+    itm_negatives: str = "sample"  # "sample": draw from softmax(ITC sims) | "hardest": argmax
+
+
+@dataclass
+class BusConfig:
+    """The whole BUS vision-language model."""
+
+    name: str = "bus-base"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    pad: PadConfig = field(default_factory=PadConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+    fusion_layers: int = 6  # text self-attention + cross-attention to the visual memory
+    decoder_layers: int = 12  # causal decoder with cross-attention to the visual memory
+    max_text_len: int = 32  # longest caption (tokens, with [CLS] and [SEP]) the data pipeline produces
+    attn_impl: str = "sdpa"  # "sdpa": padded + masks | "varlen": packed through bus_kernels.varlen_attention
+    kernel_backend: str | None = None  # bus_kernels backend for the pruning ops (None: best available)
+
+    def validate(self) -> "BusConfig":
+        """Raise ``ValueError`` naming the field when the configuration is inconsistent; returns self."""
+        v, s, t = self.vision, self.selection, self.text
+        if v.image_size % v.patch_size:
+            raise ValueError(f"vision.image_size ({v.image_size}) must be a multiple of vision.patch_size ({v.patch_size})")
+        if v.width % v.num_heads:
+            raise ValueError(f"vision.width ({v.width}) must be a multiple of vision.num_heads ({v.num_heads})")
+        if t.hidden_size % t.num_heads:
+            raise ValueError(f"text.hidden_size ({t.hidden_size}) must be a multiple of text.num_heads ({t.num_heads})")
+        if s.policy not in POLICIES:
+            raise ValueError(f"selection.policy must be one of {POLICIES}, got {s.policy!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        if s.keep_mode not in ("ratio", "mass"):
+            raise ValueError(f"selection.keep_mode must be 'ratio' or 'mass', got {s.keep_mode!r}")
+        if s.ratio_of not in ("current", "original"):
+            raise ValueError(f"selection.ratio_of must be 'current' or 'original', got {s.ratio_of!r}")
+        if s.policy != "none":
+            if len(s.layers) != len(s.keep_ratios):
+                raise ValueError(
+                    f"selection.layers ({list(s.layers)}) and selection.keep_ratios ({list(s.keep_ratios)}) "
+                    "must have the same length"
+                )
+            if list(s.layers) != sorted(set(s.layers)) or any(not 0 <= i < v.depth for i in s.layers):
+                raise ValueError(f"selection.layers must be increasing block indices in [0, {v.depth}), got {list(s.layers)}")
+            for r in s.keep_ratios:
+                if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
+                    raise ValueError(f"selection.keep_ratios must each be in (0, 1], got {list(s.keep_ratios)}")
+            if not 0.0 < s.keep_mass <= 1.0:
+                raise ValueError(f"selection.keep_mass must be in (0, 1], got {s.keep_mass}")
+            if not 0.0 < s.min_keep_ratio <= 1.0:
+                raise ValueError(f"selection.min_keep_ratio must be in (0, 1], got {s.min_keep_ratio}")
+        if self.pad.enabled and (self.pad.num_queries < 1 or self.pad.num_layers < 1):
+            raise ValueError("pad.num_queries and pad.num_layers must be >= 1 when pad.enabled")
+        if not 0.0 < self.losses.mlm_probability < 1.0:
+            raise ValueError(f"losses.mlm_probability must be in (0, 1), got {self.losses.mlm_probability}")
+        if self.losses.itm_negatives not in ("sample", "hardest"):
+            raise ValueError(f"losses.itm_negatives must be 'sample' or 'hardest', got {self.losses.itm_negatives!r}")
+        if self.max_text_len > t.max_position_embeddings:
+            raise ValueError(
+                f"max_text_len ({self.max_text_len}) exceeds text.max_position_embeddings ({t.max_position_embeddings})"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BusConfig":
+        """Build from a (possibly partial) nested dict; unknown keys raise ``ValueError``."""
+        return _build(cls, data, "config").validate()
+
+
+_SECTIONS = {"vision": VisionConfig, "selection": SelectionConfig, "text": TextConfig, "pad": PadConfig, "losses": LossConfig}
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise TypeError(f"{where} must be a dict, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown field(s) in {where}: {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        if cls is BusConfig and key in _SECTIONS:
+            kwargs[key] = _build(_SECTIONS[key], value, f"{where}.{key}")
+        elif key in ("layers", "keep_ratios"):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Apply ``overrides`` to a config dict: ``{"selection": {"policy": "evit"}}`` or the flat form
+    ``{"selection__policy": "evit"}`` both set one nested field."""
+    out = json.loads(json.dumps(data))
+    for key, value in overrides.items():
+        if "__" in key:
+            section, sub = key.split("__", 1)
+            value, key = {sub: value}, section
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def list_config_names() -> list[str]:
+    """Names of the JSON configs shipped in ``bus_model/configs``."""
+    files = resources.files("bus_model").joinpath("configs").iterdir()
+    return sorted(f.name[: -len(".json")] for f in files if f.name.endswith(".json"))
+
+
+def load_config_dict(name: str) -> dict[str, Any]:
+    names = list_config_names()
+    if name not in names:
+        raise ValueError(f"unknown model name {name!r}; available: {names}")
+    text = resources.files("bus_model").joinpath("configs", f"{name}.json").read_text()
+    data = json.loads(text)
+    data["name"] = name
+    return data
+
+
+def get_config(name: str, **overrides: Any) -> BusConfig:
+    """The named config with ``overrides`` applied (see ``merge_overrides``)."""
+    return BusConfig.from_dict(merge_overrides(load_config_dict(name), overrides))

@@ -1,0 +1,177 @@
+"""BERT layers with the parameter names of HF ``transformers`` ``BertModel``, so its checkpoints load as they are.
+
+The same layer, with a cross-attention block (``crossattention.*``, as HF names it with
+``add_cross_attention``), makes the fusion encoder and the decoder (BUS §3.1, following ALBEF/mPLUG:
+text encoder = the first BERT layers, fusion = further layers that also cross-attend to the image).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import is_concrete, multi_head_attention
+from .config import TextConfig
+
+
+class BertSelfAttention(nn.Module):
+    """query from ``hidden``, key/value from ``context`` (= hidden for self-attention)."""
+
+    def __init__(self, hidden: int, heads: int, context_width: int | None = None):
+        super().__init__()
+        self.num_heads = heads
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(context_width or hidden, hidden)
+        self.value = nn.Linear(context_width or hidden, hidden)
+
+    def forward(self, hidden, context, key_mask, query_mask, causal, impl):
+        B, Sq, C = hidden.shape
+        Sk = context.shape[1]
+        H, D = self.num_heads, C // self.num_heads
+        q = self.query(hidden).view(B, Sq, H, D)
+        k = self.key(context).view(B, Sk, H, D)
+        v = self.value(context).view(B, Sk, H, D)
+        out = multi_head_attention(q, k, v, key_mask=key_mask, query_mask=query_mask, causal=causal, impl=impl)
+        return out.reshape(B, Sq, C)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, states, residual):
+        return self.LayerNorm(self.dense(states) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int, eps: float, context_width: int | None = None):
+        super().__init__()
+        self.self = BertSelfAttention(hidden, heads, context_width)
+        self.output = BertSelfOutput(hidden, eps)
+
+    def forward(self, hidden, context, key_mask, query_mask, causal, impl):
+        return self.output(self.self(hidden, context, key_mask, query_mask, causal, impl), hidden)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden, inner)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))
+
+
+class BertOutput(nn.Module):
+    def __init__(self, inner: int, hidden: int, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(inner, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, states, residual):
+        return self.LayerNorm(self.dense(states) + residual)
+
+
+class BertLayer(nn.Module):
+    """Post-norm BERT layer; with ``cross_width`` it also cross-attends to a memory of that width."""
+
+    def __init__(self, cfg: TextConfig, cross_width: int | None = None):
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.layer_norm_eps
+        self.attention = BertAttention(h, cfg.num_heads, eps)
+        self.crossattention = BertAttention(h, cfg.num_heads, eps, cross_width) if cross_width else None
+        self.intermediate = BertIntermediate(h, cfg.intermediate_size)
+        self.output = BertOutput(cfg.intermediate_size, h, eps)
+
+    def forward(self, hidden, mask, impl, memory=None, memory_mask=None, causal=False):
+        """hidden (B, L, C), mask (B, L) bool or None; memory (B, M, Cm), memory_mask (B, M) bool or None."""
+        hidden = self.attention(hidden, hidden, mask, mask, causal, impl)
+        if self.crossattention is not None:
+            if memory is None:
+                raise ValueError("this layer cross-attends: memory (B, M, C) is required")
+            hidden = self.crossattention(hidden, memory, memory_mask, mask, False, impl)
+        return self.output(self.intermediate(hidden), hidden)
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        L = input_ids.shape[1]
+        positions = torch.arange(L, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+        x = x + self.token_type_embeddings.weight[0]  # token type 0 everywhere (single segment)
+        return self.LayerNorm(x)
+
+
+class BertEncoderLayers(nn.Module):
+    """``encoder.layer.N`` in HF naming."""
+
+    def __init__(self, cfg: TextConfig, num_layers: int, cross_width: int | None = None):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(cfg, cross_width) for _ in range(num_layers))
+
+
+def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """(B, L) 0/1 HF attention mask -> (B, L) bool key mask (None when nothing is padded, cheaper)."""
+    mask = attention_mask.bool()
+    if is_concrete(mask) and bool(mask.all()):
+        return None
+    return mask
+
+
+class TextEncoder(nn.Module):
+    """BERT text encoder: ``embeddings`` + ``encoder.layer.N``, as in HF ``BertModel`` (no pooler)."""
+
+    def __init__(self, cfg: TextConfig, impl: str = "sdpa"):
+        super().__init__()
+        self.config = cfg
+        self.impl = impl
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoderLayers(cfg, cfg.num_layers)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, L) int64, attention_mask (B, L) 0/1 -> last hidden states (B, L, hidden) float."""
+        mask = padding_mask(attention_mask)
+        x = self.embeddings(input_ids)
+        for layer in self.encoder.layer:
+            x = layer(x, mask, self.impl)
+        return x
+
+
+def read_hf_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and config of a local HF BERT directory (``model.safetensors`` + ``config.json``).
+
+    Keys are returned without the ``bert.`` prefix that ``BertFor*`` heads add. Only safetensors is
+    read: pickled ``pytorch_model.bin`` files are refused (never unpickle untrusted files).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"directory {str(path)!r} does not exist")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors file in {str(path)!r} (save with save_pretrained(..., safe_serialization=True); "
+            "pickled .bin checkpoints are not loaded)"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        for key, value in load_file(str(f)).items():
+            state[key[len("bert."):] if key.startswith("bert.") else key] = value
+    config_file = path / "config.json"
+    hf_config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    return state, hf_config

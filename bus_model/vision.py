@@ -1,0 +1,353 @@
+"""``BusViT``: a ViT with timm's parameter names and token selection inside the backbone (BUS §3.2).
+
+Names match timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
+``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``), so a timm model or checkpoint
+loads as it is (``BusViT.from_timm``); with ``policy="none"`` ``forward_features`` equals timm's.
+bus/evit select after the attention of the configured blocks (before their MLP, as EViT does);
+elip selects before the configured blocks, from a no-grad look-ahead through the stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import multi_head_attention
+from .config import SelectionConfig, VisionConfig
+from .selection import SelectionRecord, apply_selection, keep_count, mass_keep, score_candidates
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(images).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
+        self.proj = nn.Linear(width, width)
+
+    def project_query(self, h: torch.Tensor) -> torch.Tensor:
+        """h (B, C), already normed -> this layer's query (B, H, D) (the q third of ``qkv``)."""
+        C = h.shape[-1]
+        bias = self.qkv.bias[:C] if self.qkv.bias is not None else None
+        return F.linear(h, self.qkv.weight[:C], bias).view(h.shape[0], self.num_heads, -1)
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg.width, cfg.num_heads, cfg.qkv_bias)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
+
+    def attend(self, x: torch.Tensor, mask: torch.Tensor | None, impl: str):
+        """x (B, N, C) -> (x after the attention residual, q, k), q and k (B, N, H, D)."""
+        B, N, C = x.shape
+        H = self.attn.num_heads
+        qkv = self.attn.qkv(self.norm1(x)).view(B, N, 3, H, C // H)
+        q, k, v = qkv.unbind(2)
+        out = multi_head_attention(q, k, v, key_mask=mask, query_mask=mask, impl=impl)
+        return x + self.attn.proj(out.reshape(B, N, C)), q, k
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm2(x))
+
+
+@dataclass
+class VisionFeatures:
+    """tokens: ``(B, N', C)`` final tokens after ``norm`` ([CLS] first; kept patches; fused tokens).
+    mask: ``(B, N')`` bool valid tokens, or None when every row is full.
+    selections: one ``SelectionRecord`` per selection step (scores and kept positions, for PTM)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor | None = None
+    selections: list[SelectionRecord] = field(default_factory=list)
+
+
+class BusViT(nn.Module):
+    """ViT image encoder with in-backbone token selection.
+
+    Args:
+        vision: sizes. selection: policy, layers, keep ratios. text_width: width of the text [CLS]
+            query (bus/elip); a learned ``text_query_proj`` maps it to the ViT width when it differs.
+        attn_impl: ``"sdpa"`` or ``"varlen"``. kernel_backend: bus_kernels backend for the pruning ops.
+    """
+
+    def __init__(
+        self,
+        vision: VisionConfig,
+        selection: SelectionConfig | None = None,
+        text_width: int | None = None,
+        attn_impl: str = "sdpa",
+        kernel_backend: str | None = None,
+    ):
+        super().__init__()
+        self.vision_config = vision
+        self.selection = selection or SelectionConfig(policy="none")
+        self.attn_impl = attn_impl
+        self.kernel_backend = kernel_backend
+        self.num_patches = (vision.image_size // vision.patch_size) ** 2
+        self.patch_embed = PatchEmbed(vision)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, vision.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, vision.width))
+        self.blocks = nn.ModuleList(Block(vision) for _ in range(vision.depth))
+        self.norm = nn.LayerNorm(vision.width, eps=vision.layer_norm_eps)
+        self.text_width = text_width
+        uses_text = self.selection.policy in ("bus", "elip")
+        self.text_query_proj = (
+            nn.Linear(text_width, vision.width) if uses_text and text_width and text_width != vision.width else None
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # ----------------------------------------------------------------------------------------------
+    def _check_inputs(self, images: torch.Tensor, text_query: torch.Tensor | None) -> None:
+        cfg = self.vision_config
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if images.dim() != 4:
+            raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be floating point, got {images.dtype}")
+        if images.shape[1] != cfg.in_chans:
+            raise ValueError(f"images have {images.shape[1]} channels, this model expects {cfg.in_chans}")
+        if images.shape[2] != cfg.image_size or images.shape[3] != cfg.image_size:
+            raise ValueError(
+                f"images are {images.shape[2]}x{images.shape[3]} px, this model expects {cfg.image_size}x{cfg.image_size}"
+            )
+        if text_query is not None:
+            width = self.text_width or cfg.width
+            if not isinstance(text_query, torch.Tensor) or text_query.shape != (images.shape[0], width):
+                got = tuple(text_query.shape) if isinstance(text_query, torch.Tensor) else type(text_query).__name__
+                raise ValueError(f"text_query must have shape (B, {width}) = ({images.shape[0]}, {width}), got {got}")
+
+    def _text_in_vision_width(self, text_query: torch.Tensor | None) -> torch.Tensor | None:
+        if text_query is None or self.text_query_proj is None:
+            return text_query
+        return self.text_query_proj(text_query)
+
+    def _keep(self, i: int, scores: torch.Tensor, mask: torch.Tensor | None) -> int | torch.Tensor:
+        s = self.selection
+        ratio = s.keep_ratios[s.layers.index(i)]
+        if s.keep_mode == "mass":
+            return mass_keep(scores, mask, s.keep_mass, s.min_keep_ratio, ratio)
+        return keep_count(ratio, scores.shape[1], self.num_patches, s.ratio_of)
+
+    def _stage_end(self, i: int) -> int:
+        later = [j for j in self.selection.layers if j > i]
+        return later[0] if later else len(self.blocks)
+
+    @torch.no_grad()
+    def _elip_scores(self, i: int, x, mask, text_query):
+        """Look ahead through blocks i..end-1 without gradients; score with the last block's fused query."""
+        end = self._stage_end(i)
+        h = x
+        for j in range(i, end - 1):
+            h, _, _ = self.blocks[j].attend(h, mask, self.attn_impl)
+            h = self.blocks[j].feed_forward(h)
+        last = self.blocks[end - 1]
+        B, N, C = h.shape
+        H = last.attn.num_heads
+        k = last.attn.qkv(last.norm1(h)).view(B, N, 3, H, C // H)[:, :, 1]  # keys (B, N, H, D)
+        anchor = h[:, 0]
+        if text_query is not None:
+            w = self.selection.elip_visual_weight
+            anchor = w * anchor + (1.0 - w) * text_query
+        query = last.attn.project_query(last.norm1(anchor))
+        cand_mask = None if mask is None else mask[:, 1:]
+        return score_candidates(query, k[:, 1:], cand_mask, self.kernel_backend)
+
+    def forward_features(
+        self, images: torch.Tensor, text_query: torch.Tensor | None = None, policy: str | None = None
+    ) -> VisionFeatures:
+        """Encode images, selecting tokens as configured.
+
+        Args:
+            images: ``(B, in_chans, image_size, image_size)`` floating.
+            text_query: ``(B, text_width)`` text [CLS] embedding for bus/elip; None: text-free
+                (bus falls back to the EViT image-[CLS] query, elip uses the visual CLS alone).
+            policy: override the configured policy for this call (e.g. ``"none"``).
+
+        Returns:
+            ``VisionFeatures(tokens (B, N', C), mask (B, N') bool or None, selections)``.
+        """
+        self._check_inputs(images, text_query)
+        policy = policy or self.selection.policy
+        text_query = self._text_in_vision_width(text_query)
+        B = images.shape[0]
+        x = self.patch_embed(images)  # (B, num_patches, C)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed
+        mask = None
+        positions = torch.arange(self.num_patches, device=x.device).expand(B, -1)  # (B, n) original patch ids
+        records: list[SelectionRecord] = []
+        layers = set(self.selection.layers) if policy != "none" else set()
+        for i, block in enumerate(self.blocks):
+            if i in layers and policy == "elip":
+                scores = self._elip_scores(i, x, mask, text_query)
+                keep = self._keep(i, scores, mask)
+                x, mask, positions, rec = apply_selection(
+                    x, mask, positions, scores, keep, fuse=self.selection.fuse, backend=self.kernel_backend, layer=i
+                )
+                records.append(rec)
+            x, q, k = block.attend(x, mask, self.attn_impl)
+            if i in layers and policy in ("bus", "evit"):
+                if policy == "bus" and text_query is not None:
+                    query = block.attn.project_query(block.norm1(text_query))  # TSPS: text [CLS] query
+                else:
+                    query = q[:, 0]  # EViT: the image [CLS] query of this layer
+                cand_mask = None if mask is None else mask[:, 1:]
+                scores = score_candidates(query, k[:, 1:], cand_mask, self.kernel_backend)
+                keep = self._keep(i, scores, mask)
+                x, mask, positions, rec = apply_selection(
+                    x, mask, positions, scores, keep, fuse=self.selection.fuse, backend=self.kernel_backend, layer=i
+                )
+                records.append(rec)
+            x = block.feed_forward(x)
+        return VisionFeatures(self.norm(x), mask, records)
+
+    def forward(self, images: torch.Tensor, text_query: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C_in, H, W) -> final tokens (B, N', C)."""
+        return self.forward_features(images, text_query).tokens
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_timm(cls, model_or_checkpoint_path, policy: str = "none", **prune_options) -> "BusViT":
+        """Build a BusViT with the architecture and weights of a timm ``VisionTransformer``.
+
+        Args:
+            model_or_checkpoint_path: a timm ``VisionTransformer`` instance, or the path of a
+                ``.safetensors`` file (or a ``.pth``/``.bin`` state dict, read with ``weights_only=True``).
+            policy: "bus" | "evit" | "elip" | "none".
+            **prune_options: other ``SelectionConfig`` fields (``layers``, ``keep_ratios``, ``keep_mode``...),
+                plus ``num_heads`` (a checkpoint does not record it; default width // 64), ``text_width``,
+                ``attn_impl`` and ``kernel_backend``.
+
+        Returns:
+            The model; the timm classifier head (``head.*``, ``fc_norm.*``) is not part of it.
+        """
+        options = dict(prune_options)
+        text_width = options.pop("text_width", None)
+        attn_impl = options.pop("attn_impl", "sdpa")
+        kernel_backend = options.pop("kernel_backend", None)
+        num_heads = options.pop("num_heads", None)
+        if isinstance(model_or_checkpoint_path, nn.Module):
+            state, vision = _vision_config_from_timm_module(model_or_checkpoint_path)
+        elif isinstance(model_or_checkpoint_path, (str, os.PathLike)):
+            state = _read_state_dict(model_or_checkpoint_path)
+            vision = _vision_config_from_state(state, num_heads)
+        else:
+            raise TypeError(
+                "model_or_checkpoint_path must be a timm VisionTransformer or a checkpoint path, "
+                f"got {type(model_or_checkpoint_path).__name__}"
+            )
+        if num_heads is not None:
+            vision = dataclasses.replace(vision, num_heads=num_heads)
+        known = {f.name for f in dataclasses.fields(SelectionConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown prune option(s) {unknown}; known: {sorted(known)}")
+        if "layers" in options:
+            options["layers"] = tuple(options["layers"])
+        if "keep_ratios" in options:
+            options["keep_ratios"] = tuple(options["keep_ratios"])
+        selection = SelectionConfig(policy=policy, **options)
+        _validate_selection(vision, selection)
+        model = cls(vision, selection, text_width=text_width, attn_impl=attn_impl, kernel_backend=kernel_backend)
+        model.load_timm_state_dict(state)
+        return model
+
+    def load_timm_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load timm-named tensors; every ViT tensor must be present with the right shape."""
+        own = self.state_dict()
+        expected = [k for k in own if not k.startswith("text_query_proj.")]
+        missing = [k for k in expected if k not in state]
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} ViT tensor(s), e.g. {missing[:5]}")
+        for k in expected:
+            if tuple(state[k].shape) != tuple(own[k].shape):
+                raise ValueError(f"checkpoint tensor {k} has shape {tuple(state[k].shape)}, model expects {tuple(own[k].shape)}")
+        self.load_state_dict({k: state[k] for k in expected}, strict=False)
+
+
+def _validate_selection(vision: VisionConfig, selection: SelectionConfig) -> None:
+    from .config import BusConfig, PadConfig
+
+    BusConfig(vision=vision, selection=selection, pad=PadConfig(enabled=False)).validate()
+
+
+def _read_state_dict(path) -> dict[str, torch.Tensor]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+    if not isinstance(state, dict) or "pos_embed" not in state:
+        raise ValueError(f"{path!r} is not a timm ViT state dict (no 'pos_embed')")
+    return state
+
+
+def _vision_config_from_state(state: dict[str, torch.Tensor], num_heads: int | None) -> VisionConfig:
+    proj = state["patch_embed.proj.weight"]  # (C, in_chans, p, p)
+    width, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    return VisionConfig(
+        image_size=grid * patch, patch_size=patch, in_chans=in_chans, width=width, depth=depth,
+        num_heads=num_heads or max(1, width // 64), mlp_ratio=hidden / width,
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+    )
+
+
+def _vision_config_from_timm_module(model: nn.Module) -> tuple[dict[str, torch.Tensor], VisionConfig]:
+    for attr in ("patch_embed", "blocks", "pos_embed", "cls_token"):
+        if not hasattr(model, attr):
+            raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__} (no {attr!r})")
+    if getattr(model, "num_prefix_tokens", 1) != 1 or getattr(model, "global_pool", "token") not in ("token", ""):
+        raise ValueError("only timm ViTs with exactly one [CLS] prefix token (no registers) are supported")
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    vision = _vision_config_from_state(state, model.blocks[0].attn.num_heads)
+    norm = model.blocks[0].norm1
+    img = model.patch_embed.img_size
+    vision = dataclasses.replace(vision, image_size=img[0] if isinstance(img, (tuple, list)) else img,
+                                 layer_norm_eps=getattr(norm, "eps", 1e-6))
+    return state, vision
