@@ -2,6 +2,7 @@
 
     pip install -e .                                        # pure Python: never needs a compiler
     BUS_BUILD_EXT=1 pip install --no-build-isolation .      # also compiles csrc/ into bus_kernels/_native*.so
+    BUS_BUILD_EXT=cpu pip install --no-build-isolation .    # the same, CPU kernels only
 
 With ``BUS_BUILD_EXT=1`` torch must be importable by the build (hence ``--no-build-isolation``). The CUDA
 kernels are included when torch has CUDA and a toolkit is found (``CUDA_HOME``, or the ``nvcc`` on
@@ -35,7 +36,7 @@ def _build_helpers():
     return sys.modules["_bus_setup.build"]
 
 
-def _native_extension():
+def _native_extension(cpu_only: bool):
     try:
         import torch
         from torch.utils import cpp_extension
@@ -46,7 +47,7 @@ def _native_extension():
     helpers = _build_helpers()
     if helpers.find_cxx() is None:
         raise SystemExit("BUS_BUILD_EXT=1: no C++ compiler found (looked for $CXX, c++, g++, clang++)")
-    cuda_home = helpers.find_cuda_home() if torch.version.cuda else None
+    cuda_home = helpers.find_cuda_home() if torch.version.cuda and not cpu_only else None
     sources = [os.path.relpath(p, ROOT) for p in helpers.cpu_sources()]
     kwargs = dict(include_dirs=[str(helpers.CSRC)], extra_compile_args={"cxx": list(helpers.CXX_FLAGS)})
     if cuda_home is None:
@@ -62,8 +63,8 @@ def _native_extension():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)}
 
 
-if os.environ.get("BUS_BUILD_EXT") == "1":
-    ext_modules, cmdclass = _native_extension()
+if os.environ.get("BUS_BUILD_EXT") in ("1", "cpu"):
+    ext_modules, cmdclass = _native_extension(cpu_only=os.environ["BUS_BUILD_EXT"] == "cpu")
     setup(ext_modules=ext_modules, cmdclass=cmdclass)
 else:
     setup()
