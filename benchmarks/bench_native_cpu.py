@@ -94,7 +94,8 @@ def measure(dtype: torch.dtype, min_run_time: float) -> list[dict]:
 
 
 def to_markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"CPU: {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, commit {meta['commit']}", "",
+    lines = [f"CPU: {meta['cpu']}, {meta['threads']} threads (load average {meta['loadavg_1min']:.1f} when measured), "
+             f"torch {meta['torch']}, commit {meta['commit']}", "",
              "| op | pass | dtype | torch (ms) | native (ms) | torch / native |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['op']} | {r['which']} | {r['dtype']} | {r['torch_ms']:.2f} | {r['native_ms']:.2f} | "
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     rows = measure(getattr(torch, args.dtype), args.min_run_time)
     meta = dict(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                cpu_count=os.cpu_count(), torch=torch.__version__, python=platform.python_version(), commit=_commit())
+                cpu_count=os.cpu_count(), loadavg_1min=os.getloadavg()[0], torch=torch.__version__, python=platform.python_version(), commit=_commit())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"native_cpu_{args.dtype}"

@@ -1,0 +1,282 @@
+"""``bus bench train``: BUS vs its baseline twin, training speed side by side on synthetic data.
+
+The paper's claim (BUS §4): about 50% higher training throughput than the same stack without BUS.
+Both models are measured in one process on the embedded synthetic data.
+
+Both models see the same batches, on the same machine, in the same run; their steps alternate (and
+the order flips every step) so that machine noise hits both. A step is forward + backward + AdamW
+update. Reported per model: median step time after warm-up, images/s, peak memory, FLOPs per sample;
+and ``speedup = baseline step time / BUS step time``.
+
+Peak memory is measured in a separate process per model (so one model's allocations never count
+for the other): on GPU ``torch.cuda.max_memory_allocated``; on CPU the process's peak resident set
+size (``ru_maxrss``) minus its resident size before the model was built. The JSON says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .harness import count_flops, default_device, environment, markdown_table, median, save_plot, timed, write_json
+
+
+@dataclass
+class TrainBenchSettings:
+    model: str = "bus-small"  # a BUS config; its twin "<model>-baseline" is the reference
+    batch_size: int = 8
+    steps: int = 8  # measured steps per model
+    warmup: int = 2  # unmeasured steps per model first
+    image_size: int | None = None  # None: the config's
+    seed: int = 0
+    lr: float = 1e-4
+    amp: bool | None = None  # bf16 autocast; None: on for CUDA, off for CPU
+    memory: bool = True  # measure peak memory in a separate process per model
+
+    @classmethod
+    def quick(cls) -> "TrainBenchSettings":
+        """Seconds on a CPU: for the test suite."""
+        return cls(model="bus-tiny", batch_size=4, steps=2, warmup=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# setup shared by the benchmarks that train
+
+
+def build_model_and_data(name: str, batch_size: int, num_batches: int, seed: int, image_size: int | None,
+                         device: torch.device):
+    """A model sized for the synthetic tokenizer and ``num_batches`` fixed synthetic batches on ``device``."""
+    from bus_model import create_model, get_config
+    from bus_model.data import Collator, SyntheticDataset, build_synthetic_tokenizer
+    from bus_model.data.tokenizer import text_config_overrides
+
+    overrides = {}
+    if image_size is not None:
+        overrides["vision"] = {"image_size": image_size}
+    config = get_config(name, **overrides)
+    tokenizer = build_synthetic_tokenizer(model_max_length=config.max_text_len)
+    overrides["text"] = text_config_overrides(tokenizer)
+    torch.manual_seed(seed)
+    model = create_model(name, **overrides).to(device)
+    v = model.config.vision
+    data = SyntheticDataset(batch_size * num_batches, seed=seed, image_size=v.image_size, patch_size=v.patch_size)
+    collate = Collator(tokenizer, image_size=v.image_size, patch_size=v.patch_size, max_length=config.max_text_len)
+    batches = []
+    for i in range(num_batches):
+        batch = collate([data[j] for j in range(i * batch_size, (i + 1) * batch_size)])
+        labels = batch["patch_labels"].masked_fill(~batch["has_patch_labels"][:, None], -1.0)
+        batches.append(tuple(t.to(device) for t in (batch["images"], batch["input_ids"], batch["attention_mask"], labels)))
+    return model, batches
+
+
+def make_step(model, lr: float, amp: bool, device: torch.device):
+    """A closure running one training step (forward, backward, AdamW) on a batch tuple."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def step(batch):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(*batch)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out.loss.detach()
+
+    return step
+
+
+def training_flops_per_sample(model, batch) -> float:
+    """FLOPs of forward + backward on ``batch``, divided by its size (the optimizer update is not counted)."""
+    def fwd_bwd():
+        model(*batch).loss.backward()
+
+    flops = count_flops(fwd_bwd)
+    model.zero_grad(set_to_none=True)
+    return flops / batch[0].shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# memory, one process per model
+
+
+def _memory_probe(name: str, settings: TrainBenchSettings) -> dict:
+    """Runs in a child process: build one model, run 2 steps, report its peak memory."""
+    device = default_device()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model, batches = build_model_and_data(name, settings.batch_size, 1, settings.seed, settings.image_size, device)
+    step = make_step(model, settings.lr, _amp(settings, device), device)
+    for _ in range(2):
+        step(batches[0])
+    if device.type == "cuda":
+        return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+                "memory_kind": "torch.cuda.max_memory_allocated in a dedicated process"}
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"peak_memory_mib": (rss_after - rss_before) / 1024,
+            "memory_kind": "CPU: peak resident set size (ru_maxrss) of a dedicated process minus its size before "
+                           "the model was built"}
+
+
+def measure_memory(name: str, settings: TrainBenchSettings) -> dict:
+    cmd = [sys.executable, "-m", "bus_benchmarks.train_speed", "--_memory-probe", name,
+           "--_settings", json.dumps(asdict(settings))]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory probe for {name} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def _amp(settings: TrainBenchSettings, device: torch.device) -> bool:
+    return device.type == "cuda" if settings.amp is None else settings.amp
+
+
+def run(settings: TrainBenchSettings, device: torch.device | None = None, log=print) -> dict:
+    device = device or default_device()
+    amp = _amp(settings, device)
+    names = [settings.model, f"{settings.model}-baseline"]
+    n_batches = settings.warmup + settings.steps
+    models, steps, batches = {}, {}, None
+    for name in names:
+        model, model_batches = build_model_and_data(name, settings.batch_size, n_batches, settings.seed,
+                                                    settings.image_size, device)
+        models[name] = model
+        steps[name] = make_step(model, settings.lr, amp, device)
+        batches = batches or model_batches  # the twins share tokenizer and image size: one set of batches
+
+    times: dict[str, list[float]] = {n: [] for n in names}
+    losses: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(n_batches):
+        order = names if i % 2 == 0 else names[::-1]
+        for name in order:
+            loss = []
+            elapsed = timed(lambda: loss.append(steps[name](batches[i])), device)
+            losses[name].append(float(loss[0]))
+            if i >= settings.warmup:
+                times[name].append(elapsed)
+        log(f"step {i + 1}/{n_batches}: " + ", ".join(f"{n} {times[n][-1] if times[n] else float('nan'):.3f}s" for n in names))
+
+    rows = []
+    for name in names:
+        step_s = median(times[name])
+        row = {
+            "model": name,
+            "median_step_s": step_s,
+            "step_times_s": times[name],
+            "images_per_s": settings.batch_size / step_s,
+            "flops_per_sample": training_flops_per_sample(models[name], batches[0]),
+            "final_loss": losses[name][-1],
+        }
+        if settings.memory:
+            row.update(measure_memory(name, settings))
+        rows.append(row)
+    bus, base = rows
+    config = models[names[0]].config
+    return {
+        "benchmark": "train",
+        "speedup": base["median_step_s"] / bus["median_step_s"],
+        "flops_ratio": bus["flops_per_sample"] / base["flops_per_sample"],
+        "models": {r["model"]: r for r in rows},
+        "settings": {**asdict(settings), "amp": amp, "image_size": config.vision.image_size},
+        **environment(device),
+    }
+
+
+def render(result: dict) -> str:
+    rows = list(result["models"].values())
+    for r in rows:
+        r["gflops_per_sample"] = r["flops_per_sample"] / 1e9
+    table = markdown_table(rows, [
+        ("model", "model", ""), ("median_step_s", "median step (s)", ".3f"), ("images_per_s", "images/s", ".2f"),
+        ("gflops_per_sample", "GFLOPs/sample (fwd+bwd)", ".4g"), ("peak_memory_mib", "peak memory (MiB)", ".0f"),
+    ])
+    s = result["settings"]
+    return (
+        f"{table}\n\nspeedup (baseline step time / BUS step time): **{result['speedup']:.2f}x**; "
+        f"FLOPs ratio BUS/baseline: {result['flops_ratio']:.2f}\n"
+        f"batch {s['batch_size']}, {s['steps']} measured steps after {s['warmup']} warm-up, "
+        f"{s['image_size']} px, amp={s['amp']}; {result['device']}; torch {result['torch']}; commit {result['commit']}"
+    )
+
+
+def plot(result: dict, path: str | None) -> str | None:
+    def draw(ax):
+        names = list(result["models"])
+        ips = [result["models"][n]["images_per_s"] for n in names]
+        ax.bar(names, ips, color=["tab:green", "tab:gray"])
+        ax.set_ylabel("images / s (training)")
+        ax.set_title(f"BUS vs baseline: {result['speedup']:.2f}x  ({result['device_type']})")
+
+    return save_plot(path, draw)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainBenchSettings()
+    parser.add_argument("--model", default=d.model, help=f"BUS config (its -baseline twin is the reference; default {d.model})")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--steps", type=int, default=d.steps, help="measured steps per model")
+    parser.add_argument("--warmup", type=int, default=d.warmup)
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on GPU only)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-model peak memory processes")
+    parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (bus-tiny, 2 steps)")
+    parser.add_argument("--json", help="write the result as JSON here")
+    parser.add_argument("--plot", help="write a PNG bar chart here")
+
+
+def settings_from_args(args) -> TrainBenchSettings:
+    if args.quick:
+        settings = TrainBenchSettings.quick()
+    else:
+        settings = TrainBenchSettings(model=args.model, batch_size=args.batch_size, steps=args.steps,
+                                      warmup=args.warmup, image_size=args.image_size, seed=args.seed)
+    settings.amp = args.amp
+    settings.memory = not args.no_memory
+    for name in ("batch_size", "steps"):
+        if getattr(settings, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
+    if settings.warmup < 0:
+        raise SystemExit("error: --warmup must be >= 0")
+    return settings
+
+
+def main_from_args(args) -> int:
+    from bus_model import list_models
+
+    settings = settings_from_args(args)
+    if settings.model not in list_models() or f"{settings.model}-baseline" not in list_models():
+        raise SystemExit(f"error: --model must be a BUS config with a -baseline twin, one of "
+                         f"{[m for m in list_models() if not m.endswith('-baseline')]}, got {settings.model!r}")
+    result = run(settings, log=lambda msg: print(msg, file=sys.stderr))
+    print(render(result))
+    write_json(args.json, result)
+    message = plot(result, args.plot)
+    if message:
+        print(message, file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bus bench train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    parser.add_argument("--_memory-probe", dest="memory_probe", help=argparse.SUPPRESS)
+    parser.add_argument("--_settings", dest="settings_json", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_probe:
+        print(json.dumps(_memory_probe(args.memory_probe, TrainBenchSettings(**json.loads(args.settings_json)))))
+        return 0
+    return main_from_args(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
