@@ -1,0 +1,90 @@
+"""Retrieval and captioning metrics of ``bus eval`` against brute-force references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bus_model.evaluate import caption_scores, recall_at_k, rerank_top_k
+
+
+def _reference_recall(sim: torch.Tensor, positives: list[list[int]], k: int) -> float:
+    """Plain loops: a query hits when one of its positives has fewer than k candidates scored higher
+    (ties broken towards the lower index, as the stable sort does)."""
+    hits = 0
+    for q, pos in enumerate(positives):
+        for p in pos:
+            better = sum(1 for c in range(sim.shape[1])
+                         if sim[q, c] > sim[q, p] or (sim[q, c] == sim[q, p] and c < p))
+            if better < k:
+                hits += 1
+                break
+    return hits / len(positives)
+
+
+@pytest.mark.parametrize("queries, candidates, seed", [(7, 13, 0), (11, 5, 1), (1, 9, 2)])
+def test_recall_at_k_matches_reference(queries, candidates, seed):
+    g = torch.Generator().manual_seed(seed)
+    sim = torch.randn(queries, candidates, generator=g, dtype=torch.float64)
+    sim[0, 1] = sim[0, 2]  # a tie
+    positives = [torch.randperm(candidates, generator=g)[: 1 + q % 3].tolist() for q in range(queries)]
+    ranking = sim.argsort(dim=1, descending=True, stable=True)
+    got = recall_at_k(ranking, positives, ks=(1, 2, 5, 10))
+    for k in (1, 2, 5, 10):
+        assert got[k] == pytest.approx(_reference_recall(sim, positives, k))
+
+
+def test_recall_at_k_bad_input():
+    with pytest.raises(ValueError, match="ranking must be"):
+        recall_at_k(torch.zeros(3, 4, dtype=torch.long), [[0], [1]])
+    with pytest.raises(ValueError, match="at least one correct"):
+        recall_at_k(torch.arange(4).repeat(2, 1), [[0], []])
+
+
+def test_rerank_reorders_only_the_top_k():
+    g = torch.Generator().manual_seed(3)
+    sim = torch.randn(6, 11, generator=g)
+    oracle = torch.randn(6, 11, generator=g)  # the "ITM" scores of every pair
+    calls = []
+
+    def scores(q, c):
+        calls.append(q.numel())
+        return oracle[q, c]
+
+    ranking = rerank_top_k(sim, 4, scores)
+    itc_order = sim.argsort(dim=1, descending=True, stable=True)
+    assert calls == [6 * 4]  # one batched call, k pairs per query
+    for q in range(6):
+        top = itc_order[q, :4]
+        expected_top = top[oracle[q, top].argsort(descending=True, stable=True)]
+        assert ranking[q, :4].tolist() == expected_top.tolist()
+        assert ranking[q, 4:].tolist() == itc_order[q, 4:].tolist()
+        assert sorted(ranking[q].tolist()) == list(range(11))  # still a permutation
+
+
+def test_rerank_k_zero_and_k_above_candidates():
+    sim = torch.tensor([[0.1, 0.9, 0.5]])
+    assert rerank_top_k(sim, 0, None).tolist() == [[1, 2, 0]]
+    flipped = rerank_top_k(sim, 10, lambda q, c: -sim[q, c])
+    assert flipped.tolist() == [[0, 2, 1]]
+
+
+def test_caption_scores_rank_good_above_bad():
+    pytest.importorskip("pycocoevalcap")
+    refs = [["a small red circle left of a large blue square"], ["a medium green cross above a small white diamond"],
+            ["there is a large cyan triangle below a small orange circle"]]
+    perfect = caption_scores(refs, [r[0] for r in refs])
+    close = caption_scores(refs, ["A small red circle left of a large BLUE square.", "a medium green cross above",
+                                  "a large cyan triangle below a small orange circle"])
+    wrong = caption_scores(refs, ["purple", "yellow yellow", "an image"])
+    assert perfect["bleu4"] == pytest.approx(1.0, abs=1e-6)
+    assert perfect["bleu4"] >= close["bleu4"] > wrong["bleu4"]
+    assert perfect["cider"] > close["cider"] > wrong["cider"]
+    # case and punctuation do not matter: the first hypothesis tokenises to the reference exactly
+    assert caption_scores(refs[:1], ["A small red circle left of a large BLUE square."])["bleu4"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_caption_scores_bad_input():
+    pytest.importorskip("pycocoevalcap")
+    with pytest.raises(ValueError, match="one hypothesis per image"):
+        caption_scores([["a b"]], ["a", "b"])

@@ -1,0 +1,185 @@
+"""``bus train``: exact resume, atomic checkpoints, broken real data, 2-process DDP on CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bus_model import checkpoint as ckpt
+from bus_model import cli
+from bus_model.model import BusModel
+from bus_model.train import BatchStream, DistInfo, parameter_hash
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "bus-tiny", "--data", "synthetic", "--num-threads", "1", "--no-progress"]
+VOLATILE = ("images_per_s", "tokens_per_s")  # wall-clock numbers: differ between any two runs
+
+
+def _train(out, *extra) -> None:
+    assert cli.main(["train", *TINY, "--out", str(out), *extra]) == 0
+
+
+def _rows(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in f]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    # 40 samples / batch 8 = 5 batches per epoch: the 8 steps cross an epoch boundary, and the resume
+    # point (step 4) sits mid-epoch
+    common = ["--steps", "8", "--batch-size", "8", "--train-samples", "40", "--log-every", "1", "--lr", "1e-3",
+              "--save-every", "2", "--warmup-steps", "2"]
+    _train(tmp_path / "straight", *common)
+    _train(tmp_path / "split", *common, "--stop-at", "4")
+    first = _rows(tmp_path / "split")
+    assert [r["step"] for r in first] == [1, 2, 3, 4]
+    assert ckpt.latest_checkpoint(tmp_path / "split").step == 4
+    _train(tmp_path / "split", *common, "--resume")
+    straight, resumed = _rows(tmp_path / "straight"), _rows(tmp_path / "split")
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert resumed == straight  # every loss term, lr, grad norm and epoch, bit for bit
+    assert len({r["loss"] for r in straight}) > 1
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert summary["resumed_from"] == 4 and summary["steps"] == 8
+    a = BusModel.from_pretrained(ckpt.latest_checkpoint(tmp_path / "straight").path)
+    b = BusModel.from_pretrained(ckpt.latest_checkpoint(tmp_path / "split").path)
+    assert parameter_hash(a) == parameter_hash(b)
+    # --keep-checkpoints 2 (default): only the two newest remain
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path / "straight")] == [6, 8]
+
+
+@pytest.mark.parametrize("where", ["serialise", "before_rename"])
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, where):
+    out = tmp_path / "run"
+    calls = {"n": 0}
+
+    class Crash(RuntimeError):
+        pass
+
+    if where == "serialise":  # die while writing the weights of the second checkpoint
+        original = BusModel.save_pretrained
+
+        def failing_save(self, directory):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                (directory / "model.safetensors").write_bytes(b"half a file")
+                raise Crash("killed while serialising")
+            return original(self, directory)
+
+        monkeypatch.setattr(BusModel, "save_pretrained", failing_save)
+    else:  # die after every file is written, just before the atomic rename
+        original = ckpt._fsync_tree
+
+        def failing_fsync(path):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise Crash("killed before rename")
+            return original(path)
+
+        monkeypatch.setattr(ckpt, "_fsync_tree", failing_fsync)
+    args = ["--steps", "4", "--batch-size", "4", "--train-samples", "16", "--log-every", "1", "--save-every", "2"]
+    with pytest.raises(Crash):
+        _train(out, *args)
+    latest = ckpt.latest_checkpoint(out)
+    assert latest.step == 2
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name != "step_00000002"]
+    model = BusModel.from_pretrained(latest.path)  # the previous checkpoint loads completely
+    state = ckpt.load_training_state(latest.path)
+    assert state.trainer_state["step"] == 2 and len(state.rng) == 1
+    assert parameter_hash(model)
+
+    # a hard kill leaves its temporary directory behind: it is ignored, and swept by the next save
+    stale = out / "checkpoints" / ".tmp-step_00000004-12345"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"garbage")
+    assert ckpt.latest_checkpoint(out).step == 2
+    monkeypatch.undo()
+    _train(out, *args, "--resume")
+    assert ckpt.latest_checkpoint(out).step == 4 and not stale.exists()
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
+
+
+def _write_png(path, seed, index):
+    from PIL import Image
+
+    from bus_model.data import render_sample
+
+    sample = render_sample(seed, index, image_size=64, patch_size=8)
+    Image.fromarray(sample.image).save(path)
+    return sample.caption
+
+
+def test_manifest_with_broken_images_trains_and_reports(tmp_path, capsys):
+    from bus_model.data import build_synthetic_tokenizer, save_tokenizer
+
+    rows = []
+    for i in range(12):
+        caption = _write_png(tmp_path / f"img{i}.png", 0, i)
+        rows.append({"image": f"img{i}.png", "caption": caption})
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    rows.insert(3, {"image": "corrupt.png", "caption": "a small red circle left of a large blue square"})
+    rows.insert(9, {"image": "missing.png", "caption": "a large green cross above a small white diamond"})
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok_dir = save_tokenizer(build_synthetic_tokenizer(16), tmp_path / "tok")
+    out = tmp_path / "run"
+    # 14 records / batch 7 = one epoch in 2 steps: each broken record is drawn exactly once
+    rc = cli.main(["train", "--model", "bus-tiny", "--data", str(manifest), "--tokenizer", tok_dir, "--out", str(out),
+                   "--steps", "2", "--batch-size", "7", "--log-every", "1", "--num-threads", "1", "--no-progress"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped"] == {"decode_error": 1, "missing": 1}
+    keys = sorted(os.path.basename(e["key"]) for e in summary["skipped_examples"])
+    assert keys == ["corrupt.png", "missing.png"]
+    err = capsys.readouterr().err
+    assert "skipped samples: 2" in err and "corrupt.png" in err and "missing.png" in err
+    rows_out = _rows(out)
+    assert len(rows_out) == 2 and rows_out[-1]["skipped"] == 2
+    assert all(r["loss_ptm"] == 0.0 for r in rows_out)  # no boxes in the manifest: nothing to match
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_batch_stream_shards_ranks_without_overlap(world_size):
+    from bus_model.data import Collator, SyntheticDataset, build_synthetic_tokenizer
+
+    dataset = SyntheticDataset(23, image_size=32, patch_size=8)
+    collator = Collator(build_synthetic_tokenizer(16), image_size=32, patch_size=8)
+    per_rank = 23 // world_size
+    batches = per_rank // 3
+    seen = []
+    for rank in range(world_size):
+        info = DistInfo(rank, world_size, rank, torch.device("cpu"))
+        stream = BatchStream(dataset, collator, batch_size=3, seed=5, info=info, workers=0)
+        ids = [i for _ in range(batches) for i in stream.next()["ids"]]
+        assert stream.state()["epoch"] == 0 and stream.state()["position"] == batches
+        seen.append(ids)
+        nxt = stream.next()  # the next batch opens epoch 1
+        assert stream.state() == {"epoch": 1, "position": 1, "skipped": {}}
+        assert len(nxt["ids"]) == 3
+    flat = [i for ids in seen for i in ids]
+    assert len(flat) == len(set(flat)) == world_size * batches * 3
+
+
+def test_torchrun_two_cpu_processes_agree(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bus_model.train",
+           *TINY, "--out", str(out), "--steps", "3", "--batch-size", "4", "--train-samples", "32", "--log-every", "1",
+           "--save-every", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    hashes = summary["param_sha256"]
+    assert len(hashes) == 2 and hashes[0] == hashes[1]  # DDP kept the replicas identical
+    saved = BusModel.from_pretrained(ckpt.latest_checkpoint(out).path)
+    assert parameter_hash(saved) == hashes[0]
+    state = ckpt.load_training_state(ckpt.latest_checkpoint(out).path)
+    assert len(state.rng) == 2 and len(state.trainer_state["data"]) == 2  # each rank's RNG and data position
+    assert not torch.equal(state.rng[0][0]["torch"], state.rng[1][0]["torch"])  # ranks draw different masks
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3]
