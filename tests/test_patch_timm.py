@@ -317,3 +317,30 @@ def test_text_policy_errors():
         with patch.text_guidance(model, torch.randn(2, 192)):
             pass
 
+
+
+def test_gradient_checkpointing_and_kept_patches():
+    """Checkpointing re-runs blocks out of order in backward; outputs, grads and kept_patches stay right."""
+    x = images(batch=2, img_size=96)
+    results = []
+    for checkpointing in (False, True):
+        model = make_vit(img_size=96).train()
+        patch.timm(model, layers=[1, 4, 7], keep=[0.5, 0.6, 1.0])
+        model.set_grad_checkpointing(checkpointing)
+        out = model(x)
+        out.square().mean().backward()
+        results.append((out, model.blocks[0].attn.qkv.weight.grad, patch.kept_patches(model)))
+    (out0, grad0, kept0), (out1, grad1, kept1) = results
+    torch.testing.assert_close(out1, out0)
+    torch.testing.assert_close(grad1, grad0)
+    assert kept0.keys() == kept1.keys() == {1, 4, 7}
+    for layer in kept0:
+        assert torch.equal(kept0[layer], kept1[layer])
+    n1 = expected_keep(0.5, 36)
+    assert kept0[1].shape == (2, n1 + 1) and kept0[7].shape == kept0[4].shape
+    assert (kept0[1][:, -1] == -1).all() and (kept0[1][:, :-1] >= 0).all()
+    # layer 4's positions are a subset of layer 1's (fused tokens aside), ascending within the kept ones
+    for row1, row4 in zip(kept0[1].tolist(), kept0[4].tolist()):
+        assert set(row4) <= set(row1)
+        real = [p for p in row4 if p >= 0]
+        assert real == sorted(real)

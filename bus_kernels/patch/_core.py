@@ -36,9 +36,7 @@ LAYER_ATTRS = ("_bus_layer_index", "_bus_captured", "_bus_hooks", "_bus_patch_st
 class PatchState:
     """One per patched model, shared by its pruning layers (ToMe's ``_tome_info``).
 
-    ``keep[layer]`` is the share of the current patch tokens that layer keeps. ``kept_patches`` is
-    refilled on every forward: layer -> ``(B, k)`` int64 positions (in the patch grid, row-major) of
-    the original patches still present after that layer; -1 marks a fused token that was kept.
+    ``keep[layer]`` is the share of the current patch tokens that layer keeps.
     """
 
     keep: dict[int, float]
@@ -50,8 +48,10 @@ class PatchState:
     layers: list = field(default_factory=list)  # the patched layer modules, in order
     hooks: list = field(default_factory=list)
     text_query: torch.Tensor | None = None
-    kept_patches: dict[int, torch.Tensor] = field(default_factory=dict)
-    positions: torch.Tensor | None = None  # (B, n) original patch position of each current patch token
+    # Each forward overwrites every entry (never clears or chains them during the forward), so gradient
+    # checkpointing, which re-runs layers out of order in backward, leaves them consistent.
+    first_positions: torch.Tensor | None = None  # (B, n) arange of the patches entering the first pruning layer
+    selections: dict[int, torch.Tensor | None] = field(default_factory=dict)  # layer -> (B, k) index or None
 
 
 def keep_count(keep: float, n: int) -> int:
@@ -189,13 +189,23 @@ def text_guidance(model: nn.Module, text_query: torch.Tensor) -> Iterator[None]:
 
 
 def kept_patches(model: nn.Module) -> dict[int, torch.Tensor]:
-    """Which patches the last forward kept: pruning layer -> ``(B, k [+1])`` int64 patch positions.
+    """Which patches the last forward kept: pruning layer -> ``(B, k + fuse)`` int64 patch positions.
 
-    Positions index the patch grid row-major (``0 .. num_patches - 1``) as it entered the first
-    pruning layer; ``-1`` marks a fused token carried on from an earlier pruning layer. Layers whose
-    ``keep`` left every token in place are listed with all positions.
+    Positions index the patch tokens (``0 .. num_patches - 1``, the patch grid row-major) as they
+    entered the first pruning layer, in the order the tokens now have; ``-1`` marks a fused token.
+    A layer whose ``keep`` left every token in place lists the positions it received.
     """
-    return dict(get_state(model).kept_patches)
+    state = get_state(model)
+    result: dict[int, torch.Tensor] = {}
+    positions = state.first_positions
+    for layer in sorted(state.selections):
+        index = state.selections[layer]
+        if index is not None:
+            positions = torch.gather(positions, 1, index)  # (B, k)
+            if state.fuse:
+                positions = torch.cat([positions, positions.new_full((positions.shape[0], 1), -1)], dim=1)
+        result[layer] = positions
+    return result
 
 
 def text_query_for(state: PatchState, batch: int) -> torch.Tensor:
@@ -229,20 +239,14 @@ def prune_tokens(
     P = state.num_prefix_tokens
     B, N, _ = x.shape
     n = N - P
-    if layer == min(state.keep):  # first pruning layer of this forward: start tracking positions
-        state.kept_patches = {}
-        state.positions = torch.arange(n, device=x.device).expand(B, n)
-    positions = state.positions
+    if layer == min(state.keep):  # first pruning layer of this forward
+        state.first_positions = torch.arange(n, device=x.device).expand(B, n)
     k = keep_count(state.keep[layer], n)
     if k == n:
-        state.kept_patches[layer] = positions
+        state.selections[layer] = None
         return x
     query = query.to(keys.dtype)
     scores = text_patch_scores(query, keys[:, P:], scale=scale, backend=state.backend)  # (B, n) f32
     kept = topk_gather(x[:, P:], scores, k, fuse=state.fuse, backend=state.backend)
-    positions = torch.gather(positions, 1, kept.index)  # (B, k)
-    if state.fuse:
-        positions = torch.cat([positions, positions.new_full((B, 1), -1)], dim=1)
-    state.positions = positions
-    state.kept_patches[layer] = positions
+    state.selections[layer] = kept.index
     return torch.cat([x[:, :P], kept.tokens], dim=1)
