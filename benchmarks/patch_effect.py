@@ -14,47 +14,23 @@ the patch tokens, fuse the rest) are measured on the same inputs:
 
 Writes JSON (``--json``) and prints a Markdown table::
 
-    python benchmarks/patch_effect.py --json patch_effect.json
-    python benchmarks/patch_effect.py --quick          # seconds: tiny sizes, for smoke tests
+    python -m bus_benchmarks.patch_effect --json patch_effect.json
+    python -m bus_benchmarks.patch_effect --quick      # seconds: tiny sizes, for smoke tests
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
-import subprocess
+import sys
 import time
-from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import bus_kernels.patch
 
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+from .harness import count_flops, environment, markdown_table, synchronize, write_json
 
 
 def tokens_per_layer(model, images, text_query) -> list[int]:
@@ -70,7 +46,8 @@ def tokens_per_layer(model, images, text_query) -> list[int]:
 
 
 def run(model, images, text_query):
-    if text_query is None or bus_kernels.patch._core.STATE_ATTR not in vars(model):
+    """Logits of ``model``; with a caption embedding ``text_query (B, C)`` (policy "text") in guidance."""
+    if text_query is None:
         return model(images)
     with bus_kernels.patch.text_guidance(model, text_query):
         return model(images)
@@ -82,28 +59,16 @@ def train_step(model, images, text_query):
     model.zero_grad(set_to_none=True)
 
 
-def count_flops(fn) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_alternating(fns: dict, repeats: int, warmup: int, device) -> dict[str, dict[str, list[float]]]:
     """Wall and process-CPU seconds per call of each fn; the fns run in turn, ``repeats`` times, after
     ``warmup`` rounds. CPU time (all threads of this process) is the steadier figure on a shared machine."""
     times = {name: {"wall": [], "cpu": []} for name in fns}
     for round_index in range(warmup + repeats):
         for name, fn in fns.items():
-            _sync(device)
+            synchronize(device)
             wall, cpu = time.perf_counter(), time.process_time()
             fn()
-            _sync(device)
+            synchronize(device)
             if round_index >= warmup:
                 times[name]["wall"].append(time.perf_counter() - wall)
                 times[name]["cpu"].append(time.process_time() - cpu)
@@ -123,28 +88,29 @@ def measure_model(name: str, args, device) -> list[dict]:
     )
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     text_query = torch.randn(args.batch, base.embed_dim, device=device) if args.policy == "text" else None
-    models = {"unpatched": base, "patched": patched}
+    # variant -> (model, caption embedding it runs with)
+    models = {"unpatched": (base, None), "patched": (patched, text_query)}
     rows = {}
-    for variant, model in models.items():
+    for variant, (model, query) in models.items():
         model.train()
         rows[variant] = dict(
             model=name,
             variant=variant,
-            tokens_per_layer=tokens_per_layer(model, images, text_query),
-            gflops_forward_per_image=count_flops(lambda m=model: run(m, images, text_query)) / args.batch / 1e9,
-            gflops_train_step_per_image=count_flops(lambda m=model: train_step(m, images, text_query))
+            tokens_per_layer=tokens_per_layer(model, images, query),
+            gflops_forward_per_image=count_flops(lambda m=model, q=query: run(m, images, q)) / args.batch / 1e9,
+            gflops_train_step_per_image=count_flops(lambda m=model, q=query: train_step(m, images, q))
             / args.batch
             / 1e9,
         )
 
-    def forward_no_grad(model):
+    def forward_no_grad(model, query):
         with torch.no_grad():
-            run(model, images, text_query)
+            run(model, images, query)
 
     fns = {}
-    for variant, model in models.items():
-        fns[f"{variant}/forward"] = lambda m=model: forward_no_grad(m)
-        fns[f"{variant}/train_step"] = lambda m=model: train_step(m, images, text_query)
+    for variant, (model, query) in models.items():
+        fns[f"{variant}/forward"] = lambda m=model, q=query: forward_no_grad(m, q)
+        fns[f"{variant}/train_step"] = lambda m=model, q=query: train_step(m, images, q)
     times = time_alternating(fns, args.repeats, args.warmup, device)
     for variant, row in rows.items():
         for what in ("forward", "train_step"):
@@ -159,24 +125,30 @@ def measure_model(name: str, args, device) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [
-        "| model | variant | tokens per layer | GFLOPs fwd / img | GFLOPs train / img "
-        "| fwd ms (wall / CPU) | train step ms (wall / CPU) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
+    """One line per (model, variant); the patched rows show their ratio to the unpatched ones."""
 
-        def cell(key, digits):
-            ratio = f" ({row[key + '_ratio']:.2f}x)" if key + "_ratio" in row else ""
-            return f"{row[key]:.{digits}f}{ratio}"
+    def cell(row, key, digits):
+        ratio = f" ({row[key + '_ratio']:.2f}x)" if key + "_ratio" in row else ""
+        return f"{row[key]:.{digits}f}{ratio}"
 
-        lines.append(
-            f"| {row['model']} | {row['variant']} | {_runs(row['tokens_per_layer'])} "
-            f"| {cell('gflops_forward_per_image', 3)} | {cell('gflops_train_step_per_image', 3)} "
-            f"| {cell('forward_ms', 0)} / {cell('forward_cpu_ms', 0)} "
-            f"| {cell('train_step_ms', 0)} / {cell('train_step_cpu_ms', 0)} |"
+    shown = [
+        dict(
+            model=row["model"],
+            variant=row["variant"],
+            tokens=_runs(row["tokens_per_layer"]),
+            fwd_flops=cell(row, "gflops_forward_per_image", 3),
+            train_flops=cell(row, "gflops_train_step_per_image", 3),
+            fwd_ms=f"{cell(row, 'forward_ms', 0)} / {cell(row, 'forward_cpu_ms', 0)}",
+            train_ms=f"{cell(row, 'train_step_ms', 0)} / {cell(row, 'train_step_cpu_ms', 0)}",
         )
-    return "\n".join(lines)
+        for row in rows
+    ]
+    columns = [
+        ("model", "model", ""), ("variant", "variant", ""), ("tokens", "tokens entering each block", ""),
+        ("fwd_flops", "GFLOPs fwd / img", ""), ("train_flops", "GFLOPs train step / img", ""),
+        ("fwd_ms", "fwd ms (wall / CPU)", ""), ("train_ms", "train step ms (wall / CPU)", ""),
+    ]
+    return markdown_table(shown, columns)
 
 
 def _runs(lengths: list[int]) -> str:
@@ -189,8 +161,7 @@ def _runs(lengths: list[int]) -> str:
     return " ".join(parts)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=["vit_tiny_patch16_224", "vit_small_patch16_224"])
     parser.add_argument("--layers", nargs="+", type=int, default=[3, 6, 9], help="0-based pruning blocks")
     parser.add_argument("--keep", type=float, default=0.7, help="share of the patch tokens each layer keeps")
@@ -202,44 +173,37 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); default: torch's choice")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", type=Path, help="write the rows and the machine description here")
+    parser.add_argument("--json", help="write the rows and the environment here")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (vit_tiny, 64 px, batch 2, 1 repeat)")
-    args = parser.parse_args(argv)
+
+
+def main_from_args(args: argparse.Namespace) -> int:
     if args.quick:
         args.models, args.img_size, args.batch, args.repeats, args.warmup = ["vit_tiny_patch16_224"], 64, 2, 1, 0
-        args.layers = [layer for layer in args.layers if layer < 12] or [3]
-    return args
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     import timm
 
     rows = [row for name in args.models for row in measure_model(name, args, device)]
-    result = dict(
-        benchmark="patch_effect",
-        command="python benchmarks/patch_effect.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
-        device=_device_name(device),
-        torch=torch.__version__,
-        timm=timm.__version__,
-        commit=_git_commit(),
-        config=dict(
-            layers=args.layers, keep=args.keep, policy=args.policy, fuse=not args.no_fuse,
-            batch=args.batch, img_size=args.img_size, repeats=args.repeats, warmup=args.warmup,
-        ),
-        rows=rows,
+    config = dict(
+        layers=args.layers, keep=args.keep, policy=args.policy, fuse=not args.no_fuse,
+        batch=args.batch, img_size=args.img_size, repeats=args.repeats, warmup=args.warmup,
     )
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    print(f"device: {result['device']}; torch {result['torch']}, timm {result['timm']}; commit {result['commit'][:10]}")
-    print(f"pruning: layers {args.layers}, keep {args.keep}, policy {args.policy}, fuse {not args.no_fuse}; "
-          f"batch {args.batch} at {args.img_size} px; median of {args.repeats}")
+    result = dict(benchmark="patch_effect", **environment(device), timm=timm.__version__, config=config, rows=rows)
+    write_json(args.json, result)
+    print(f"{result['device']}; torch {result['torch']}, timm {result['timm']}; commit {result['commit'][:16]}")
+    print(f"pruning after blocks {args.layers}, keep {args.keep}, policy {args.policy}, fuse {not args.no_fuse}; "
+          f"batch {args.batch} at {args.img_size} px; median of {args.repeats} alternated runs")
     print(markdown(rows))
-    return result
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bus_benchmarks.patch_effect", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return main_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
