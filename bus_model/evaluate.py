@@ -11,8 +11,10 @@ Captioning: ``BusModel.generate`` (greedy, or beam search) on every distinct ima
 of the image's captions with BLEU-4 and CIDEr from ``pycocoevalcap`` (its pure-Python scorers; the
 texts are lower-cased and split on whitespace and punctuation here, instead of its Java PTB tokenizer).
 
-Output keys: ``txt2img_r1/5/10``, ``img2txt_r1/5/10``, ``r_mean`` (after ITM re-ranking), the same with
-an ``itc_`` prefix (before it), ``bleu4``, ``cider``, ``num_images``, ``num_texts``, ``rerank_k``.
+Output keys: ``txt2img_r1/5/10``, ``img2txt_r1/5/10``, ``r_mean`` (their mean), ``txt2img_medr`` /
+``_meanr`` (median / mean 1-based rank of the first correct candidate; chance: about half the
+candidates), all after ITM re-ranking, the same with an ``itc_`` prefix before it; ``bleu4``,
+``cider``, ``num_images``, ``num_texts``, ``rerank_k``.
 """
 
 from __future__ import annotations
@@ -58,18 +60,23 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 # ----------------------------------------------------------------------------------------- metrics
-def recall_at_k(ranking: torch.Tensor, positives: list[list[int]], ks=RECALL_KS) -> dict[int, float]:
+def first_positive_rank(ranking: torch.Tensor, positives: list[list[int]]) -> torch.Tensor:
     """ranking (Q, C) int64: candidate indices of each query, best first; positives: the correct
-    candidates of each query (at least one) -> {K: share of queries with a correct candidate in the top K}."""
+    candidates of each query (at least one) -> (Q,) int64, the 1-based rank of the best-placed correct one."""
     if ranking.dim() != 2 or ranking.shape[0] != len(positives):
         raise ValueError(f"ranking must be (Q, C) with Q = len(positives) = {len(positives)}, got {tuple(ranking.shape)}")
     if any(len(p) == 0 for p in positives):
         raise ValueError("every query needs at least one correct candidate")
     q, c = ranking.shape
     position = torch.empty_like(ranking)
-    position.scatter_(1, ranking, torch.arange(c).expand(q, c))  # position[q, cand] = its rank
-    first = torch.tensor([int(position[i, p].min()) for i, p in enumerate(positives)])  # (Q,)
-    return {k: float((first < k).double().mean()) for k in ks}
+    position.scatter_(1, ranking, torch.arange(c).expand(q, c))  # position[q, cand] = its 0-based rank
+    return torch.tensor([int(position[i, p].min()) + 1 for i, p in enumerate(positives)], dtype=torch.long)
+
+
+def recall_at_k(ranking: torch.Tensor, positives: list[list[int]], ks=RECALL_KS) -> dict[int, float]:
+    """{K: share of queries with a correct candidate in the top K} (arguments as ``first_positive_rank``)."""
+    first = first_positive_rank(ranking, positives)
+    return {k: float((first <= k).double().mean()) for k in ks}
 
 
 def rerank_top_k(sim: torch.Tensor, k: int, itm_scores) -> torch.Tensor:
@@ -245,11 +252,15 @@ def retrieval_metrics(model: BusModel, enc: EncodedSet, *, device: torch.device,
     for prefix, k in (("itc_", 0), ("", rerank_k)):
         i2t = rerank_top_k(sim, k, itm_scorer(model, enc, device, batch_size, queries_are_images=True))
         t2i = rerank_top_k(sim.t(), k, itm_scorer(model, enc, device, batch_size, queries_are_images=False))
-        r_i2t, r_t2i = recall_at_k(i2t, img_pos), recall_at_k(t2i, txt_pos)
-        for kk in RECALL_KS:
-            out[f"{prefix}img2txt_r{kk}"] = r_i2t[kk]
-            out[f"{prefix}txt2img_r{kk}"] = r_t2i[kk]
-        out[f"{prefix}r_mean"] = (sum(r_i2t.values()) + sum(r_t2i.values())) / (2 * len(RECALL_KS))
+        recalls = []
+        for name, ranking, positives in (("img2txt", i2t, img_pos), ("txt2img", t2i, txt_pos)):
+            first = first_positive_rank(ranking, positives).double()
+            for kk in RECALL_KS:
+                out[f"{prefix}{name}_r{kk}"] = float((first <= kk).double().mean())
+                recalls.append(out[f"{prefix}{name}_r{kk}"])
+            out[f"{prefix}{name}_medr"] = float(first.median())
+            out[f"{prefix}{name}_meanr"] = float(first.mean())
+        out[f"{prefix}r_mean"] = sum(recalls) / len(recalls)
         if rerank_k == 0:
             out.update({key[len("itc_"):]: v for key, v in out.items() if key.startswith("itc_")})
             break
@@ -322,7 +333,8 @@ def format_metrics(metrics: dict[str, Any]) -> str:
              f"{1 / metrics['num_texts']:.4f} img->txt, {1 / metrics['num_images']:.4f} txt->img)"]
     for prefix, label in (("itc_", "ITC"), ("", f"ITM re-rank top-{metrics['rerank_k']}")):
         lines.append(f"{label:>22}: " + "  ".join(
-            f"{d}@{k} {100 * metrics[f'{prefix}{d}_r{k}']:5.1f}" for d in ("img2txt", "txt2img") for k in RECALL_KS))
+            f"{d}@{k} {100 * metrics[f'{prefix}{d}_r{k}']:5.1f}" for d in ("img2txt", "txt2img") for k in RECALL_KS)
+            + "  meanr " + "/".join(f"{metrics[f'{prefix}{d}_meanr']:.1f}" for d in ("img2txt", "txt2img")))
     if "bleu4" in metrics:
         lines.append(f"{'captioning':>22}: BLEU-4 {metrics['bleu4']:.4f}  CIDEr {metrics['cider']:.4f}")
     return "\n".join(lines)

@@ -5,21 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bus_model.evaluate import caption_scores, recall_at_k, rerank_top_k
+from bus_model.evaluate import caption_scores, first_positive_rank, recall_at_k, rerank_top_k
+
+
+def _reference_ranks(sim: torch.Tensor, positives: list[list[int]]) -> list[int]:
+    """Plain loops: 1 + the number of candidates placed before the best correct one (ties broken
+    towards the lower index, as the stable sort does)."""
+    ranks = []
+    for q, pos in enumerate(positives):
+        ranks.append(1 + min(sum(1 for c in range(sim.shape[1]) if sim[q, c] > sim[q, p] or (sim[q, c] == sim[q, p] and c < p))
+                             for p in pos))
+    return ranks
 
 
 def _reference_recall(sim: torch.Tensor, positives: list[list[int]], k: int) -> float:
-    """Plain loops: a query hits when one of its positives has fewer than k candidates scored higher
-    (ties broken towards the lower index, as the stable sort does)."""
-    hits = 0
-    for q, pos in enumerate(positives):
-        for p in pos:
-            better = sum(1 for c in range(sim.shape[1])
-                         if sim[q, c] > sim[q, p] or (sim[q, c] == sim[q, p] and c < p))
-            if better < k:
-                hits += 1
-                break
-    return hits / len(positives)
+    return sum(r <= k for r in _reference_ranks(sim, positives)) / len(positives)
 
 
 @pytest.mark.parametrize("queries, candidates, seed", [(7, 13, 0), (11, 5, 1), (1, 9, 2)])
@@ -32,6 +32,7 @@ def test_recall_at_k_matches_reference(queries, candidates, seed):
     got = recall_at_k(ranking, positives, ks=(1, 2, 5, 10))
     for k in (1, 2, 5, 10):
         assert got[k] == pytest.approx(_reference_recall(sim, positives, k))
+    assert first_positive_rank(ranking, positives).tolist() == _reference_ranks(sim, positives)
 
 
 def test_recall_at_k_bad_input():
@@ -39,6 +40,8 @@ def test_recall_at_k_bad_input():
         recall_at_k(torch.zeros(3, 4, dtype=torch.long), [[0], [1]])
     with pytest.raises(ValueError, match="at least one correct"):
         recall_at_k(torch.arange(4).repeat(2, 1), [[0], []])
+    with pytest.raises(ValueError, match="ranking must be"):
+        first_positive_rank(torch.arange(4), [[0]])
 
 
 def test_rerank_reorders_only_the_top_k():
