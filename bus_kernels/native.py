@@ -21,11 +21,6 @@ import torch
 from . import _native_paths as _build
 from .backends import PRUNING_OPS, Backend, add_preference, register_backend, register_impl
 
-# CUDA limits of the on-chip selection (scores + slot map of a row in shared memory) and of the
-# per-lane registers of the text-patch kernels; the CPU kernels have none.
-NATIVE_CUDA_MAX_N = 16384
-NATIVE_CUDA_MAX_HEAD_DIM = 256
-
 _state: dict = {"path": None, "reason": "not looked for yet"}
 
 

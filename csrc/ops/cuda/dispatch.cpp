@@ -37,7 +37,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_gath
   check_topk_gather(x_in, scores, k_in, total_kept);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t B = x_in.size(0), N = x_in.size(1), C = x_in.size(2);
-  TORCH_CHECK_VALUE(N <= 16384, "x has N=", N, " tokens per row; the native CUDA selection takes at most 16384");
   const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
   const at::Tensor s32 = scores.to(at::kFloat).contiguous();
   const at::Tensor k = k_in.contiguous();
@@ -66,6 +65,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_gath
   a.slot = slot.data_ptr<int32_t>();
   a.fused = fused.data_ptr<float>();
   a.den = den.data_ptr<float>();
+  at::Tensor scratch;
+  if (!topk_gather_fits_on_chip(N)) {  // very long rows: keys and slot map in global memory
+    scratch = at::empty({B, 2 * N}, x.options().dtype(at::kInt));
+    a.scratch = reinterpret_cast<uint32_t*>(scratch.data_ptr<int32_t>());
+  }
   raise_if(topk_gather_forward(kernel_dtype(x), a, current_stream()));
   return {tokens, index, slot, fused, den};
 }
@@ -126,11 +130,32 @@ TextPatchScoresArgs tps_args(const at::Tensor& q, const at::Tensor& k, double sc
   return a;
 }
 
+// Head dims above kMaxHeadDim (the query of a head no longer fits a warp's registers): the same
+// computation with ATen ops, fp32 throughout; outputs and saved tensors as the kernels produce them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> text_patch_scores_aten(const at::Tensor& q, const at::Tensor& k,
+                                                                      double scale) {
+  const at::Tensor logits = at::einsum("bhd,bnhd->bhn", {q.to(at::kFloat) * scale, k.to(at::kFloat)}).contiguous();
+  const at::Tensor lse = at::logsumexp(logits, {-1});
+  const at::Tensor scores = (logits - lse.unsqueeze(-1)).exp().mean(1);
+  return {scores, logits, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> text_patch_scores_backward_aten(const at::Tensor& grad, const at::Tensor& q,
+                                                                   const at::Tensor& k, const at::Tensor& logits,
+                                                                   const at::Tensor& lse, double scale) {
+  const at::Tensor g = grad.to(at::kFloat).unsqueeze(1);        // (B, 1, N)
+  const at::Tensor p = (logits - lse.unsqueeze(-1)).exp();      // (B, H, N)
+  const at::Tensor pg = (p * g).sum({-1}, /*keepdim=*/true);    // (B, H, 1)
+  const at::Tensor dz = p * (g - pg) * (scale / static_cast<double>(k.size(2)));
+  const at::Tensor dq = at::einsum("bhn,bnhd->bhd", {dz, k.to(at::kFloat)});
+  const at::Tensor dk = at::einsum("bhn,bhd->bnhd", {dz, q.to(at::kFloat)});
+  return {dq.to(q.scalar_type()).contiguous(), dk.to(k.scalar_type()).contiguous()};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> text_patch_scores_op(const at::Tensor& query_in, const at::Tensor& keys_in,
                                                                  double scale) {
   check_text_patch_scores(query_in, keys_in);
-  TORCH_CHECK_VALUE(query_in.size(2) <= kMaxHeadDim, "query has head dim D=", query_in.size(2),
-                    "; the native CUDA kernels take D <= ", kMaxHeadDim);
+  if (query_in.size(2) > kMaxHeadDim) return text_patch_scores_aten(query_in, keys_in, scale);
   const c10::cuda::CUDAGuard guard(query_in.device());
   const at::Tensor q = query_in.stride(2) == 1 ? query_in : query_in.contiguous();
   const at::Tensor k = keys_in.stride(3) == 1 ? keys_in : keys_in.contiguous();
@@ -151,8 +176,7 @@ std::tuple<at::Tensor, at::Tensor> text_patch_scores_backward_op(const at::Tenso
                                                               const at::Tensor& keys_in, const at::Tensor& logits,
                                                               const at::Tensor& lse, double scale) {
   check_text_patch_scores_backward(grad, query_in, keys_in, logits, lse);
-  TORCH_CHECK_VALUE(query_in.size(2) <= kMaxHeadDim, "query has head dim D=", query_in.size(2),
-                    "; the native CUDA kernels take D <= ", kMaxHeadDim);
+  if (query_in.size(2) > kMaxHeadDim) return text_patch_scores_backward_aten(grad, query_in, keys_in, logits, lse, scale);
   const c10::cuda::CUDAGuard guard(query_in.device());
   const at::Tensor q = query_in.stride(2) == 1 ? query_in : query_in.contiguous();
   const at::Tensor k = keys_in.stride(3) == 1 ? keys_in : keys_in.contiguous();

@@ -27,7 +27,13 @@ struct TopkGatherForwardArgs {
   int32_t* slot;   // (B, N): row within the segment, -1 = dropped
   float* fused;    // (B, C)
   float* den;      // (B,) sum of the dropped scores
+  // (B, 2N) scratch for the keys and slot map of rows too long for shared memory; null: on-chip
+  uint32_t* scratch;
 };
+
+// Dynamic shared memory of the forward kernel per row (keys + slot map); above the device's limit the
+// launcher asks for `scratch` in global memory instead.
+inline int64_t topk_gather_row_smem_bytes(int64_t N) { return 2 * 4 * N; }
 
 struct TopkGatherBackwardArgs {
   const void* grad_tokens;  // (total_kept + B * fuse, C) contiguous
@@ -63,6 +69,9 @@ struct TextPatchScoresArgs {
 
 // Largest head dim of the text-patch kernels (the query of a head lives in registers).
 constexpr int64_t kMaxHeadDim = 256;
+
+// Whether a row of N tokens fits the on-chip selection on the current device (else pass `scratch`).
+bool topk_gather_fits_on_chip(int64_t N);
 
 // Each launcher returns nullptr on success, else a message (unsupported size or CUDA error).
 const char* topk_gather_forward(Dtype dtype, const TopkGatherForwardArgs& args, void* stream);

@@ -19,15 +19,19 @@ namespace cuda {
 namespace {
 
 constexpr int kFwdThreads = 256;
+// Two resident blocks per SM (<= 128 registers): without a minimum ptxas capped the
+// scalar variants at 40 registers and spilled on sm_80.
+constexpr int kFwdMinBlocks = 2;
 constexpr int kBwdThreads = 256;
 constexpr int kBwdRowsPerBlock = 32;
 constexpr int kStaticSmemLimit = 48 * 1024;
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kFwdThreads) topk_gather_fwd_kernel(TopkGatherForwardArgs a) {
+__global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks) topk_gather_fwd_kernel(TopkGatherForwardArgs a) {
   extern __shared__ uint32_t dyn[];
-  uint32_t* keys = dyn;                                    // (N,) keys, then the fuse weights (as float)
-  int32_t* slots = reinterpret_cast<int32_t*>(dyn + a.N);  // (N,)
+  // (N,) keys, then the fuse weights (as float), and (N,) slots: on-chip, or for very long rows in global scratch
+  uint32_t* keys = a.scratch != nullptr ? a.scratch + 2 * a.N * static_cast<int64_t>(blockIdx.x) : dyn;
+  int32_t* slots = reinterpret_cast<int32_t*>(keys + a.N);
   float* weights = reinterpret_cast<float*>(keys);
   __shared__ int hist[kRadixBins];
   __shared__ int scan_buf[kFwdThreads / 32 + 1];
@@ -227,17 +231,20 @@ const char* check_launch() {
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
+size_t max_dynamic_smem() {
+  int device = 0, max_optin = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  // leave room for the kernel's static shared memory (histogram, scan and reduction buffers)
+  return max_optin > 16 * 1024 ? static_cast<size_t>(max_optin) - 16 * 1024 : 0;
+}
+
 template <typename T, int VEC>
 const char* launch_forward(const TopkGatherForwardArgs& a, cudaStream_t stream) {
-  const size_t smem = 2 * sizeof(uint32_t) * static_cast<size_t>(a.N);
+  const size_t smem = a.scratch != nullptr ? 0 : static_cast<size_t>(topk_gather_row_smem_bytes(a.N));
   auto kernel = topk_gather_fwd_kernel<T, VEC>;
   if (smem > kStaticSmemLimit - 16 * 1024) {
-    int device = 0, max_optin = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (smem + kFwdThreads * VEC * sizeof(float) + 2048 > static_cast<size_t>(max_optin)) {
-      return "topk_gather: too many tokens per row for the on-chip selection of this GPU (N too large)";
-    }
+    if (smem > max_dynamic_smem()) return "topk_gather: row too long for shared memory and no scratch given";
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return cudaGetErrorString(err);
   }
@@ -273,6 +280,10 @@ const char* backward_typed(const TopkGatherBackwardArgs& a, cudaStream_t stream)
 }
 
 }  // namespace
+
+bool topk_gather_fits_on_chip(int64_t N) {
+  return static_cast<size_t>(topk_gather_row_smem_bytes(N)) <= max_dynamic_smem();
+}
 
 const char* topk_gather_forward(Dtype dtype, const TopkGatherForwardArgs& a, void* stream) {
   if (a.B == 0 || a.N == 0) return nullptr;
