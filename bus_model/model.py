@@ -9,7 +9,6 @@ encoder and decoder.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -344,7 +343,3 @@ class BusModel(nn.Module):
         self.load_state_dict(mapped, strict=False)
         return {"loaded": loaded, "ignored": ignored}
 
-
-def config_with(config: BusConfig, **changes) -> BusConfig:
-    """A copy of ``config`` with top-level fields replaced (validated)."""
-    return dataclasses.replace(config, **changes).validate()
