@@ -28,8 +28,9 @@ def varlen_available() -> bool:
     return hasattr(bus_kernels, "varlen_attention")
 
 
-def _lengths_and_cu(mask: torch.Tensor | None, batch: int, seqlen: int, device: torch.device):
-    """mask (B, S) bool, valid tokens left-aligned -> (flat indices of valid tokens, cu_seqlens (B+1,) int32, max)."""
+def packing(mask: torch.Tensor | None, batch: int, seqlen: int, device: torch.device):
+    """mask (B, S) bool, valid tokens left-aligned (None: all valid) -> (flat indices (total,) int64 of the
+    valid tokens in the (B * S) rows, cu_seqlens (B + 1,) int32, max_seqlen int)."""
     if mask is None:
         lengths = torch.full((batch,), seqlen, dtype=torch.int32, device=device)
         flat = torch.arange(batch * seqlen, device=device)
@@ -91,13 +92,19 @@ def multi_head_attention(
             "attn_impl='varlen' needs bus_kernels.varlen_attention, which this bus_kernels does not provide; "
             "use attn_impl='sdpa'"
         )
-    q_idx, cu_q, max_q = _lengths_and_cu(query_mask, B, Sq, q.device)
-    k_idx, cu_k, max_k = _lengths_and_cu(key_mask, B, Sk, q.device)
+    q_idx, cu_q, max_q = packing(query_mask, B, Sq, q.device)
+    k_idx, cu_k, max_k = packing(key_mask, B, Sk, q.device)
     q_packed = q.reshape(B * Sq, H, D).index_select(0, q_idx)  # (total_q, H, D)
     k_packed = k.reshape(B * Sk, H, D).index_select(0, k_idx)
     v_packed = v.reshape(B * Sk, H, D).index_select(0, k_idx)
-    out_packed = bus_kernels.varlen_attention(
-        q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, causal=causal
-    )  # (total_q, H, D)
+    out_packed = packed_attention(q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, causal=causal)
     out = q.new_zeros(B * Sq, H, D).index_copy(0, q_idx, out_packed.to(q.dtype))
     return out.view(B, Sq, H, D)
+
+
+def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False):
+    """``bus_kernels.varlen_attention`` on packed tokens: q (total_q, H, D), k/v (total_k, H, D),
+    cu_seqlens (B + 1,) int32 -> (total_q, H, D)."""
+    if not varlen_available():
+        raise RuntimeError("packed attention needs bus_kernels.varlen_attention, which this bus_kernels lacks")
+    return bus_kernels.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import multi_head_attention
+from .attention import multi_head_attention, packed_attention, packing
 from .config import SelectionConfig, VisionConfig
 from .selection import SelectionRecord, apply_selection, keep_count, mass_keep, score_candidates
 
@@ -55,6 +55,12 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+def _unpack(packed: torch.Tensor, rows: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """packed (total, *F) at flat positions ``rows`` -> (batch, seqlen, *F), zeros elsewhere."""
+    out = packed.new_zeros(batch * seqlen, *packed.shape[1:]).index_copy(0, rows, packed)
+    return out.view(batch, seqlen, *packed.shape[1:])
+
+
 class Block(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -64,15 +70,31 @@ class Block(nn.Module):
         self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
 
     def attend(self, x: torch.Tensor, mask: torch.Tensor | None, impl: str):
-        """x (B, N, C) -> (x after the attention residual, q, k), q and k (B, N, H, D)."""
+        """x (B, N, C) -> (x after the attention residual, q, k), q and k (B, N, H, D).
+
+        Ragged rows (``mask`` given) with ``impl="varlen"`` run packed: the projections see only the valid
+        tokens and attention goes through ``varlen_attention``; padding stays zero."""
         B, N, C = x.shape
         H = self.attn.num_heads
+        if impl == "varlen" and mask is not None:
+            rows, cu, max_len = packing(mask, B, N, x.device)
+            xs = x.reshape(B * N, C).index_select(0, rows)  # (total, C) valid tokens only
+            q, k, v = self.attn.qkv(self.norm1(xs)).view(-1, 3, H, C // H).unbind(1)  # each (total, H, D)
+            xs = xs + self.attn.proj(packed_attention(q, k, v, cu, cu, max_len, max_len).reshape(-1, C))
+            return _unpack(xs, rows, B, N), _unpack(q, rows, B, N), _unpack(k, rows, B, N)
         qkv = self.attn.qkv(self.norm1(x)).view(B, N, 3, H, C // H)
         q, k, v = qkv.unbind(2)
         out = multi_head_attention(q, k, v, key_mask=mask, query_mask=mask, impl=impl)
         return x + self.attn.proj(out.reshape(B, N, C)), q, k
 
-    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, impl: str = "sdpa") -> torch.Tensor:
+        """x (B, N, C) -> x + MLP(norm2(x)); packed over the valid tokens for ragged rows with varlen."""
+        if impl == "varlen" and mask is not None:
+            B, N, C = x.shape
+            rows = mask.reshape(-1).nonzero().squeeze(1)
+            xs = x.reshape(B * N, C).index_select(0, rows)
+            xs = xs + self.mlp(self.norm2(xs))
+            return _unpack(xs, rows, B, N)
         return x + self.mlp(self.norm2(x))
 
 
@@ -116,9 +138,14 @@ class BusViT(nn.Module):
         self.blocks = nn.ModuleList(Block(vision) for _ in range(vision.depth))
         self.norm = nn.LayerNorm(vision.width, eps=vision.layer_norm_eps)
         self.text_width = text_width
-        uses_text = self.selection.policy in ("bus", "elip")
+        widths_differ = bool(text_width) and text_width != vision.width
+        if self.selection.policy == "elip" and widths_differ:
+            raise ValueError(
+                f"policy 'elip' mixes the text [CLS] into the visual query without parameters: the text width "
+                f"({text_width}) must equal the ViT width ({vision.width}); use policy 'bus' (learned mapping) or 'evit'"
+            )
         self.text_query_proj = (
-            nn.Linear(text_width, vision.width) if uses_text and text_width and text_width != vision.width else None
+            nn.Linear(text_width, vision.width) if self.selection.policy == "bus" and widths_differ else None
         )
         self.reset_parameters()
 
@@ -175,7 +202,7 @@ class BusViT(nn.Module):
         h = x
         for j in range(i, end - 1):
             h, _, _ = self.blocks[j].attend(h, mask, self.attn_impl)
-            h = self.blocks[j].feed_forward(h)
+            h = self.blocks[j].feed_forward(h, mask, self.attn_impl)
         last = self.blocks[end - 1]
         B, N, C = h.shape
         H = last.attn.num_heads
@@ -233,7 +260,7 @@ class BusViT(nn.Module):
                     x, mask, positions, scores, keep, fuse=self.selection.fuse, backend=self.kernel_backend, layer=i
                 )
                 records.append(rec)
-            x = block.feed_forward(x)
+            x = block.feed_forward(x, mask, self.attn_impl)
         return VisionFeatures(self.norm(x), mask, records)
 
     def forward(self, images: torch.Tensor, text_query: torch.Tensor | None = None) -> torch.Tensor:

@@ -88,6 +88,25 @@ def test_baseline_has_no_selection_and_sees_all_tokens():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("policy", ["evit", "elip", "none"])
+def test_other_policies_train(policy):
+    torch.manual_seed(0)
+    model = bus_model.create_model("bus-tiny", selection={"policy": policy}, text={"hidden_size": 64},
+                                   kernel_backend="torch")
+    images, ids, mask, labels = _batch()
+    out = model(images, ids, mask, patch_labels=labels)
+    # PTM trains a selector with gradients: EViT's (through qkv), not ELIP's no-grad look-ahead
+    assert ("ptm" in out.losses) == (policy == "evit")
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_elip_needs_equal_widths():
+    with pytest.raises(ValueError, match="elip"):
+        bus_model.create_model("bus-tiny", selection={"policy": "elip"})
+
+
 def test_losses_can_be_switched_off():
     torch.manual_seed(0)
     model = bus_model.create_model("bus-tiny", losses={"itm": False, "mlm": False, "ptm": False})
