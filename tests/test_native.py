@@ -115,6 +115,21 @@ def test_results_do_not_depend_on_the_thread_count():
         assert torch.equal(a, b)
 
 
+@needs_native
+def test_cpu_benchmark_quick(tmp_path):
+    from bus_benchmarks import bench_native_cpu
+
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    assert bench_native_cpu.main(["--quick", "--json", str(out), "--md", str(md)]) == 0
+    result = json.loads(out.read_text())
+    assert {"device", "torch", "commit"} <= result.keys()
+    assert {(r["op"], r["pass"]) for r in result["rows"]} == {
+        (op, p) for op in ("text_patch_scores", "topk_gather") for p in ("forward", "backward", "forward+backward")}
+    for r in result["rows"]:
+        assert r["torch_ms"] > 0 and r["native_ms"] > 0 and r["speedup"] == pytest.approx(r["torch_ms"] / r["native_ms"])
+    assert "| torch / native |" in md.read_text()
+
+
 # ---------------------------------------------------------------------------------------------
 # Availability and the build helper
 
