@@ -215,6 +215,21 @@ def test_unpatch_restores_exact_behaviour():
     assert patch.unpatch(model) is model  # unpatching an unpatched model is a no-op
 
 
+def test_deepcopy_of_patched_model_is_independent():
+    """EMA copies and the like: the copy prunes on its own; unpatching it leaves the original patched."""
+    model = patch.timm(make_vit(img_size=64, depth=4), layers=[1, 2], keep=0.5)
+    x = images(batch=2, img_size=64)
+    with torch.no_grad():
+        expected = model(x)
+        twin = copy.deepcopy(model)
+        torch.testing.assert_close(twin(x), expected, rtol=0, atol=0)
+        assert patch.kept_patches(twin)[2].shape == (2, expected_keep(0.5, expected_keep(0.5, 16) + 1) + 1)
+        patch.unpatch(twin)
+        assert type(twin.blocks[1]) is type(twin.blocks[0])
+        assert model.blocks[1].attn.k_norm._forward_hooks and not twin.blocks[1].attn.k_norm._forward_hooks
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
 def test_repatch_replaces_previous_patch():
     model = make_vit(img_size=96)
     patch.timm(model, layers=[1, 2], keep=0.5)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -28,7 +28,6 @@ POLICIES = ("evit", "text")
 
 # Attribute names put on patched modules; ``unpatch`` removes exactly these.
 STATE_ATTR = "_bus_patch_state"
-ORIGINAL_CLASS_ATTR = "_bus_original_class"
 LAYER_ATTRS = ("_bus_layer_index", "_bus_captured", "_bus_hooks", "_bus_patch_state", "_bus_original_class")
 
 
@@ -103,19 +102,27 @@ def _subclass(cls: type, mixin: type) -> type:
     return cache[cls]
 
 
+class _Capture:
+    """Forward hook storing its module's output under ``name`` in ``store`` (a plain object, not a
+    closure, so ``copy.deepcopy`` of a patched model gives the copy its own store)."""
+
+    def __init__(self, store: dict, name: str):
+        self.store = store
+        self.name = name
+
+    def __call__(self, _module, _inputs, output):
+        self.store[self.name] = output
+
+
 def swap_layer(
     layer: nn.Module, mixin: type, state: PatchState, index: int, query_module: nn.Module, key_module: nn.Module
 ) -> None:
     """Turn ``layer`` into a pruning layer: swap its class, hook its attention's query/key outputs."""
     captured: dict[str, torch.Tensor] = {}
-
-    def capture(name: str) -> Callable:
-        def hook(_module, _inputs, output):
-            captured[name] = output
-
-        return hook
-
-    hooks = [query_module.register_forward_hook(capture("q")), key_module.register_forward_hook(capture("k"))]
+    hooks = [
+        query_module.register_forward_hook(_Capture(captured, "q")),
+        key_module.register_forward_hook(_Capture(captured, "k")),
+    ]
     layer._bus_original_class = type(layer)
     layer._bus_layer_index = index
     layer._bus_captured = captured
