@@ -19,10 +19,20 @@ from .config import LossConfig, TextConfig
 from .selection import SelectionRecord
 
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.001, 0.5  # ALBEF's clamp on the learned temperature
+
+
+def itc_logits(image_feat: torch.Tensor, text_feat: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """(B, E) x (B', E) normalised -> (B, B') similarities / temperature, the temperature clamped to
+    [0.001, 0.5]."""
+    scale = logit_scale.clamp(math.log(1 / MAX_TEMPERATURE), math.log(1 / MIN_TEMPERATURE)).exp()
+    return scale * image_feat @ text_feat.t()
+
+
 def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, logit_scale: torch.Tensor):
     """image_feat, text_feat (B, E) L2-normalised, logit_scale () = log(1 / temperature)
     -> (loss (), similarities (B, B) image-to-text logits)."""
-    sim = logit_scale.exp() * image_feat @ text_feat.t()  # (B, B)
+    sim = itc_logits(image_feat, text_feat, logit_scale)  # (B, B)
     target = torch.arange(sim.shape[0], device=sim.device)
     loss = 0.5 * (F.cross_entropy(sim.float(), target) + F.cross_entropy(sim.t().float(), target))
     return loss, sim

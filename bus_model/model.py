@@ -23,6 +23,7 @@ from .config import BusConfig
 from .decoder import LMHead, TextDecoder
 from .fusion import FusionEncoder
 from .losses import (
+    itc_logits,
     itc_loss,
     itm_loss,
     mask_tokens,
@@ -250,7 +251,7 @@ class BusModel(nn.Module):
             if images.shape[0] < 2:
                 raise ValueError("the ITM loss mines negatives inside the batch: batch size must be >= 2")
             if sim is None:
-                sim = self.logit_scale.exp() * image.embedding @ text.embedding.t()
+                sim = itc_logits(image.embedding, text.embedding, self.logit_scale)
             neg_text, neg_image = mine_hard_negatives(sim.detach(), lc.itm_negatives)
             t_hidden = torch.cat([text.hidden, text.hidden, text.hidden[neg_text]])  # (3B, L, C)
             t_mask = None if text.mask is None else torch.cat([text.mask, text.mask, text.mask[neg_text]])

@@ -329,3 +329,36 @@ def test_ptm_loss_matches_a_direct_computation():
     torch.testing.assert_close(got.double(), torch.stack(terms).mean(), rtol=1e-5, atol=1e-6)
     none = ptm_loss(records, torch.full((B, P), -1.0))
     assert none.item() == 0.0
+
+
+def test_itc_loss_matches_a_direct_computation():
+    from bus_model.losses import itc_loss
+
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(5, 7, dtype=torch.float64), dim=-1)
+    txt = F.normalize(torch.randn(5, 7, dtype=torch.float64), dim=-1)
+    scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64)
+    loss, sim = itc_loss(img, txt, scale)
+    logits = (img @ txt.t() / 0.07).tolist()
+    ref = 0.0
+    for i in range(5):
+        row = [logits[i][j] for j in range(5)]
+        col = [logits[j][i] for j in range(5)]
+        ref += 0.5 * (math.log(sum(math.exp(v) for v in row)) - row[i]) / 5
+        ref += 0.5 * (math.log(sum(math.exp(v) for v in col)) - col[i]) / 5
+    assert loss.item() == pytest.approx(ref, rel=1e-6)
+    # the learned temperature is clamped to [0.001, 0.5]
+    _, sim_hot = itc_loss(img, txt, torch.tensor(20.0, dtype=torch.float64))
+    torch.testing.assert_close(sim_hot, img @ txt.t() * 1000.0)
+
+
+def test_prefix_lm_loss_matches_a_direct_computation(tiny):
+    images, ids, mask, _ = _batch(seed=4)
+    memory = tiny.encode_image(images).memory.detach()
+    got = tiny.decoder.loss(ids, mask, memory)
+    terms = []
+    for b in range(3):
+        n = int(mask[b].sum())
+        logits = tiny.decoder(ids[b : b + 1, : n - 1], None, memory[b : b + 1])[0].double()  # (n-1, V)
+        terms += [-logits.log_softmax(-1)[t, ids[b, t + 1]] for t in range(n - 1)]
+    torch.testing.assert_close(got.double(), torch.stack(terms).mean(), rtol=1e-5, atol=1e-5)
