@@ -64,11 +64,12 @@ def test_from_timm_bad_inputs(timm_vit, tmp_path):
         BusViT.from_timm(timm_vit, policy="evit", layers=(3,), keep_ratios=(1.5,))
 
 
-def _tiny(policy, **sel):
+def _tiny(policy, text_width=40, **sel):
     vision = VisionConfig(image_size=40, patch_size=8, width=48, depth=4, num_heads=3, mlp_ratio=2.0)
     sel.setdefault("layers", (1, 2))
     sel.setdefault("keep_ratios", (0.6, 0.5))
-    return BusViT(vision, SelectionConfig(policy=policy, **sel), text_width=40, kernel_backend="torch").double().eval()
+    selection = SelectionConfig(policy=policy, **sel)
+    return BusViT(vision, selection, text_width=text_width, kernel_backend="torch").double().eval()
 
 
 def _reference_forward(vit, images, text_query, policy):
@@ -136,12 +137,33 @@ def test_bus_without_text_falls_back_to_evit():
 
 def test_elip_keeps_ratios_of_original_count():
     torch.manual_seed(3)
-    vit = _tiny("elip", layers=(1, 3), keep_ratios=(0.9, 0.4), ratio_of="original")
+    vit = _tiny("elip", text_width=48, layers=(1, 3), keep_ratios=(0.9, 0.4), ratio_of="original")
+    assert vit.text_query_proj is None  # parameter-free
     images = torch.randn(2, 3, 40, 40, dtype=torch.float64, requires_grad=True)
-    out = vit.forward_features(images, torch.randn(2, 40, dtype=torch.float64))
+    text = torch.randn(2, 48, dtype=torch.float64)
+    out = vit.forward_features(images, text)
     assert [r.num_kept.tolist() for r in out.selections] == [[22, 22], [10, 10]]  # round(0.9*25), round(0.4*25)
     assert out.tokens.shape == (2, 1 + 10 + 1, 48)
     assert not any(r.scores.requires_grad for r in out.selections)  # look-ahead without gradients
+    # reference for the first step: look ahead through block 1, score with block 2's fused query
+    with torch.no_grad():
+        C, H = 48, 3
+        x = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        x = torch.cat([vit.cls_token.expand(2, -1, -1), x], 1) + vit.pos_embed
+        for blk in vit.blocks[:2]:  # block 0 runs for real; block 1 is the look-ahead
+            B, N, _ = x.shape
+            qkv = F.linear(blk.norm1(x), blk.attn.qkv.weight, blk.attn.qkv.bias)
+            q, k, v = qkv.view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)  # each (B, H, N, D)
+            att = ((q @ k.transpose(-1, -2)) * (C // H) ** -0.5).softmax(-1)
+            x = x + blk.attn.proj((att @ v).transpose(1, 2).reshape(B, N, C))
+            x = x + blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(x))))
+        last = vit.blocks[2]
+        keys = F.linear(last.norm1(x), last.attn.qkv.weight[C : 2 * C], last.attn.qkv.bias[C : 2 * C])[:, 1:]
+        anchor = 0.8 * x[:, 0] + 0.2 * text
+        query = F.linear(last.norm1(anchor), last.attn.qkv.weight[:C], last.attn.qkv.bias[:C])
+        logits = torch.einsum("bhd,bnhd->bhn", query.view(2, H, -1), keys.view(2, 25, H, -1)) * (C // H) ** -0.5
+        ref_scores = logits.softmax(-1).mean(1)
+    torch.testing.assert_close(out.selections[0].scores.double(), ref_scores, rtol=1e-5, atol=1e-6)
     out.tokens.sum().backward()
     assert images.grad is not None and torch.isfinite(images.grad).all()
 
