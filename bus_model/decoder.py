@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .config import TextConfig
 from .losses import masked_mean_cross_entropy
-from .text import BertEmbeddings, BertEncoderLayers, padding_mask
+from .text import BertEmbeddings, BertEncoderLayers, padding_mask, run_layers
 
 
 class LMHeadTransform(nn.Module):
@@ -51,9 +51,7 @@ class TextDecoder(nn.Module):
     def hidden_states(self, input_ids, mask, memory, memory_mask):
         """input_ids (B, T), mask (B, T) bool or None, memory (B, M, Cv) -> (B, T, C) causal states."""
         x = self.embeddings(input_ids)
-        for layer in self.encoder.layer:
-            x = layer(x, mask, self.attn_impl, memory=memory, memory_mask=memory_mask, causal=True)
-        return x
+        return run_layers(self.encoder.layer, x, mask, self.attn_impl, memory, memory_mask, causal=True)
 
     def forward(self, input_ids, mask, memory, memory_mask=None) -> torch.Tensor:
         """-> next-token logits (B, T, vocab)."""

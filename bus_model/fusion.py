@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .config import TextConfig
-from .text import BertEncoderLayers
+from .text import BertEncoderLayers, run_layers
 
 
 class FusionEncoder(nn.Module):
@@ -31,7 +31,4 @@ class FusionEncoder(nn.Module):
     ) -> torch.Tensor:
         """text (B, L, C) text-encoder states, text_mask (B, L) bool or None, memory (B, M, Cv),
         memory_mask (B, M) bool or None -> fused states (B, L, C)."""
-        x = text
-        for layer in self.encoder.layer:
-            x = layer(x, text_mask, self.attn_impl, memory=memory, memory_mask=memory_mask)
-        return x
+        return run_layers(self.encoder.layer, text, text_mask, self.attn_impl, memory, memory_mask)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import is_concrete, multi_head_attention
+from .attention import is_concrete, multi_head_attention, packed_attention, packing
 from .config import TextConfig
 
 
@@ -39,6 +39,15 @@ class BertSelfAttention(nn.Module):
         out = multi_head_attention(q, k, v, key_mask=key_mask, query_mask=query_mask, causal=causal, impl=impl)
         return out.reshape(B, Sq, C)
 
+    def forward_packed(self, hidden, context, q_seqs, k_seqs, causal):
+        """hidden (Tq, C), context (Tk, Cm) packed; q_seqs/k_seqs: (rows, cu_seqlens, max_seqlen) -> (Tq, C)."""
+        H, D = self.num_heads, hidden.shape[-1] // self.num_heads
+        q = self.query(hidden).view(-1, H, D)
+        k = self.key(context).view(-1, H, D)
+        v = self.value(context).view(-1, H, D)
+        out = packed_attention(q, k, v, q_seqs[1], k_seqs[1], q_seqs[2], k_seqs[2], causal=causal)
+        return out.reshape(-1, H * D)
+
 
 class BertSelfOutput(nn.Module):
     def __init__(self, hidden: int, eps: float):
@@ -58,6 +67,9 @@ class BertAttention(nn.Module):
 
     def forward(self, hidden, context, key_mask, query_mask, causal, impl):
         return self.output(self.self(hidden, context, key_mask, query_mask, causal, impl), hidden)
+
+    def forward_packed(self, hidden, context, q_seqs, k_seqs, causal):
+        return self.output(self.self.forward_packed(hidden, context, q_seqs, k_seqs, causal), hidden)
 
 
 class BertIntermediate(nn.Module):
@@ -98,6 +110,38 @@ class BertLayer(nn.Module):
                 raise ValueError("this layer cross-attends: memory (B, M, C) is required")
             hidden = self.crossattention(hidden, memory, memory_mask, mask, False, impl)
         return self.output(self.intermediate(hidden), hidden)
+
+    def forward_packed(self, hidden, seqs, memory=None, memory_seqs=None, causal=False):
+        """The same layer on packed tokens: hidden (T, C), memory (Tm, Cm); seqs as from ``packing``."""
+        hidden = self.attention.forward_packed(hidden, hidden, seqs, seqs, causal)
+        if self.crossattention is not None:
+            if memory is None:
+                raise ValueError("this layer cross-attends: memory (B, M, C) is required")
+            hidden = self.crossattention.forward_packed(hidden, memory, seqs, memory_seqs, False)
+        return self.output(self.intermediate(hidden), hidden)
+
+
+def run_layers(layers, hidden, mask, impl, memory=None, memory_mask=None, causal=False) -> torch.Tensor:
+    """Run BERT ``layers`` over hidden (B, L, C) with key mask (B, L) bool or None, optionally
+    cross-attending to memory (B, M, Cm) with memory_mask (B, M) bool or None.
+
+    ``impl="varlen"``: the valid tokens are packed once for the whole stack, so every projection, FFN
+    and attention skips padding; padded positions of the result are zero. ``"sdpa"``: padded, masked."""
+    if impl != "varlen":
+        for layer in layers:
+            hidden = layer(hidden, mask, impl, memory=memory, memory_mask=memory_mask, causal=causal)
+        return hidden
+    B, L, C = hidden.shape
+    seqs = packing(mask, B, L, hidden.device)
+    x = hidden.reshape(B * L, C).index_select(0, seqs[0])  # (T, C)
+    mem, mem_seqs = None, None
+    if memory is not None:
+        M = memory.shape[1]
+        mem_seqs = packing(memory_mask, B, M, memory.device)
+        mem = memory.reshape(B * M, -1).index_select(0, mem_seqs[0])  # (Tm, Cm)
+    for layer in layers:
+        x = layer.forward_packed(x, seqs, mem, mem_seqs, causal)
+    return x.new_zeros(B * L, C).index_copy(0, seqs[0], x).view(B, L, C)
 
 
 class BertEmbeddings(nn.Module):
@@ -145,10 +189,7 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids (B, L) int64, attention_mask (B, L) 0/1 -> last hidden states (B, L, hidden) float."""
         mask = padding_mask(attention_mask)
-        x = self.embeddings(input_ids)
-        for layer in self.encoder.layer:
-            x = layer(x, mask, self.impl)
-        return x
+        return run_layers(self.encoder.layer, self.embeddings(input_ids), mask, self.impl)
 
 
 def read_hf_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

@@ -30,9 +30,10 @@ def _hf_bert(tmp_path, layers):
     return hf
 
 
-def test_text_encoder_equals_hf_bert(tmp_path):
+@pytest.mark.parametrize("attn_impl", ["sdpa", "varlen"])
+def test_text_encoder_equals_hf_bert(tmp_path, attn_impl):
     hf = _hf_bert(tmp_path, layers=4)  # 2 text layers + 2 fusion layers, as ALBEF splits BERT
-    model = bus_model.create_model("bus-tiny", text=TINY_TEXT).eval()
+    model = bus_model.create_model("bus-tiny", text=TINY_TEXT, attn_impl=attn_impl).eval()
     report = model.load_text_weights(tmp_path / "bert")
     assert any(k.startswith("pooler.") for k in report["ignored"])
     ids = torch.randint(4, 128, (3, 11))
