@@ -5,6 +5,8 @@ Public API (shapes and dtypes in each docstring):
     topk_gather(x, scores, k)                 -> kept tokens + one fused token, and their positions
     topk_gather_varlen(x, scores, k_per_row)  -> the same, a different k per row, packed
     keep_by_mass(scores, mass, lo, hi)        -> per-row k reaching a share of the score mass
+    varlen_attention(q, k, v, cu_q, cu_k, ...) -> packed variable-length attention (flash-attn layout)
+    unpad(x, mask) / pad(x_packed, idx, B, S) -> padded <-> packed tokens for the varlen ops
     available_backends(device)                -> which backends run here (python -m bus_kernels.info)
 """
 
@@ -17,6 +19,8 @@ from .ops import (
     topk_gather,
     topk_gather_varlen,
 )
+from .ops import UnpadOutput, pad, unpad, varlen_attention
+from . import attention_backends as _attention_backends  # noqa: E402,F401  registers flash_attn, xformers, torch_varlen
 from . import native as _native  # noqa: E402,F401  registers "native" (csrc/); loads a built library, never compiles
 
 __version__ = "0.1.0"
@@ -25,10 +29,14 @@ __all__ = [
     "BackendNotSupportedError",
     "TopkGatherOutput",
     "TopkGatherVarlenOutput",
+    "UnpadOutput",
     "available_backends",
     "backend_status",
     "keep_by_mass",
+    "pad",
     "text_patch_scores",
     "topk_gather",
     "topk_gather_varlen",
+    "unpad",
+    "varlen_attention",
 ]

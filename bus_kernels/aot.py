@@ -102,6 +102,7 @@ def all_specs() -> list[KernelSpec]:
 _OP_MODULES = [
     "bus_kernels.ops.text_patch_scores",
     "bus_kernels.ops.topk_gather",
+    "bus_kernels.ops.varlen_attention",
 ]
 
 

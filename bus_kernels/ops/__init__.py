@@ -1,5 +1,6 @@
 """One op per file: Triton kernels, launchers, torch.library registration and the public function."""
 
+from .padding import UnpadOutput, pad, unpad
 from .text_patch_scores import text_patch_scores
 from .topk_gather import (
     TopkGatherOutput,
@@ -8,12 +9,17 @@ from .topk_gather import (
     topk_gather,
     topk_gather_varlen,
 )
+from .varlen_attention import varlen_attention
 
 __all__ = [
     "TopkGatherOutput",
     "TopkGatherVarlenOutput",
+    "UnpadOutput",
     "keep_by_mass",
+    "pad",
     "text_patch_scores",
     "topk_gather",
     "topk_gather_varlen",
+    "unpad",
+    "varlen_attention",
 ]

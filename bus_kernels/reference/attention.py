@@ -13,13 +13,13 @@ from __future__ import annotations
 import torch
 
 
-def _padded_index(cu_seqlens: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, max_seqlen) int64 packed row of each padded slot (clamped in range), and (B, max_seqlen) validity."""
+def _padded_index(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, max_seqlen) int64 packed row of each padded slot (``total`` for a padding slot) and (B, max_seqlen) validity."""
     starts = cu_seqlens[:-1].long()
     lengths = cu_seqlens[1:].long() - starts
     pos = torch.arange(max_seqlen, device=cu_seqlens.device)
     valid = pos[None, :] < lengths[:, None]
-    return starts[:, None] + pos[None, :], valid
+    return torch.where(valid, starts[:, None] + pos[None, :], total), valid
 
 
 def _packed_position(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,10 +30,9 @@ def _packed_position(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor
 
 
 def _gather_padded(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (total, ...) -> (B, max_seqlen, ...) rows ``x[index]`` (zeros where x is empty)."""
-    if x.shape[0] == 0:
-        return x.new_zeros(*index.shape, *x.shape[1:])
-    return x[index.clamp(0, x.shape[0] - 1)]
+    """x (total, ...) -> (B, max_seqlen, ...) rows ``x[index]``; index ``total`` reads a zero row."""
+    x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])  # (total + 1, ...), still connected to x if it is empty
+    return x[index]
 
 
 def varlen_attention(
@@ -53,8 +52,8 @@ def varlen_attention(
     aligned bottom-right (query i of a length-Lq sequence sees key j iff j <= i + Lk - Lq)."""
     total_q, H, D = q.shape
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    index_q, valid_q = _padded_index(cu_seqlens_q, max_seqlen_q)  # (B, Mq)
-    index_k, valid_k = _padded_index(cu_seqlens_k, max_seqlen_k)  # (B, Mk)
+    index_q, valid_q = _padded_index(cu_seqlens_q, max_seqlen_q, total_q)  # (B, Mq)
+    index_k, valid_k = _padded_index(cu_seqlens_k, max_seqlen_k, k.shape[0])  # (B, Mk)
     qp = _gather_padded(q, index_q).to(compute).transpose(1, 2)  # (B, H, Mq, D)
     kp = _gather_padded(k, index_k).to(compute).transpose(1, 2)  # (B, H, Mk, D)
     vp = _gather_padded(v, index_k).to(compute).transpose(1, 2)  # (B, H, Mk, D)
@@ -71,7 +70,10 @@ def varlen_attention(
         visible = visible & (j[None, None, :] <= i[None, :, None] + shift)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     # softmax whose fully masked rows give zeros (and zero gradients) instead of NaN
-    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    if max_seqlen_k > 0:
+        row_max = scores.amax(dim=-1, keepdim=True).detach()
+    else:  # no keys anywhere: amax over an empty dim is undefined
+        row_max = scores.new_zeros(*scores.shape[:-1], 1)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     p = torch.exp(scores - row_max)
     denom = p.sum(dim=-1, keepdim=True)

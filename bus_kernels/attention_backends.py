@@ -1,0 +1,157 @@
+"""Optional ``varlen_attention`` backends: thin adapters over other libraries' varlen attention.
+
+  * ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` (FlashAttention-2 CUDA kernels);
+  * ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (PyTorch's own FlashAttention path);
+  * ``xformers``: ``xformers.ops.memory_efficient_attention`` with a ``BlockDiagonalMask``
+    (``BlockDiagonalCausalFromBottomRightMask`` when causal).
+
+Each states as data the devices, dtypes and head dims it takes; none takes ``key_bias``. Nothing is
+imported until a backend is asked whether it is available or is run, so importing bus_kernels never
+needs these packages; without the package or a suitable GPU each reports why it is unavailable.
+
+All three follow flash-attn's semantics (bottom-right causal alignment). Differences the adapters do
+not paper over: xformers' bottom-right causal mask rejects a sequence with more queries than keys.
+On CUDA they come before the Triton kernels in the preference list (mature CUDA kernels, expected to
+be faster; not measured here), so ``backend=None`` picks them when installed and the inputs fit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .backends import Backend, add_preference, register_backend, register_impl
+from .ops.varlen_attention import AttentionLimits, register_attention_limits
+
+_OP = "varlen_attention"
+_HALF = frozenset({torch.float16, torch.bfloat16})
+
+
+def _cuda_reason(min_capability: tuple[int, int]) -> str | None:
+    """Why CUDA cannot run a kernel needing ``min_capability`` here, or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    capability = torch.cuda.get_device_capability()
+    if capability < min_capability:
+        return f"needs compute capability >= {min_capability[0]}.{min_capability[1]}, device has {capability[0]}.{capability[1]}"
+    return None
+
+
+def _package_reason(module: str, extra: str) -> str | None:
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError) as e:
+        return f"{module} cannot be located ({e})"
+    if not found:
+        return f"{module} is not installed (pip install 'bus-vlp[{extra}]')"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attn
+
+
+def _flash_attn_availability(device_type: str) -> str | None:
+    return _package_reason("flash_attn", "flash") or _cuda_reason((8, 0))
+
+
+def _flash_attn_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        dropout_p=0.0, softmax_scale=softmax_scale, causal=causal,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.nn.attention.varlen
+
+
+def _torch_varlen_availability(device_type: str) -> str | None:
+    try:
+        found = importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return f"torch.nn.attention.varlen is not in torch {torch.__version__}"
+    return _cuda_reason((8, 0))
+
+
+def _torch_varlen_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    from torch.nn.attention.varlen import varlen_attn
+
+    # window (-1, 0) is FlashAttention's causal mask, aligned bottom-right
+    return varlen_attn(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        scale=softmax_scale, window_size=(-1, 0) if causal else (-1, -1),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# xformers
+
+
+def _xformers_availability(device_type: str) -> str | None:
+    return _package_reason("xformers", "xformers") or _cuda_reason((7, 0))
+
+
+def _xformers_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    from xformers.ops import fmha
+
+    seqlens_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    seqlens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    mask_type = fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask if causal else fmha.attn_bias.BlockDiagonalMask
+    attn_bias = mask_type.from_seqlens(seqlens_q, seqlens_k)
+    # xformers takes (batch, tokens, heads, dim): the packed tokens form one batch row
+    out = fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=attn_bias, scale=softmax_scale)
+    return out[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: each adapter as data (backend, implementation, limits) and its place in the CUDA
+# preference list, which starts as ["triton", "torch"] and becomes
+# ["flash_attn", "torch_varlen", "triton", "xformers", "torch"].
+
+ADAPTERS = (
+    (
+        Backend(
+            name="flash_attn",
+            description="flash_attn.flash_attn_varlen_func (FlashAttention-2 CUDA), when installed",
+            ops=frozenset({_OP}), devices=frozenset({"cuda"}), dtypes=_HALF,
+            availability=_flash_attn_availability,
+        ),
+        _flash_attn_impl,
+        AttentionLimits(1, 256, 1, key_bias=False),  # flash-attn pads other head dims to a multiple of 8 itself
+        0,
+    ),
+    (
+        Backend(
+            name="torch_varlen",
+            description="torch.nn.attention.varlen.varlen_attn (PyTorch's FlashAttention), when present",
+            ops=frozenset({_OP}), devices=frozenset({"cuda"}), dtypes=_HALF,
+            availability=_torch_varlen_availability,
+        ),
+        _torch_varlen_impl,
+        AttentionLimits(8, 256, 8, key_bias=False),
+        1,
+    ),
+    (
+        Backend(
+            name="xformers",
+            description="xformers memory_efficient_attention with a block-diagonal mask, when installed",
+            ops=frozenset({_OP}), devices=frozenset({"cuda"}), dtypes=_HALF | {torch.float32},
+            availability=_xformers_availability,
+        ),
+        _xformers_impl,
+        AttentionLimits(1, None, 1, key_bias=False),
+        3,
+    ),
+)
+
+for _backend, _impl, _limits, _position in ADAPTERS:
+    register_backend(_backend)
+    register_impl(_OP, _backend.name, _impl)
+    register_attention_limits(_backend.name, _limits)
+    add_preference(_OP, "cuda", _backend.name, position=_position)

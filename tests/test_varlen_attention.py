@@ -1,0 +1,337 @@
+"""varlen_attention: torch and triton (interpreter on CPU) against a float64 per-sequence reference
+written here, input validation, torch.compile, and backend dispatch (flash_attn/xformers/torch_varlen)."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+import bus_kernels
+from bus_kernels import BackendNotSupportedError, backend_status, varlen_attention
+from bus_kernels.backends import registered_ops
+from bus_kernels.ops.varlen_attention import ATTENTION_LIMITS
+
+TRITON_OK = backend_status("cpu")["triton"] is None
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="Triton interpreter off"))]
+
+# sequence lengths: zero-length q and k, a single query, several 16-row blocks (the interpreter
+# tile), more queries than keys (causal rows with no visible key) and more keys than queries
+LENS_Q = [0, 1, 37, 20, 5]
+LENS_K = [3, 0, 21, 40, 5]
+
+
+def cu_seqlens(lengths: list[int]) -> torch.Tensor:
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return torch.tensor(offsets, dtype=torch.int32)
+
+
+def attention_per_sequence(q, k, v, lens_q, lens_k, scale, causal, key_bias=None):
+    """Softmax attention one sequence at a time, in the inputs' dtype (float64 for the reference).
+    Rows with no visible key give zeros."""
+    outs, q0, k0 = [], 0, 0
+    for lq, lk in zip(lens_q, lens_k):
+        qs, ks, vs = q[q0:q0 + lq], k[k0:k0 + lk], v[k0:k0 + lk]  # (L, H, D)
+        scores = torch.einsum("ihd,jhd->hij", qs, ks) * scale  # (H, lq, lk)
+        if key_bias is not None:
+            scores = scores + key_bias[k0:k0 + lk].to(scores.dtype)
+        allowed = torch.ones(lq, lk, dtype=torch.bool)
+        if causal:
+            allowed = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        weights = torch.where(allowed.any(dim=1)[None, :, None], weights, torch.zeros_like(weights))
+        outs.append(torch.einsum("hij,jhd->ihd", weights, vs))
+        q0, k0 = q0 + lq, k0 + lk
+    return torch.cat(outs) if outs else q.new_zeros(0, *q.shape[1:])
+
+
+def make_inputs(lens_q, lens_k, H, D, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lens_q), H, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(sum(lens_k), H, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(sum(lens_k), H, D, generator=gen, dtype=torch.float64)
+    grad = torch.randn(sum(lens_q), H, D, generator=gen, dtype=torch.float64)
+    return q, k, v, grad
+
+
+def run(backend, q, k, v, grad, lens_q, lens_k, causal, key_bias=None, **kw):
+    """Output and gradients (q, k, v[, key_bias]) of varlen_attention on fresh leaves of q's dtype."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    if key_bias is not None:
+        leaves.append(key_bias.detach().clone().requires_grad_(True))
+    out = varlen_attention(
+        *leaves[:3], cu_seqlens(lens_q), cu_seqlens(lens_k), max(lens_q, default=0), max(lens_k, default=0),
+        causal=causal, key_bias=leaves[3] if key_bias is not None else None, backend=backend, **kw,
+    )
+    grads = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+    return out, grads
+
+
+def reference(q, k, v, grad, lens_q, lens_k, causal, key_bias=None, scale=None):
+    """float64 output and gradients."""
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    if key_bias is not None:
+        leaves.append(key_bias.detach().double().requires_grad_(True))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = attention_per_sequence(*leaves[:3], lens_q, lens_k, scale, causal, leaves[3] if key_bias is not None else None)
+    return out, torch.autograd.grad(out, leaves, grad.double())
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("D", [32, 64, 80, 128])
+def test_fp32_matches_float64(backend, causal, D):
+    q, k, v, grad = make_inputs(LENS_Q, LENS_K, 2, D, torch.float32, seed=D + causal)
+    out, grads = run(backend, q.float(), k.float(), v.float(), grad, LENS_Q, LENS_K, causal)
+    ref_out, ref_grads = reference(q.float(), k.float(), v.float(), grad, LENS_Q, LENS_K, causal)
+    assert out.dtype == torch.float32 and out.shape == ref_out.shape
+    assert max_err(out, ref_out) < 2e-5
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert max_err(g, r) < 5e-5 * max(1.0, r.abs().max().item()), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_without_visible_keys_are_zero(backend):
+    # sequence 1 has no keys; causal with 37 queries over 21 keys hides every key from the first 16 rows
+    q, k, v, grad = make_inputs(LENS_Q, LENS_K, 2, 32, torch.float32, seed=3)
+    out, (dq, _, _) = run(backend, q.float(), k.float(), v.float(), grad, LENS_Q, LENS_K, causal=True)
+    blind = torch.zeros(sum(LENS_Q), dtype=torch.bool)
+    blind[LENS_Q[0]] = True  # the single query of the key-less sequence
+    start = sum(LENS_Q[:2])
+    blind[start:start + LENS_Q[2] - LENS_K[2]] = True
+    assert torch.all(out[blind] == 0) and torch.all(dq[blind] == 0)
+    assert torch.all(out[~blind].abs().sum(-1) > 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_key_bias_and_its_gradient(backend, causal):
+    lens_q, lens_k = [7, 0, 18], [19, 2, 11]
+    q, k, v, grad = make_inputs(lens_q, lens_k, 3, 48, torch.float32, seed=11)
+    bias = torch.log(torch.randint(1, 9, (sum(lens_k),)).float())  # log token counts (proportional attention)
+    scale = 0.3
+    out, grads = run(backend, q.float(), k.float(), v.float(), grad, lens_q, lens_k, causal, key_bias=bias,
+                     softmax_scale=scale)
+    ref_out, ref_grads = reference(q.float(), k.float(), v.float(), grad, lens_q, lens_k, causal, bias, scale)
+    assert max_err(out, ref_out) < 2e-5
+    for name, g, r in zip(["q", "k", "v", "key_bias"], grads, ref_grads):
+        assert max_err(g, r) < 5e-5 * max(1.0, r.abs().max().item()), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fp16_within_twice_the_error_of_fp16_pytorch(backend, causal):
+    # flash-attn's criterion: error vs float64 at most 2x that of the same math run in fp16 (+ small atol)
+    lens_q, lens_k = [1, 33, 0, 12], [24, 17, 4, 12]
+    q, k, v, grad = make_inputs(lens_q, lens_k, 2, 64, torch.float16, seed=5 + causal)
+    q16, k16, v16 = q.half(), k.half(), v.half()
+    out, grads = run(backend, q16, k16, v16, grad, lens_q, lens_k, causal)
+    ref_out, ref_grads = reference(q16, k16, v16, grad, lens_q, lens_k, causal)
+    low = [t.detach().clone().requires_grad_(True) for t in (q16, k16, v16)]
+    low_out = attention_per_sequence(*low, lens_q, lens_k, 64**-0.5, causal)
+    low_grads = torch.autograd.grad(low_out, low, grad.half())
+    assert out.dtype == torch.float16
+    assert max_err(out, ref_out) <= 2 * max_err(low_out, ref_out) + 1e-3
+    for name, g, lg, r in zip("qkv", grads, low_grads, ref_grads):
+        assert g.dtype == torch.float16
+        assert max_err(g, r) <= 2 * max_err(lg, r) + 2e-3, name
+
+
+def test_bf16_torch_backend_within_twice_the_error_of_bf16_pytorch():
+    # bf16 arithmetic is wrong in the Triton interpreter: the triton bf16 kernels are checked by compiling (aot)
+    lens_q, lens_k = [4, 19], [19, 6]
+    q, k, v, grad = make_inputs(lens_q, lens_k, 2, 32, torch.bfloat16, seed=8)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    out, _ = run("torch", qb, kb, vb, grad, lens_q, lens_k, True)
+    ref_out, _ = reference(qb, kb, vb, grad, lens_q, lens_k, True)
+    low_out = attention_per_sequence(qb, kb, vb, lens_q, lens_k, 32**-0.5, True)
+    assert out.dtype == torch.bfloat16
+    assert max_err(out, ref_out) <= 2 * max_err(low_out, ref_out) + 1e-2
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="Triton interpreter off")
+def test_check_seqlens_false_skips_the_host_checks():
+    # the Triton kernels size their grid from the token counts, so an understated max_seqlen is harmless there
+    good = _good()
+    out = _call(max_seqlen_q=1, max_seqlen_k=1, check_seqlens=False, backend="triton")
+    ref = attention_per_sequence(*(good[n].double() for n in "qkv"), [3, 4], [5, 2], 16**-0.5, False)
+    assert max_err(out, ref) < 1e-5
+    with pytest.raises(ValueError, match="max_seqlen_q=1 is smaller"):
+        _call(max_seqlen_q=1, backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_views_of_a_fused_qkv(backend):
+    lens = [9, 22]
+    gen = torch.Generator().manual_seed(9)
+    qkv = torch.randn(sum(lens), 3, 2, 40, generator=gen)  # (total, 3, H, D): q, k, v are strided views
+    grad = torch.randn(sum(lens), 2, 40, generator=gen, dtype=torch.float64)
+    q, k, v = qkv.unbind(1)
+    assert not q.is_contiguous()
+    out, grads = run(backend, q, k, v, grad, lens, lens, causal=True)
+    ref_out, ref_grads = reference(q, k, v, grad, lens, lens, causal=True)
+    assert max_err(out, ref_out) < 2e-5
+    assert all(max_err(g, r) < 1e-4 for g, r in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lens", [[], [0, 0]], ids=["no_sequences", "empty_sequences"])
+def test_no_tokens(backend, lens):
+    q, k, v, grad = make_inputs(lens, lens, 2, 16, torch.float32, seed=0)
+    out, grads = run(backend, q.float(), k.float(), v.float(), grad, lens, lens, causal=False)
+    assert out.shape == (0, 2, 16) and all(g.shape == (0, 2, 16) for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def _good():
+    lens_q, lens_k = [3, 4], [5, 2]
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(3, 7, 2, 16, generator=gen).unbind(0)
+    return dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens(lens_q), cu_seqlens_k=cu_seqlens(lens_k),
+                max_seqlen_q=4, max_seqlen_k=5)
+
+
+def _call(**changes):
+    kwargs = _good()
+    kwargs.update(changes)
+    options = {name: kwargs.pop(name) for name in ("softmax_scale", "causal", "key_bias", "check_seqlens", "backend")
+               if name in kwargs}
+    return varlen_attention(*kwargs.values(), **options)
+
+
+BAD_INPUTS = [
+    (dict(q=[[1.0]]), TypeError, "q must be a torch.Tensor"),
+    (dict(q=torch.randn(7, 32)), ValueError, "q must have shape"),
+    (dict(k=torch.randn(1, 7, 2, 16)), ValueError, "k must have shape"),
+    (dict(q=torch.randint(0, 3, (7, 2, 16))), TypeError, "q must have a floating dtype"),
+    (dict(v=torch.randn(7, 2, 16, dtype=torch.float64)), TypeError, "v must have q's dtype"),
+    (dict(k=torch.randn(7, 3, 16)), ValueError, "k has size 3 in dim 1"),
+    (dict(v=torch.randn(7, 2, 8)), ValueError, "v has size 8 in dim 2"),
+    (dict(v=torch.randn(6, 2, 16)), ValueError, "v has size 6 in dim 0"),
+    (dict(cu_seqlens_q=cu_seqlens([3, 4]).long()), TypeError, "cu_seqlens_q must have dtype torch.int32"),
+    (dict(cu_seqlens_k=cu_seqlens([5, 2])[None]), ValueError, "cu_seqlens_k must have shape"),
+    (dict(cu_seqlens_k=cu_seqlens([5, 1, 1])), ValueError, "cu_seqlens_k has size 4"),
+    (dict(cu_seqlens_q=torch.tensor([0, 5, 3, 7], dtype=torch.int32),
+          cu_seqlens_k=cu_seqlens([2, 2, 3])), ValueError, "cu_seqlens_q must be non-decreasing"),
+    (dict(cu_seqlens_q=cu_seqlens([3, 3])), ValueError, r"cu_seqlens_q\[-1\] must equal the number of packed tokens 7"),
+    (dict(cu_seqlens_k=torch.tensor([1, 5, 7], dtype=torch.int32)), ValueError, "cu_seqlens_k must start at 0"),
+    (dict(max_seqlen_q=3), ValueError, "max_seqlen_q=3 is smaller than the longest sequence"),
+    (dict(max_seqlen_k=4.0), TypeError, "max_seqlen_k must be an int"),
+    (dict(max_seqlen_k=-1), ValueError, "max_seqlen_k must be in"),
+    (dict(softmax_scale="0.5"), TypeError, "softmax_scale must be a float"),
+    (dict(causal=1), TypeError, "causal must be a bool"),
+    (dict(key_bias=torch.zeros(7, dtype=torch.float64)), TypeError, "key_bias must have dtype torch.float32"),
+    (dict(key_bias=torch.zeros(6)), ValueError, "key_bias has size 6"),
+    (dict(cu_seqlens_k=cu_seqlens([5, 2]).to("meta")), ValueError, "cu_seqlens_k is on meta"),
+    (dict(v=torch.randn(7, 2, 16, device="meta")), ValueError, "v is on meta"),
+    (dict(backend="nope"), ValueError, "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("changes,error,match", BAD_INPUTS, ids=[m.split()[0] + f"-{i}" for i, (_, _, m) in enumerate(BAD_INPUTS)])
+def test_bad_inputs_raise_naming_the_argument(changes, error, match):
+    with pytest.raises(error, match=match):
+        _call(**changes)
+
+
+def test_good_inputs_of_the_bad_input_table_run():
+    good = _good()
+    ref = attention_per_sequence(*(good[n].double() for n in "qkv"), [3, 4], [5, 2], 16**-0.5, False)
+    assert max_err(_call(), ref) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    lens_q, lens_k = [5, 18], [12, 9]
+    q, k, v, grad = make_inputs(lens_q, lens_k, 2, 32, torch.float32, seed=21)
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+
+    def attend(q, k, v):
+        return varlen_attention(q, k, v, cu_q, cu_k, 18, 12, causal=True, backend=backend) * 2.0
+
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+    out = compiled(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad.float())
+    ref_out, ref_grads = reference(q, k, v, grad * 2.0, lens_q, lens_k, causal=True)
+    assert max_err(out, 2.0 * ref_out) < 5e-5
+    assert all(max_err(g, r) < 1e-4 for g, r in zip(grads, ref_grads))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch and the optional adapters
+
+ADAPTERS = ["flash_attn", "xformers", "torch_varlen"]
+
+
+def test_adapters_are_registered_for_cuda_only():
+    cuda = registered_ops()["varlen_attention"]["cuda"]
+    assert set(ADAPTERS) <= set(cuda) and cuda[-1] == "torch"
+    assert not set(ADAPTERS) & set(registered_ops()["varlen_attention"]["cpu"])
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_adapters_are_rejected_on_cpu_with_a_reason(name):
+    kwargs = _good()
+    kwargs.update(q=kwargs["q"].half(), k=kwargs["k"].half(), v=kwargs["v"].half())
+    with pytest.raises(BackendNotSupportedError, match=f"backend '{name}' cannot run varlen_attention on cpu.*device cpu not supported"):
+        varlen_attention(*kwargs.values(), backend=name)
+    reason = backend_status("cuda")[name]
+    assert reason is None or isinstance(reason, str) and reason
+
+
+def test_cpu_default_is_the_torch_reference():
+    out = _call()
+    assert torch.equal(out, _call(backend="torch"))
+
+
+def test_declared_limits_reject_with_reasons():
+    assert ATTENTION_LIMITS["flash_attn"].reasons(64, has_key_bias=True) == ["key_bias is not supported"]
+    assert ATTENTION_LIMITS["torch_varlen"].reasons(36, has_key_bias=False) == ["head dim 36 is not a multiple of 8"]
+    assert ATTENTION_LIMITS["triton"].reasons(80, has_key_bias=True) == []
+    assert "head dim 320 outside" in ATTENTION_LIMITS["triton"].reasons(320, has_key_bias=False)[0]
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="Triton interpreter off")
+def test_triton_rejects_head_dims_above_256():
+    q = torch.randn(3, 1, 264)
+    cu = cu_seqlens([3])
+    with pytest.raises(BackendNotSupportedError, match="head dim 264 outside"):
+        varlen_attention(q, q, q, cu, cu, 3, 3, backend="triton")
+    out = varlen_attention(q, q, q, cu, cu, 3, 3)  # the torch reference takes it
+    assert out.shape == q.shape
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_adapter_matches_reference_on_gpu(name):
+    why = backend_status("cuda")[name]
+    if why is not None:
+        pytest.skip(f"{name} unavailable here: {why}")
+    lens_q, lens_k = [0, 1, 70, 33], [5, 3, 70, 80]  # every q length <= its k length (xformers' causal rule)
+    q, k, v, grad = make_inputs(lens_q, lens_k, 4, 64, torch.float16, seed=1)
+    dev = [t.half().cuda() for t in (q, k, v)]
+    for causal in (False, True):
+        out = varlen_attention(*dev, cu_seqlens(lens_q).cuda(), cu_seqlens(lens_k).cuda(), 70, 80,
+                               causal=causal, backend=name)
+        ref = attention_per_sequence(q, k, v, lens_q, lens_k, 64**-0.5, causal)
+        assert max_err(out.cpu(), ref) < 1e-2
+
+
+def test_public_api_exports():
+    assert bus_kernels.varlen_attention is varlen_attention
+    assert {"varlen_attention", "pad", "unpad"} <= set(bus_kernels.__all__)
+    assert ATTENTION_LIMITS["triton"].max_head_dim == 256
