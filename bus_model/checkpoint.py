@@ -143,12 +143,13 @@ def save_checkpoint(
     step: int,
     *,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
     trainer_state: dict[str, Any],
     rank_rng: list[tuple[dict[str, torch.Tensor], dict[str, Any]]],
     tokenizer=None,
     keep: int | None = 2,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` of a run atomically; returns its directory.
 
@@ -156,11 +157,13 @@ def save_checkpoint(
         run_dir: the run's output directory (``--out``).
         step: optimizer steps done (int >= 0).
         model: a ``BusModel`` (unwrapped from DDP); saved with ``save_pretrained`` (safetensors + JSON).
-        optimizer, scheduler: their ``state_dict()`` go to ``training_state.pt``.
+        optimizer_state, scheduler_state: their ``state_dict()`` -> ``training_state.pt``.
         trainer_state: JSON-able dict (step, data position, arguments, ...) -> ``trainer_state.json``.
         rank_rng: one ``capture_rng_state()`` per data-parallel rank, in rank order.
         tokenizer: a ``transformers`` tokenizer saved into ``tokenizer/``, or None.
         keep: keep this many newest checkpoints, delete older ones (None: keep all).
+        model_state: the full state dict to write instead of ``model.state_dict()`` (FSDP: the
+            gathered unsharded weights); ``model`` then only provides the config.
     """
     name = checkpoint_name(step)
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
@@ -171,11 +174,14 @@ def save_checkpoint(
     tmp = root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
     tmp.mkdir()
     try:
-        model.save_pretrained(tmp)
+        if model_state is None:
+            model.save_pretrained(tmp)
+        else:
+            _save_weights(tmp, model, model_state)
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
+                "optimizer": optimizer_state,
+                "scheduler": scheduler_state,
                 "rng": [tensors for tensors, _plain in rank_rng],
             },
             tmp / TRAINING_STATE_FILE,
@@ -197,6 +203,15 @@ def save_checkpoint(
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old.path, ignore_errors=True)
     return final
+
+
+def _save_weights(directory: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``save_pretrained``'s files (config.json, model.safetensors) from an explicit state dict."""
+    from safetensors.torch import save_file
+
+    (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt", "bus_model": model.config.name})
 
 
 def _sweep_temporaries(root: Path) -> None:

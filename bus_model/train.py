@@ -92,6 +92,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads per process")
     g.add_argument("--find-unused-parameters", action="store_true", help="DDP option for configs where "
                    "some parameters get no gradient")
+    g.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state across "
+                   "ranks (FSDP2 fully_shard per Transformer block) instead of DDP, for models too large to replicate")
     return parser
 
 
@@ -162,7 +164,7 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return dist.is_available() and dist.is_initialized()
 
 
 def setup_distributed(args: argparse.Namespace) -> DistInfo:
@@ -179,7 +181,9 @@ def setup_distributed(args: argparse.Namespace) -> DistInfo:
         if not torch.cuda.is_available():
             raise UsageError("--device cuda given but CUDA is not available")
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        raise UsageError("--fsdp needs a process group: launch with torchrun (--nproc_per_node=1 for one device)")
+    if (world > 1 or args.fsdp) and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
@@ -279,7 +283,21 @@ def setup_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) 
 
 
 def wrap_model(model: BusModel, args: argparse.Namespace, info: DistInfo) -> torch.nn.Module:
-    """DDP across ranks (rank 0's initial weights are broadcast to all); the model itself otherwise."""
+    """DDP across ranks (rank 0's initial weights are broadcast to all); with ``--fsdp`` the text, fusion,
+    decoder and PAD layers (each entry of an ``nn.ModuleList`` outside the ViT) and then the whole model
+    are sharded in place (FSDP2) and the model itself is returned; without distribution the model itself."""
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        scalars = {p for p in model.parameters() if p.dim() == 0}  # fully_shard cannot shard 0-d tensors
+        for name, module in list(model.named_modules()):
+            # the ViT runs its blocks through attend()/feed_forward(), not forward(), which FSDP's
+            # hooks need: its parameters stay in the root group (gathered once per forward)
+            if isinstance(module, torch.nn.ModuleList) and not name.startswith("vision"):
+                for block in module:
+                    fully_shard(block)
+        fully_shard(model, ignored_params=scalars)
+        return model
     if not info.enabled:
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
@@ -312,6 +330,8 @@ class BatchStream:
     ``state()`` is ``{"epoch", "position"}`` (micro-batches drawn in the epoch) plus the skip counts.
 
     Batches with fewer than 2 usable samples (broken images) are skipped: ITC/ITM need negatives.
+    Resume is exact with ``workers=0`` (random crops draw from the checkpointed main-process RNG); with
+    worker processes the data order is exact but the augmentations of a resumed epoch are redrawn.
     """
 
     def __init__(self, dataset, collator, *, batch_size: int, seed: int, info: DistInfo, workers: int):
@@ -355,8 +375,11 @@ class BatchStream:
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(self.epoch)
             it = iter(torch.utils.data.DataLoader(self.dataset, **common))
-            for _ in range(self.position):  # fast-forward to the resume point
-                next(it, None)
+            # fast-forward to the resume point; the random crops of the re-read samples must not
+            # advance the RNG, whose restored state already includes them
+            with torch.random.fork_rng(devices=[]):
+                for _ in range(self.position):
+                    next(it, None)
             return it
         return iter(torch.utils.data.DataLoader(self.dataset, sampler=_IndexSampler(self._epoch_indices()), **common))
 
@@ -402,13 +425,72 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
+def average_replicated_grads(model: torch.nn.Module, info: DistInfo) -> None:
+    """FSDP leaves 0-d parameters (the ITC temperature) replicated and unmanaged: average their
+    gradients across ranks here, as DDP would."""
+    for p in model.parameters():
+        if p.dim() == 0 and p.grad is not None and not hasattr(p, "full_tensor"):
+            dist.all_reduce(p.grad)
+            p.grad.div_(info.world_size)
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Scale all gradients so that their global L2 norm is at most ``max_norm``; returns the norm
+    before clipping, () float32. Works on FSDP shards (DTensor) and plain tensors together."""
+    squares = []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        g = p.grad.detach()
+        norm = torch.linalg.vector_norm(g.float())
+        squares.append(_full(norm) ** 2 if hasattr(norm, "full_tensor") else norm**2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.detach().mul_(scale.to(p.grad.device))
+    return total
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP shard (a DTensor; collective), else ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def parameter_hash(model: torch.nn.Module) -> str:
-    """SHA-256 over every parameter's bytes, in name order: equal on ranks that hold equal weights."""
+    """SHA-256 over every parameter's bytes, in name order: equal on ranks that hold equal weights.
+    Under FSDP every rank must call it (the shards are gathered)."""
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         h.update(name.encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(_full(p.detach()).float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def full_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, fsdp: bool):
+    """(model state dict or None, optimizer state dict) to checkpoint. Without FSDP: (None: the model
+    saves itself, ``optimizer.state_dict()``). With FSDP (collective, every rank calls it): the
+    unsharded model and optimizer state, keyed by parameter name, on CPU, complete on rank 0."""
+    if not fsdp:
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, *, fsdp: bool) -> None:
+    """Inverse of ``full_training_state`` for the optimizer (every rank read the same checkpoint)."""
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def reduce_losses(sums: torch.Tensor, counts: torch.Tensor, info: DistInfo) -> dict[str, float]:
@@ -450,19 +532,23 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     collator = Collator(tokenizer, image_size=config.vision.image_size, patch_size=config.vision.patch_size,
                         max_length=config.max_text_len)
     stream = BatchStream(dataset, collator, batch_size=args.batch_size, seed=args.seed, info=info, workers=args.workers)
-    optimizer = setup_optimizer(model, args)
-    scheduler = setup_scheduler(optimizer, args)
-    seed_everything(args.seed + 7919 * info.rank)  # ranks draw different masks and negatives
-
-    start = 0
+    start, loaded = 0, None
     latest = ckpt.latest_checkpoint(out) if args.resume else None
     if latest is not None:
         loaded = ckpt.load_training_state(latest.path)
         if len(loaded.rng) != info.world_size:
             raise UsageError(f"--resume: {latest.path} was written by {len(loaded.rng)} rank(s), this run has "
                              f"{info.world_size}; resume with the same number of processes")
+        if bool(loaded.trainer_state.get("fsdp", False)) != args.fsdp:
+            raise UsageError(f"--resume: {latest.path} was written {'with' if args.fsdp is False else 'without'} "
+                             "--fsdp; resume with the same setting")
         ckpt.load_model_weights(model, latest.path)
-        optimizer.load_state_dict(loaded.optimizer)
+    ddp_model = wrap_model(model, args, info)
+    optimizer = setup_optimizer(model, args)  # after wrapping: FSDP replaces the parameters with shards
+    scheduler = setup_scheduler(optimizer, args)
+    seed_everything(args.seed + 7919 * info.rank)  # ranks draw different masks and negatives
+    if loaded is not None:
+        load_optimizer_state(model, optimizer, loaded.optimizer, fsdp=args.fsdp)
         scheduler.load_state_dict(loaded.scheduler)
         stream.load_state(loaded.trainer_state["data"][info.rank])
         ckpt.restore_rng_state(*loaded.rng[info.rank])
@@ -477,7 +563,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if latest is None and (out / METRICS_FILE).exists():
             (out / METRICS_FILE).unlink()  # a fresh run overwrites, it does not append to an old one
         save_tokenizer(tokenizer, out / ckpt.TOKENIZER_DIR)
-    ddp_model = wrap_model(model, args, info)
     amp = args.amp if args.amp is not None else info.device.type == "cuda"
     metrics_file = open(out / METRICS_FILE, "a") if info.is_main else None
     tb = _tensorboard(out) if args.tensorboard and info.is_main else None
@@ -487,10 +572,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         """Every rank contributes its RNG and data position; rank 0 writes."""
         rank_rng = gather_objects(ckpt.capture_rng_state(), info)
         data_states = gather_objects(stream.state(), info)
+        model_state, optimizer_state = full_training_state(model, optimizer, fsdp=args.fsdp)  # collective
         path = None
         if info.is_main:
-            state = {"data": data_states, "args": _args_record(args), "world_size": info.world_size}
-            path = ckpt.save_checkpoint(out, step, model=model, optimizer=optimizer, scheduler=scheduler,
+            state = {"data": data_states, "args": _args_record(args), "world_size": info.world_size,
+                     "fsdp": args.fsdp}
+            path = ckpt.save_checkpoint(out, step, model=model, model_state=model_state,
+                                        optimizer_state=optimizer_state, scheduler_state=scheduler.state_dict(),
                                         trainer_state=state, rank_rng=rank_rng, tokenizer=tokenizer,
                                         keep=args.keep_checkpoints)
         if info.enabled:
@@ -510,7 +598,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         for micro in range(args.accum_steps):
             inputs = to_model_inputs(stream.next(), info.device)
             last = micro == args.accum_steps - 1
-            sync = contextlib.nullcontext() if last or not info.enabled else ddp_model.no_sync()
+            if args.fsdp:  # FSDP reduce-scatters gradients only on the last micro-batch
+                model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext() if last or args.fsdp or not info.enabled else ddp_model.no_sync()
             with sync:
                 with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=amp):
                     output = ddp_model(**inputs)
@@ -524,7 +614,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             window_tokens += int(inputs["attention_mask"].sum())
             images_trained += n
         grad_norm = None
-        if args.grad_clip > 0:
+        if args.fsdp:
+            average_replicated_grads(model, info)
+            if args.grad_clip > 0:
+                grad_norm = clip_gradients(model, args.grad_clip)
+        elif args.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -549,7 +643,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                    "images_per_s": float(counts_img[0]) / elapsed, "tokens_per_s": float(counts_img[1]) / elapsed,
                    "epoch": stream.epoch, "skipped": stream.skips.total}
             if grad_norm is not None:
-                row["grad_norm"] = float(grad_norm)
+                row["grad_norm"] = float(_full(grad_norm))
             if metrics_file is not None:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()

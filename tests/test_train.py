@@ -165,14 +165,19 @@ def test_batch_stream_shards_ranks_without_overlap(world_size):
     assert len(flat) == len(set(flat)) == world_size * batches * 3
 
 
-def test_torchrun_two_cpu_processes_agree(tmp_path):
-    out = tmp_path / "ddp"
+def _torchrun(out, *extra) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bus_model.train",
            *TINY, "--out", str(out), "--steps", "3", "--batch-size", "4", "--train-samples", "32", "--log-every", "1",
-           "--save-every", "3"]
+           "--save-every", "3", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_torchrun_two_cpu_processes_agree(tmp_path):
+    """DDP over 2 gloo processes; then FSDP (stopped after 2 steps and resumed) trains the same model."""
+    out = tmp_path / "ddp"
+    _torchrun(out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3
     hashes = summary["param_sha256"]
@@ -183,3 +188,53 @@ def test_torchrun_two_cpu_processes_agree(tmp_path):
     assert len(state.rng) == 2 and len(state.trainer_state["data"]) == 2  # each rank's RNG and data position
     assert not torch.equal(state.rng[0][0]["torch"], state.rng[1][0]["torch"])  # ranks draw different masks
     assert [r["step"] for r in _rows(out)] == [1, 2, 3]
+    fsdp = tmp_path / "fsdp"
+    _torchrun(fsdp, "--fsdp", "--stop-at", "2")
+    _torchrun(fsdp, "--fsdp", "--resume")
+    fsdp_summary = json.loads((fsdp / "summary.json").read_text())
+    assert fsdp_summary["resumed_from"] == 2 and len(set(fsdp_summary["param_sha256"])) == 1
+    saved = BusModel.from_pretrained(ckpt.latest_checkpoint(fsdp).path)  # gathered into a plain checkpoint
+    assert parameter_hash(saved) == fsdp_summary["param_sha256"][0]
+    for a, b in zip(_rows(out), _rows(fsdp), strict=True):  # same math, other reduction order
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+
+def _write_shards(directory, shards: int, per_shard: int) -> None:
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from bus_model.data import render_sample
+
+    directory.mkdir()
+    for s in range(shards):
+        with tarfile.open(directory / f"shard-{s:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                sample = render_sample(1, s * per_shard + i, image_size=48, patch_size=8)
+                png = io.BytesIO()
+                Image.fromarray(sample.image).save(png, format="PNG")
+                for name, data in ((f"{i:06d}.png", png.getvalue()), (f"{i:06d}.txt", sample.caption.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards_train_and_resume_exactly(tmp_path):
+    """Streamed shards (random resized crops drawn from the checkpointed RNG): 6 steps straight equal
+    3 steps + --resume, which fast-forwards the stream past the batches already trained on."""
+    from bus_model.data import build_synthetic_tokenizer, save_tokenizer
+
+    _write_shards(tmp_path / "shards", shards=2, per_shard=9)  # 18 samples / batch 4: 4 batches per epoch
+    tok_dir = save_tokenizer(build_synthetic_tokenizer(16), tmp_path / "tok")
+    common = ["--model", "bus-tiny", "--data", str(tmp_path / "shards"), "--tokenizer", tok_dir, "--steps", "6",
+              "--batch-size", "4", "--log-every", "1", "--save-every", "3", "--num-threads", "1", "--no-progress"]
+    assert cli.main(["train", *common, "--out", str(tmp_path / "a")]) == 0
+    assert cli.main(["train", *common, "--out", str(tmp_path / "b"), "--stop-at", "3"]) == 0
+    assert cli.main(["train", *common, "--out", str(tmp_path / "b"), "--resume"]) == 0
+    straight, resumed = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+    assert [r["step"] for r in straight] == list(range(1, 7))
+    assert [r["epoch"] for r in straight] == [0, 0, 0, 0, 1, 1]
+    assert resumed == straight
