@@ -168,9 +168,10 @@ def _register_python_side() -> None:
     torch.library.register_autograd("bus::text_patch_scores", _tps_backward, setup_context=_tps_setup_context)
     torch.library.register_autograd("bus::topk_gather", _topk_backward, setup_context=_topk_setup_context)
     for op in PRUNING_OPS:
-        # CUDA: after triton (measured on GPUs by benchmarks/), before the torch reference.
+        # CUDA: after triton (the default GPU path; not yet timed against native on a GPU), before torch.
         add_preference(op, "cuda", "native", position=1)
-        # CPU: first -- faster than the torch reference at the paper's sizes (benchmarks/bench_native_cpu.py).
+        # CPU: first -- 1.3x to 15x faster than the torch reference at the paper's sizes, forward and
+        # backward, fp32 and bf16 (benchmarks/bench_native_cpu.py, results in benchmarks/results/).
         add_preference(op, "cpu", "native", position=0)
 
 
