@@ -238,3 +238,25 @@ def test_webdataset_shards_train_and_resume_exactly(tmp_path):
     assert [r["step"] for r in straight] == list(range(1, 7))
     assert [r["epoch"] for r in straight] == [0, 0, 0, 0, 1, 1]
     assert resumed == straight
+
+
+def test_accumulation_amp_and_cosine_schedule(tmp_path):
+    """--accum-steps 2 with bf16 autocast on CPU trains; the logged lr follows linear warm-up then a
+    cosine to min_lr_ratio * lr (closed form written out here)."""
+    import math
+
+    out = tmp_path / "run"
+    _train(out, "--steps", "6", "--warmup-steps", "2", "--lr", "1e-3", "--min-lr-ratio", "0.1", "--batch-size", "4",
+           "--accum-steps", "2", "--amp", "--train-samples", "48", "--log-every", "1", "--save-every", "6")
+    rows = _rows(out)
+    expected = []
+    for s in range(6):
+        if s < 2:
+            expected.append(1e-3 * (s + 1) / 2)
+        else:
+            expected.append(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4))))
+    assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    # 6 steps x 2 micro-batches x 4 images = 48 images = exactly one epoch
+    state = ckpt.load_training_state(ckpt.latest_checkpoint(out).path)
+    assert state.trainer_state["data"][0]["epoch"] == 0 and state.trainer_state["data"][0]["position"] == 12
