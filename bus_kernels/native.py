@@ -40,12 +40,18 @@ def _cached_library(variant: str) -> tuple[Path | None, str | None]:
     return path, None
 
 
+def _newest_source_mtime() -> float:
+    return max((p.stat().st_mtime for p in _build.CSRC.rglob("*") if p.is_file()), default=0.0)
+
+
 def find_library() -> tuple[Path | None, str]:
     """Path of the library to load (or None) and a description of what was found or missing."""
-    found = _package_libraries()
-    if found:
-        return found[0], "installed with the package"
     notes = []
+    for path in _package_libraries():
+        if _build.CSRC.is_dir() and _newest_source_mtime() > path.stat().st_mtime:
+            notes.append(f"{path.name} is older than csrc/ (rebuild: BUS_BUILD_EXT=1 pip install --no-build-isolation .)")
+            continue
+        return path, "installed with the package"
     variants = (["cuda"] if torch.version.cuda else []) + ["cpu"]
     for variant in variants:
         path, why = _cached_library(variant)

@@ -163,6 +163,18 @@ def test_stale_build_is_not_loaded(tmp_path, monkeypatch):
     assert native._cached_library("cpu") == (lib, None)
 
 
+def test_package_library_older_than_the_sources_is_skipped(tmp_path, monkeypatch):
+    lib = tmp_path / "_native.so"
+    lib.write_bytes(b"")  # never loaded by this test
+    monkeypatch.setattr(native, "_package_libraries", lambda: [lib])
+    monkeypatch.setenv(build.BUILD_DIR_ENV, str(tmp_path / "empty"))
+    os.utime(lib, (0, 0))  # older than every source file
+    path, note = native.find_library()
+    assert path is None and "_native.so is older than csrc/" in note
+    os.utime(lib, None)  # now newer
+    assert native.find_library() == (lib, "installed with the package")
+
+
 def test_cpu_hash_ignores_cuda_sources_only():
     assert build.source_hash("cpu") != build.source_hash("cuda")
     files = {p.relative_to(build.CSRC).as_posix() for p in build.cpu_sources() + build.cuda_sources()}
