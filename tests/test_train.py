@@ -222,20 +222,25 @@ def _write_shards(directory, shards: int, per_shard: int) -> None:
                     tar.addfile(info, io.BytesIO(data))
 
 
-def test_webdataset_shards_train_and_resume_exactly(tmp_path):
-    """Streamed shards (random resized crops drawn from the checkpointed RNG): 6 steps straight equal
-    3 steps + --resume, which fast-forwards the stream past the batches already trained on."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_webdataset_shards_train_and_resume_exactly(tmp_path, workers):
+    """Streamed shards with random resized crops: 6 steps straight equal 3 steps + --resume, which
+    fast-forwards the stream past the batches already trained on. With 0 workers the crops draw from
+    the checkpointed RNG; with 2 workers (one shard each) from worker RNGs seeded per epoch."""
     from bus_model.data import build_synthetic_tokenizer, save_tokenizer
 
     _write_shards(tmp_path / "shards", shards=2, per_shard=9)  # 18 samples / batch 4: 4 batches per epoch
     tok_dir = save_tokenizer(build_synthetic_tokenizer(16), tmp_path / "tok")
     common = ["--model", "bus-tiny", "--data", str(tmp_path / "shards"), "--tokenizer", tok_dir, "--steps", "6",
-              "--batch-size", "4", "--log-every", "1", "--save-every", "3", "--num-threads", "1", "--no-progress"]
+              "--batch-size", "4", "--log-every", "1", "--save-every", "3", "--num-threads", "1", "--no-progress",
+              "--workers", str(workers)]
     assert cli.main(["train", *common, "--out", str(tmp_path / "a")]) == 0
     assert cli.main(["train", *common, "--out", str(tmp_path / "b"), "--stop-at", "3"]) == 0
     assert cli.main(["train", *common, "--out", str(tmp_path / "b"), "--resume"]) == 0
     straight, resumed = _rows(tmp_path / "a"), _rows(tmp_path / "b")
     assert [r["step"] for r in straight] == list(range(1, 7))
+    # 4 batches per epoch either way: 18 samples in one stream, or 9 per worker (2 full batches each,
+    # the partial batches dropped)
     assert [r["epoch"] for r in straight] == [0, 0, 0, 0, 1, 1]
     assert resumed == straight
 
