@@ -291,6 +291,25 @@ def test_bert_on_packed_sequences_equals_hf_attention(reference, lengths):
 
 
 @needs_varlen
+@pytest.mark.skipif("triton" not in bus_kernels.available_backends("cpu") and not torch.cuda.is_available(),
+                    reason="the triton backend needs a GPU or TRITON_INTERPRET=1")
+def test_bert_on_triton_varlen_kernel_equals_eager():
+    """The registered function with the backend pinned to the Triton kernel (interpreter on CPU), fp32."""
+    name = patch.register_hf_attention("bus_varlen_triton", backend="triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_bert().to(device)
+    ids, mask = padded_batch([5, 2, 4], 5, seed=12)
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        model.set_attn_implementation(name)
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    valid = mask.bool()
+    torch.testing.assert_close(out[valid], expected[valid], rtol=1e-4, atol=1e-5)
+
+
+@needs_varlen
 def test_bert_gradients_equal_eager():
     patch.register_hf_attention()
     ids, mask = padded_batch([6, 3, 5], 6, seed=4)
@@ -376,6 +395,8 @@ def test_attention_function_bad_inputs():
         patch.hf_varlen_attention(torch.nn.Module(), q, kv, kv, None)
     with pytest.raises(TypeError, match="name must be a non-empty str"):
         patch.register_hf_attention("")
+    with pytest.raises(TypeError, match="backend must be a str or None"):
+        patch.register_hf_attention("x", backend=1)
     patch.register_hf_attention()
     training = tiny_bert()
     training.config.attention_probs_dropout_prob = 0.1

@@ -14,6 +14,8 @@ mask ``(B, S_k)`` (or None when nothing is padded).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -39,6 +41,8 @@ def hf_varlen_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
+    *,
+    backend: str | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """A transformers attention function (the ``AttentionInterface`` signature) on ``varlen_attention``.
@@ -55,6 +59,7 @@ def hf_varlen_attention(
         is_causal: causal mask aligned bottom-right to each row's unpadded key count (flash-attn).
         kwargs: ``cu_seq_lens_q`` / ``cu_seq_lens_k`` ``(N + 1,)`` and ``max_length_q`` /
             ``max_length_k`` describe sequences packed into a batch of one row (no padding mask).
+        backend: ``varlen_attention`` backend (None: best available; ``register_hf_attention`` binds it).
 
     Returns:
         ``(attn_output (B, S_q, H, D) in query's dtype, None)``; padded query positions are zeros.
@@ -78,7 +83,7 @@ def hf_varlen_attention(
         key = key.repeat_interleave(H // H_kv, dim=1)
         value = value.repeat_interleave(H // H_kv, dim=1)
     q, k, v = _heads_last(query), _heads_last(key), _heads_last(value)  # (B, S, H, D)
-    common = dict(softmax_scale=scaling, causal=bool(is_causal))
+    common = dict(softmax_scale=scaling, causal=bool(is_causal), backend=backend)
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None and cu_k is not None and attention_mask is None:
@@ -114,14 +119,18 @@ def hf_varlen_attention(
     return pad(out, queries.indices, B, S_q), None
 
 
-def register_hf_attention(name: str = HF_ATTENTION_NAME) -> str:
+def register_hf_attention(name: str = HF_ATTENTION_NAME, *, backend: str | None = None) -> str:
     """Register ``hf_varlen_attention`` with transformers under ``name``; returns ``name``.
 
     Then ``model.set_attn_implementation(name)`` or ``AutoModel.from_pretrained(path,
-    attn_implementation=name)``. Needs transformers >= 4.48 (``AttentionInterface``); idempotent.
+    attn_implementation=name)``. ``backend`` pins the ``varlen_attention`` backend (``"triton"``,
+    ``"flash_attn"``, ...; None: best available for the inputs). Needs transformers >= 4.48
+    (``AttentionInterface``). Registering a name again replaces its function.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}")
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
@@ -129,6 +138,7 @@ def register_hf_attention(name: str = HF_ATTENTION_NAME) -> str:
         raise ImportError(
             "registering an attention implementation needs transformers >= 4.48 (AttentionInterface)"
         ) from exc
-    AttentionInterface.register(name, hf_varlen_attention)
+    function = hf_varlen_attention if backend is None else functools.partial(hf_varlen_attention, backend=backend)
+    AttentionInterface.register(name, function)
     AttentionMaskInterface.register(name, flash_attention_mask)  # hands over the 2D padding mask
     return name
