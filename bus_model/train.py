@@ -515,6 +515,68 @@ def _args_record(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if not k.startswith("_")}
 
 
+class MetricsLogger:
+    """Accumulates loss terms and throughput between logged steps; writes one ``metrics.jsonl`` row
+    per logged step (rank 0), mirrors it to TensorBoard and the progress bar.
+
+    ``add(output, inputs)`` after every micro-batch (no host sync); ``write(step, ...)`` reduces the
+    window over micro-batches and ranks and returns the row."""
+
+    def __init__(self, out: Path, config: BusConfig, info: DistInfo, *, tensorboard: bool, bar):
+        self.config, self.info, self.bar = config, info, bar
+        self.file = open(out / METRICS_FILE, "a") if info.is_main else None
+        self.tb = _tensorboard(out) if tensorboard and info.is_main else None
+        self.sums = torch.zeros(len(LOSS_NAMES), device=info.device)
+        self.counts = torch.zeros(len(LOSS_NAMES), device=info.device)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.start = time.perf_counter()
+        self.throughput = torch.zeros(2, dtype=torch.float64, device=self.info.device)  # images, tokens
+        self.sums.zero_()
+        self.counts.zero_()
+
+    def add(self, output, inputs: dict[str, torch.Tensor]) -> None:
+        for i, name in enumerate(LOSS_NAMES):
+            if name in output.losses:
+                self.sums[i] += output.losses[name].detach().float()
+                self.counts[i] += 1
+        self.throughput[0] += inputs["images"].shape[0]
+        self.throughput[1] += inputs["attention_mask"].sum()
+
+    def write(self, step: int, *, lr: float, grad_norm, stream: "BatchStream") -> dict[str, Any]:
+        losses = reduce_losses(self.sums, self.counts, self.info)
+        loss = sum(getattr(self.config.losses, f"{n}_weight") * v for n, v in losses.items())
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step}: the loss is not finite ({losses})")
+        elapsed = time.perf_counter() - self.start
+        counted = self.throughput.clone()  # (images, tokens) of this rank's window
+        if self.info.enabled:
+            dist.all_reduce(counted)
+        images, tokens = float(counted[0]), float(counted[1])
+        row = {"step": step, "loss": loss, **{f"loss_{n}": v for n, v in losses.items()}, "lr": lr,
+               "images_per_s": images / elapsed, "tokens_per_s": tokens / elapsed,
+               "epoch": stream.epoch, "skipped": stream.skips.total}
+        if grad_norm is not None:
+            row["grad_norm"] = float(_full(grad_norm))
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.tb.add_scalar(f"train/{key}", value, step)
+        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['images_per_s']:.1f}")
+        self._reset()
+        return row
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
 # --------------------------------------------------------------------------------------------- loop
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``args.steps`` optimizer steps (from the latest checkpoint with ``--resume``); returns the
@@ -564,9 +626,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             (out / METRICS_FILE).unlink()  # a fresh run overwrites, it does not append to an old one
         save_tokenizer(tokenizer, out / ckpt.TOKENIZER_DIR)
     amp = args.amp if args.amp is not None else info.device.type == "cuda"
-    metrics_file = open(out / METRICS_FILE, "a") if info.is_main else None
-    tb = _tensorboard(out) if args.tensorboard and info.is_main else None
     bar = _progress_bar(start, args.steps, disabled=args.no_progress or not info.is_main)
+    logger = MetricsLogger(out, config, info, tensorboard=args.tensorboard, bar=bar)
 
     def save(step: int) -> Path:
         """Every rank contributes its RNG and data position; rank 0 writes."""
@@ -587,9 +648,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     model.train()
     run_start = time.perf_counter()
-    window_start, window_images, window_tokens = time.perf_counter(), 0, 0
-    sums = torch.zeros(len(LOSS_NAMES), device=info.device)
-    counts = torch.zeros(len(LOSS_NAMES), device=info.device)
     images_trained = 0
     last_saved = start
     end = args.steps if args.stop_at is None else max(start, args.stop_at)
@@ -605,14 +663,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=amp):
                     output = ddp_model(**inputs)
                 (output.loss / args.accum_steps).backward()
-            for i, name in enumerate(LOSS_NAMES):
-                if name in output.losses:
-                    sums[i] += output.losses[name].detach().float()
-                    counts[i] += 1
-            n = inputs["images"].shape[0]
-            window_images += n
-            window_tokens += int(inputs["attention_mask"].sum())
-            images_trained += n
+            logger.add(output, inputs)
+            images_trained += inputs["images"].shape[0]
         grad_norm = None
         if args.fsdp:
             average_replicated_grads(model, info)
@@ -628,31 +680,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
         # ---- log
         if done % args.log_every == 0 or done == end:
-            losses = reduce_losses(sums, counts, info)
-            sums.zero_()
-            counts.zero_()
-            weights = {n: getattr(config.losses, f"{n}_weight") for n in losses}
-            loss = sum(weights[n] * v for n, v in losses.items())
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"step {done}: the loss is not finite ({losses})")
-            elapsed = time.perf_counter() - window_start
-            counts_img = torch.tensor([window_images, window_tokens], dtype=torch.float64)
-            if info.enabled:
-                dist.all_reduce(counts_img)
-            row = {"step": done, "loss": loss, **{f"loss_{n}": v for n, v in losses.items()}, "lr": lr,
-                   "images_per_s": float(counts_img[0]) / elapsed, "tokens_per_s": float(counts_img[1]) / elapsed,
-                   "epoch": stream.epoch, "skipped": stream.skips.total}
-            if grad_norm is not None:
-                row["grad_norm"] = float(_full(grad_norm))
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-            if tb is not None:
-                for k, v in row.items():
-                    if k != "step":
-                        tb.add_scalar(f"train/{k}", v, done)
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['images_per_s']:.1f}")
-            window_start, window_images, window_tokens = time.perf_counter(), 0, 0
+            logger.write(done, lr=lr, grad_norm=grad_norm, stream=stream)
         bar.update(1)
 
         # ---- checkpoint
@@ -679,9 +707,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
         print(stream.skips.summary() if info.world_size == 1 else f"skipped samples (all ranks): {summary['skipped']}",
               file=sys.stderr)
-        metrics_file.close()
-        if tb is not None:
-            tb.close()
+    logger.close()
     if info.enabled:
         dist.barrier()
         dist.destroy_process_group()

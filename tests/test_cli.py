@@ -188,3 +188,11 @@ def test_console_script_is_declared():
     for extra in ("train", "test"):
         names = " ".join(project["optional-dependencies"][extra])
         assert "pycocoevalcap" in names and "tqdm" in names and "pyyaml" in names
+
+
+def test_tensorboard_missing_is_a_clear_error(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    rc = cli.main(_train_args(tmp_path, "--steps", "1", "--batch-size", "2", "--train-samples", "4", "--tensorboard",
+                              "--num-threads", "1", "--no-progress"))
+    assert rc == 2
+    assert "--tensorboard needs the tensorboard package" in capsys.readouterr().err
