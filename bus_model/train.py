@@ -6,10 +6,12 @@
 The loop in ``train`` reads top to bottom and is built from the small ``setup_*`` functions below:
 AdamW, cosine schedule with linear warm-up, gradient accumulation, gradient clipping, bf16 autocast on
 GPU, DDP under ``torchrun`` (gloo on CPU, NCCL on GPU; every rank reads its own shard of the data; only
-rank 0 writes). ``OUT/metrics.jsonl`` gets one JSON object per logged step; ``OUT/checkpoints/`` gets
-atomic checkpoints (``bus_model.checkpoint``) from which ``--resume`` continues exactly: same data
-order, same RNG draws, same losses step by step (on CPU). ``OUT/summary.json`` closes the run with
-the final step, throughput, skipped samples and each rank's parameter hash (the ranks must agree).
+rank 0 writes), or FSDP2 with ``--fsdp`` (parameters, gradients and optimizer state sharded; checkpoints
+hold the gathered full state, so they load anywhere). ``OUT/metrics.jsonl`` gets one JSON object per
+logged step; ``OUT/checkpoints/`` gets atomic checkpoints (``bus_model.checkpoint``) from which
+``--resume`` continues exactly: same data order, same RNG draws, same losses step by step (on CPU).
+``--stop-at N`` ends a process early, as a time-limited job would. ``OUT/summary.json`` closes the run
+with the final step, throughput, skipped samples and each rank's parameter hash (the ranks must agree).
 
 tqdm, TensorBoard and the data/tokenizer libraries are imported inside the functions that use them,
 so ``import bus_model`` needs none of them.
