@@ -168,11 +168,12 @@ def test_check_seqlens_false_skips_the_host_checks():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_strided_views_of_a_fused_qkv(backend):
+@pytest.mark.parametrize("D", [8, 40])
+def test_strided_views_of_a_fused_qkv(backend, D):
     lens = [9, 22]
     gen = torch.Generator().manual_seed(9)
-    qkv = torch.randn(sum(lens), 3, 2, 40, generator=gen)  # (total, 3, H, D): q, k, v are strided views
-    grad = torch.randn(sum(lens), 2, 40, generator=gen, dtype=torch.float64)
+    qkv = torch.randn(sum(lens), 3, 2, D, generator=gen)  # (total, 3, H, D): q, k, v are strided views
+    grad = torch.randn(sum(lens), 2, D, generator=gen, dtype=torch.float64)
     q, k, v = qkv.unbind(1)
     assert not q.is_contiguous()
     out, grads = run(backend, q, k, v, grad, lens, lens, causal=True)
@@ -316,19 +317,26 @@ def test_triton_rejects_head_dims_above_256():
     assert out.shape == q.shape
 
 
-@pytest.mark.parametrize("name", ADAPTERS)
-def test_adapter_matches_reference_on_gpu(name):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["triton"] + ADAPTERS)
+def test_cuda_backends_match_float64(name, dtype):
     why = backend_status("cuda")[name]
     if why is not None:
         pytest.skip(f"{name} unavailable here: {why}")
-    lens_q, lens_k = [0, 1, 70, 33], [5, 3, 70, 80]  # every q length <= its k length (xformers' causal rule)
-    q, k, v, grad = make_inputs(lens_q, lens_k, 4, 64, torch.float16, seed=1)
-    dev = [t.half().cuda() for t in (q, k, v)]
+    lens_q, lens_k = [1, 70, 33, 130], [3, 70, 80, 131]  # q length <= k length everywhere (xformers' causal rule)
+    q, k, v, grad = make_inputs(lens_q, lens_k, 4, 64, dtype, seed=1)
+    cu_q, cu_k = cu_seqlens(lens_q).cuda(), cu_seqlens(lens_k).cuda()
     for causal in (False, True):
-        out = varlen_attention(*dev, cu_seqlens(lens_q).cuda(), cu_seqlens(lens_k).cuda(), 70, 80,
-                               causal=causal, backend=name)
-        ref = attention_per_sequence(q, k, v, lens_q, lens_k, 64**-0.5, causal)
-        assert max_err(out.cpu(), ref) < 1e-2
+        leaves = [t.to("cuda", dtype).requires_grad_(True) for t in (q, k, v)]
+        out = varlen_attention(*leaves, cu_q, cu_k, 130, 131, causal=causal, backend=name)
+        grads = torch.autograd.grad(out, leaves, grad.to("cuda", dtype))
+        low = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]  # the same math in low precision, on CPU
+        low_out = attention_per_sequence(*low, lens_q, lens_k, 64**-0.5, causal)
+        low_grads = torch.autograd.grad(low_out, low, grad.to(dtype))
+        ref_out, ref_grads = reference(*low, grad, lens_q, lens_k, causal)
+        assert max_err(out.cpu(), ref_out) <= 2 * max_err(low_out, ref_out) + 1e-3
+        for g, lg, r in zip(grads, low_grads, ref_grads):
+            assert max_err(g.cpu(), r) <= 2 * max_err(lg, r) + 2e-3
 
 
 def test_public_api_exports():

@@ -21,13 +21,14 @@ Triton path (programs never touch a padded row):
     head, loops over the query blocks that see it; also the key_bias gradient per head) and
     ``_attn_bwd_dq_kernel`` (one query block x head). Every output element is written by exactly one
     program: no atomics.
-Head dims 16..256 of any size run by masking the head dim to ``BLOCK_D = next_pow2(D)``.
+Head dims 1..256 of any size (80, 96, ...) run by masking the head dim to ``BLOCK_D = max(16, next_pow2(D))``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -277,11 +278,14 @@ def _attn_bwd_dq_kernel(
 # Launch configuration
 
 
-class _Config:
-    """Tile sizes of one kernel: rows of the query block, rows of the key block, warps, stages."""
+class _Config(NamedTuple):
+    """Tile sizes of one kernel: rows of the query tile, rows of the key tile, warps, pipeline stages.
+    (fwd and dq programs own a query tile and loop over key tiles; dkdv programs the other way round.)"""
 
-    def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int):
-        self.block_m, self.block_n, self.num_warps, self.num_stages = block_m, block_n, num_warps, num_stages
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
 
 
 # (kernel, fp32 inputs?, BLOCK_D) -> tiles (BLOCK_M query rows, BLOCK_N key rows, warps, stages).
@@ -501,15 +505,15 @@ register_impl("varlen_attention", "triton", _varlen_attention_triton_impl)
 # What each backend can take beyond device/dtype (head dims, key_bias), stated as data.
 
 
+@dataclass(frozen=True)
 class AttentionLimits:
     """Head dims a backend takes (``min_head_dim <= D <= max_head_dim``, ``D % head_dim_multiple == 0``)
     and whether it takes ``key_bias``."""
 
-    def __init__(self, min_head_dim: int, max_head_dim: int | None, head_dim_multiple: int, key_bias: bool):
-        self.min_head_dim = min_head_dim
-        self.max_head_dim = max_head_dim
-        self.head_dim_multiple = head_dim_multiple
-        self.key_bias = key_bias
+    min_head_dim: int
+    max_head_dim: int | None
+    head_dim_multiple: int
+    key_bias: bool
 
     def reasons(self, head_dim: int, has_key_bias: bool) -> list[str]:
         reasons = []
