@@ -265,3 +265,42 @@ def test_accumulation_amp_and_cosine_schedule(tmp_path):
     # 6 steps x 2 micro-batches x 4 images = 48 images = exactly one epoch
     state = ckpt.load_training_state(ckpt.latest_checkpoint(out).path)
     assert state.trainer_state["data"][0]["epoch"] == 0 and state.trainer_state["data"][0]["position"] == 12
+
+
+def test_process_killed_while_saving_leaves_previous_checkpoint(tmp_path):
+    """SIGKILL the trainer the moment a checkpoint's temporary directory appears (mid-save): the newest
+    complete checkpoint still loads, and --resume finishes the run from it."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [*TINY, "--out", str(out), "--steps", "16", "--batch-size", "4", "--train-samples", "64", "--log-every", "1",
+            "--save-every", "1", "--keep-checkpoints", "3"]
+    proc = subprocess.Popen([sys.executable, "-m", "bus_model.train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    root = out / "checkpoints"
+    deadline = time.monotonic() + 300
+    caught = False
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            complete = ckpt.list_checkpoints(out)
+            if root.is_dir() and complete and complete[-1].step >= 3:
+                if any(p.name.startswith(".tmp-") for p in root.iterdir()):
+                    proc.send_signal(signal.SIGKILL)
+                    caught = True
+                    break
+            time.sleep(0.0005)  # poll fast: a tiny model's save takes milliseconds
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+    assert caught, "never saw a save in progress"
+    latest = ckpt.latest_checkpoint(out)
+    assert latest is not None and 3 <= latest.step < 16
+    model = BusModel.from_pretrained(latest.path)
+    state = ckpt.load_training_state(latest.path)
+    assert state.trainer_state["step"] == latest.step and parameter_hash(model)
+    assert cli.main(["train", *args, "--resume"]) == 0
+    assert ckpt.latest_checkpoint(out).step == 16
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]  # the stale one was swept
+    assert [r["step"] for r in _rows(out)] == list(range(1, 17))
