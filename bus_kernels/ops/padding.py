@@ -89,7 +89,7 @@ def pad(x_packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) 
     batch = check_int("batch", batch, 0)
     seqlen = check_int("seqlen", seqlen, 0)
     if indices.numel() > 0 and not torch.compiler.is_compiling():
-        low, high = int(indices.min()), int(indices.max())
+        low, high = torch.stack([indices.min(), indices.max()]).tolist()  # one host read
         if low < 0 or high >= batch * seqlen:
             raise ValueError(f"indices must lie in [0, batch * seqlen = {batch * seqlen}), got values in [{low}, {high}]")
     out = x_packed.new_zeros(batch * seqlen, *x_packed.shape[1:])

@@ -541,9 +541,8 @@ def register_attention_limits(backend: str, limits: AttentionLimits) -> None:
 # Public function
 
 
-def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_name: str, max_seqlen: int) -> None:
-    """Value checks (host read of ``cu``): starts at 0, non-decreasing, ends at ``total``, lengths <= max."""
-    values = cu.tolist()
+def _check_cu_seqlens(name: str, values: list[int], total: int, max_name: str, max_seqlen: int) -> None:
+    """Value checks of offsets read on the host: start at 0, non-decreasing, end at ``total``, lengths <= max."""
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")
     lengths = [b - a for a, b in zip(values[:-1], values[1:])]
@@ -641,8 +640,10 @@ def varlen_attention(
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if check_seqlens and not torch.compiler.is_compiling():
-        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, "max_seqlen_q", max_seqlen_q)
-        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, "max_seqlen_k", max_seqlen_k)
+        offsets = torch.cat([cu_seqlens_q, cu_seqlens_k]).tolist()  # one host read (one sync on CUDA)
+        n = cu_seqlens_q.shape[0]
+        _check_cu_seqlens("cu_seqlens_q", offsets[:n], total_q, "max_seqlen_q", max_seqlen_q)
+        _check_cu_seqlens("cu_seqlens_k", offsets[n:], total_k, "max_seqlen_k", max_seqlen_k)
 
     requires_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, key_bias)
