@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -236,10 +237,41 @@ def setup_model(args: argparse.Namespace, tokenizer) -> BusModel:
         raise UsageError(f"--model {args.model}: {err}") from None
     model = BusModel(config)
     if args.grad_checkpointing:
-        if not hasattr(model, "set_grad_checkpointing"):
-            raise UsageError("--grad-checkpointing: this BusModel has no set_grad_checkpointing()")
-        model.set_grad_checkpointing(True)
+        if hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(True)
+        else:
+            apply_grad_checkpointing(model)
     return model
+
+
+def _checkpointed(fn):
+    """``fn`` whose activations are recomputed in backward instead of stored (non-reentrant)."""
+    from torch.utils.checkpoint import checkpoint
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def apply_grad_checkpointing(model: torch.nn.Module) -> int:
+    """Recompute every Transformer block's activations in backward (activation memory O(1 block)
+    instead of O(depth)); returns the number of blocks wrapped. A block is an entry of an
+    ``nn.ModuleList``; the ViT's blocks run through ``attend``/``feed_forward``, which are wrapped too.
+    The blocks draw no random numbers, so the recomputation is exact."""
+    wrapped = 0
+    for _name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.ModuleList):
+            continue
+        for block in module:
+            for method in ("forward", "attend", "feed_forward"):
+                if hasattr(block, method) and method in type(block).__dict__:
+                    setattr(block, method, _checkpointed(getattr(block, method)))
+            wrapped += 1
+    return wrapped
 
 
 def setup_dataset(args: argparse.Namespace, config: BusConfig, info: DistInfo):

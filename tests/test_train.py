@@ -246,13 +246,14 @@ def test_webdataset_shards_train_and_resume_exactly(tmp_path, workers):
 
 
 def test_accumulation_amp_and_cosine_schedule(tmp_path):
-    """--accum-steps 2 with bf16 autocast on CPU trains; the logged lr follows linear warm-up then a
-    cosine to min_lr_ratio * lr (closed form written out here)."""
+    """--accum-steps 2 with bf16 autocast on CPU and gradient checkpointing trains; the logged lr follows
+    linear warm-up then a cosine to min_lr_ratio * lr (closed form written out here)."""
     import math
 
     out = tmp_path / "run"
     _train(out, "--steps", "6", "--warmup-steps", "2", "--lr", "1e-3", "--min-lr-ratio", "0.1", "--batch-size", "4",
-           "--accum-steps", "2", "--amp", "--train-samples", "48", "--log-every", "1", "--save-every", "6")
+           "--accum-steps", "2", "--amp", "--grad-checkpointing", "--train-samples", "48", "--log-every", "1",
+           "--save-every", "6")
     rows = _rows(out)
     expected = []
     for s in range(6):
@@ -304,3 +305,28 @@ def test_process_killed_while_saving_leaves_previous_checkpoint(tmp_path):
     assert ckpt.latest_checkpoint(out).step == 16
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]  # the stale one was swept
     assert [r["step"] for r in _rows(out)] == list(range(1, 17))
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients():
+    from bus_model import create_model
+    from bus_model.data import Collator, SyntheticDataset, build_synthetic_tokenizer
+    from bus_model.train import apply_grad_checkpointing, tokenizer_overrides
+
+    tok = build_synthetic_tokenizer(16)
+    batch = Collator(tok, image_size=32, patch_size=8)([SyntheticDataset(5, image_size=32, patch_size=8)[i] for i in range(5)])
+    inputs = {k: batch[k] for k in ("images", "input_ids", "attention_mask", "patch_labels")}
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(3)
+        model = create_model("bus-tiny", **tokenizer_overrides(tok))
+        if checkpointed:
+            assert apply_grad_checkpointing(model) == 4 + 2 + 2 + 2 + 1  # ViT, text, fusion, decoder, PAD
+        torch.manual_seed(4)  # the same masks and negatives
+        out = model(**inputs)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7, msg=name)
