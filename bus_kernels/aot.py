@@ -106,6 +106,27 @@ _OP_MODULES = [
 ]
 
 
+_SPECS: list[KernelSpec] = []
+
+
+def _compile_indexed(job: tuple[int, int]) -> AotResult:
+    index, arch = job
+    return compile_spec(_SPECS[index], arch)
+
+
+def compile_all(specs: list[KernelSpec], archs: list[int], jobs: int) -> list[AotResult]:
+    """Compile every (spec, arch) pair, ``jobs`` processes at a time (forked: specs need no pickling)."""
+    global _SPECS
+    _SPECS = specs
+    work = [(i, arch) for i in range(len(specs)) for arch in archs]
+    if jobs <= 1 or len(work) <= 1:
+        return [_compile_indexed(w) for w in work]
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return pool.map(_compile_indexed, work, chunksize=1)
+
+
 def format_table(results: list[AotResult]) -> str:
     lines = [
         "| kernel | arch | ok | registers | spill/local bytes | shared (static + dynamic) |",
@@ -126,11 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default: 80 90)")
     parser.add_argument("--filter", default="", help="only kernels whose name contains this string")
     parser.add_argument("--json", help="also write the results as JSON to this path")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("error: unset TRITON_INTERPRET: ahead-of-time compilation needs the real Triton compiler", file=sys.stderr)
         return 2
-    results = [compile_spec(s, arch) for s in all_specs() if args.filter in s.name for arch in args.arch]
+    specs = [s for s in all_specs() if args.filter in s.name]
+    results = compile_all(specs, args.arch, args.jobs)
     print(format_table(results))
     failed = [r for r in results if not r.ok]
     spilled = [r for r in results if r.ok and r.local_bytes]
