@@ -312,8 +312,13 @@ class CosineWithWarmup:
 
 
 def setup_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_for(args))
+
+
+def schedule_for(args: argparse.Namespace) -> CosineWithWarmup:
+    """The lr multiplier of a run: warm-up ``--warmup-steps`` (default 5% of ``--steps``), cosine to ``--steps``."""
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, CosineWithWarmup(warmup, args.steps, args.min_lr_ratio))
+    return CosineWithWarmup(warmup, args.steps, args.min_lr_ratio)
 
 
 def wrap_model(model: BusModel, args: argparse.Namespace, info: DistInfo) -> torch.nn.Module:
@@ -545,6 +550,33 @@ def _resumed_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+# flags that change what the resumed steps compute: changing them on --resume is allowed, but the run
+# then differs from an uninterrupted one
+_RUN_DEFINING = ("model", "data", "seed", "steps", "batch_size", "accum_steps", "lr", "min_lr_ratio", "warmup_steps",
+                 "weight_decay", "betas", "grad_clip", "train_samples", "data_seed", "amp")
+
+
+def _warn_changed_args(saved: dict[str, Any], args: argparse.Namespace) -> None:
+    now = _args_record(args)
+    for key in _RUN_DEFINING:
+        if key in saved and saved[key] != now.get(key):
+            print(f"warning: --resume with a different --{key.replace('_', '-')} (checkpoint: {saved[key]!r}, now: "
+                  f"{now.get(key)!r}): the run will not match an uninterrupted one", file=sys.stderr)
+
+
+def _follow_current_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, args: argparse.Namespace) -> None:
+    """``load_state_dict`` restores the saved schedule's length; make it follow this run's --steps
+    (identical when resuming the same run, longer when extending it)."""
+    fresh = schedule_for(args)
+    for fn in scheduler.lr_lambdas:
+        if isinstance(fn, CosineWithWarmup):
+            fn.warmup, fn.total, fn.min_ratio = fresh.warmup, fresh.total, fresh.min_ratio
+    # the lr of the next step was computed with the saved schedule: recompute it with this one
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def _args_record(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if not k.startswith("_")}
 
@@ -646,6 +678,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if loaded is not None:
         load_optimizer_state(model, optimizer, loaded.optimizer, fsdp=args.fsdp)
         scheduler.load_state_dict(loaded.scheduler)
+        _follow_current_schedule(scheduler, args)
+        if info.is_main:
+            _warn_changed_args(loaded.trainer_state.get("args", {}), args)
         stream.load_state(loaded.trainer_state["data"][info.rank])
         ckpt.restore_rng_state(*loaded.rng[info.rank])
         start = latest.step

@@ -330,3 +330,20 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients():
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_resume_with_more_steps_extends_the_schedule_and_warns(tmp_path, capsys):
+    import math
+
+    out = tmp_path / "run"
+    common = ["--batch-size", "4", "--train-samples", "16", "--log-every", "1", "--warmup-steps", "1", "--lr", "1e-3",
+              "--min-lr-ratio", "0"]
+    _train(out, *common, "--steps", "2", "--save-every", "2")
+    capsys.readouterr()
+    _train(out, *common, "--steps", "4", "--save-every", "4", "--resume")
+    err = capsys.readouterr().err
+    assert "warning: --resume with a different --steps (checkpoint: 2, now: 4)" in err
+    lrs = [r["lr"] for r in _rows(out)]
+    # steps 3 and 4 follow the 4-step cosine (warm-up 1), not the finished 2-step one
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 3)) for s in (2, 3)]  # 0-based steps 2, 3
+    assert lrs[2:] == pytest.approx(expected, rel=1e-12)
