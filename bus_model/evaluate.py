@@ -55,6 +55,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         "(default: the model's max_text_len)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default: on for CUDA, off on CPU)")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     return parser
 
@@ -173,8 +175,10 @@ class _KeyedIterable(torch.utils.data.IterableDataset):
 
 @torch.no_grad()
 def encode_dataset(model: BusModel, dataset, tokenizer, *, device: torch.device, batch_size: int,
-                   captions: bool, max_caption_len: int, num_beams: int, workers: int = 0) -> EncodedSet:
-    """One pass: embed distinct images and every caption, generate a caption per image."""
+                   captions: bool, max_caption_len: int, num_beams: int, workers: int = 0,
+                   amp: bool = False) -> EncodedSet:
+    """One pass: embed distinct images and every caption, generate a caption per image (the model under
+    bf16 autocast when ``amp``)."""
     from .data import Collator, SkipReport, SkippedSample
 
     cfg = model.config
@@ -199,17 +203,20 @@ def encode_dataset(model: BusModel, dataset, tokenizer, *, device: torch.device,
             text_image.append(image_index[key])
         ids_b = batch["input_ids"].to(device)
         mask_b = batch["attention_mask"].to(device)
-        text_emb.append(model.encode_text(ids_b, mask_b).embedding.float().cpu())
+        with _autocast(device, amp):
+            text_emb.append(model.encode_text(ids_b, mask_b).embedding.float().cpu())
         for row in range(ids_b.shape[0]):
             n = int(mask_b[row].sum())
             ids.append(batch["input_ids"][row, :n])
         texts.extend(batch["captions"])
         if new:
             imgs = batch["images"][new]
-            image_emb.append(model.encode_image(imgs.to(device)).embedding.float().cpu())
+            with _autocast(device, amp):
+                image_emb.append(model.encode_image(imgs.to(device)).embedding.float().cpu())
             images.append(imgs.half())
             if captions:
-                out = model.generate(imgs.to(device), max_length=max_caption_len, num_beams=num_beams)
+                with _autocast(device, amp):
+                    out = model.generate(imgs.to(device), max_length=max_caption_len, num_beams=num_beams)
                 generated.extend(tokenizer.batch_decode(out.cpu(), skip_special_tokens=True))
     if not texts:
         raise RuntimeError(f"no usable samples in the evaluation data ({skips.summary()})")
@@ -224,7 +231,12 @@ def encode_dataset(model: BusModel, dataset, tokenizer, *, device: torch.device,
                       torch.tensor(text_image), texts, generated, dict(skips.counts))
 
 
-def itm_scorer(model: BusModel, enc: EncodedSet, device: torch.device, batch_size: int, queries_are_images: bool):
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def itm_scorer(model: BusModel, enc: EncodedSet, device: torch.device, batch_size: int, queries_are_images: bool,
+               amp: bool = False):
     """``scores(query_idx, cand_idx) -> (P,)`` ITM match probabilities of (image, text) pairs."""
 
     @torch.no_grad()
@@ -235,23 +247,24 @@ def itm_scorer(model: BusModel, enc: EncodedSet, device: torch.device, batch_siz
             i, t = img_idx[s : s + batch_size], txt_idx[s : s + batch_size]
             mask = enc.attention_mask[t]
             n = int(mask.sum(dim=1).max())  # trim the padding shared by the whole chunk
-            out.append(model.itm_score(enc.images[i].float().to(device), enc.input_ids[t, :n].to(device),
-                                       mask[:, :n].to(device)).cpu())
+            with _autocast(device, amp):
+                out.append(model.itm_score(enc.images[i].float().to(device), enc.input_ids[t, :n].to(device),
+                                           mask[:, :n].to(device)).float().cpu())
         return torch.cat(out)
 
     return scores
 
 
 def retrieval_metrics(model: BusModel, enc: EncodedSet, *, device: torch.device, rerank_k: int,
-                      batch_size: int) -> dict[str, float]:
+                      batch_size: int, amp: bool = False) -> dict[str, float]:
     """R@1/5/10 in both directions, from ITC and after ITM re-ranking of the top ``rerank_k``."""
     sim = enc.image_emb @ enc.text_emb.t()  # (Ni, Nt)
     img_pos = enc.image_texts()
     txt_pos = [[i] for i in enc.text_image.tolist()]
     out: dict[str, float] = {}
     for prefix, k in (("itc_", 0), ("", rerank_k)):
-        i2t = rerank_top_k(sim, k, itm_scorer(model, enc, device, batch_size, queries_are_images=True))
-        t2i = rerank_top_k(sim.t(), k, itm_scorer(model, enc, device, batch_size, queries_are_images=False))
+        i2t = rerank_top_k(sim, k, itm_scorer(model, enc, device, batch_size, queries_are_images=True, amp=amp))
+        t2i = rerank_top_k(sim.t(), k, itm_scorer(model, enc, device, batch_size, queries_are_images=False, amp=amp))
         recalls = []
         for name, ranking, positives in (("img2txt", i2t, img_pos), ("txt2img", t2i, txt_pos)):
             first = first_positive_rank(ranking, positives).double()
@@ -306,14 +319,17 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f"--data {args.data}: {err}") from None
     max_len = args.max_caption_len or model.config.max_text_len
+    amp = args.amp if args.amp is not None else device.type == "cuda"
     start = time.perf_counter()
     enc = encode_dataset(model, dataset, tokenizer, device=device, batch_size=args.batch_size,
                          captions=not args.no_captions, max_caption_len=max_len, num_beams=args.num_beams,
-                         workers=args.workers)
+                         workers=args.workers, amp=amp)
     encode_s = time.perf_counter() - start
+    retrieval = retrieval_metrics(model, enc, device=device, rerank_k=args.rerank_k, batch_size=args.batch_size,
+                                  amp=amp)
     metrics: dict[str, Any] = {"checkpoint": str(path), "data": args.data, "num_images": enc.images.shape[0],
                                "num_texts": len(enc.captions), "rerank_k": args.rerank_k}
-    metrics.update(retrieval_metrics(model, enc, device=device, rerank_k=args.rerank_k, batch_size=args.batch_size))
+    metrics.update(retrieval)
     if not args.no_captions:
         refs = [[enc.captions[t] for t in texts] for texts in enc.image_texts()]
         metrics.update(caption_scores(refs, enc.generated))

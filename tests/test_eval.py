@@ -91,3 +91,43 @@ def test_caption_scores_bad_input():
     pytest.importorskip("pycocoevalcap")
     with pytest.raises(ValueError, match="one hypothesis per image"):
         caption_scores([["a b"]], ["a", "b"])
+
+
+def test_eval_groups_captions_of_one_image_and_reports_skips(tmp_path):
+    """A manifest with 2 captions per image and one missing image: 3 images, 6 texts, 1 skipped;
+    every image's recall counts either of its captions."""
+    import argparse
+    import json
+
+    from PIL import Image
+
+    from bus_model import checkpoint as ckpt
+    from bus_model import create_model
+    from bus_model.data import build_synthetic_tokenizer, render_sample
+    from bus_model.evaluate import add_eval_arguments, evaluate
+    from bus_model.train import tokenizer_overrides
+
+    tok = build_synthetic_tokenizer(16)
+    torch.manual_seed(0)
+    model = create_model("bus-tiny", **tokenizer_overrides(tok))
+    run = tmp_path / "ck"
+    model.save_pretrained(run)
+    tok.save_pretrained(str(run / ckpt.TOKENIZER_DIR))
+    rows = []
+    for i in range(3):
+        s = render_sample(0, i, image_size=64, patch_size=8)
+        Image.fromarray(s.image).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "caption": [s.caption, s.caption.replace("a ", "one ", 1)]})
+    rows.append({"image": "gone.png", "caption": "a small red circle left of a large blue square"})
+    manifest = tmp_path / "val.json"
+    manifest.write_text(json.dumps(rows))
+    parser = add_eval_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--checkpoint", str(run), "--data", str(manifest), "--num-threads", "1",
+                              "--rerank-k", "2", "--batch-size", "4", "--json", str(tmp_path / "m.json"),
+                              "--amp"])  # bf16 autocast on CPU (the e2e test covers fp32)
+    m = evaluate(args)
+    assert (m["num_images"], m["num_texts"]) == (3, 6)
+    assert m["skipped"] == {"missing": 1}
+    assert m["img2txt_r5"] == 1.0 and m["txt2img_r5"] == 1.0  # 5 >= the number of candidates (3 / 6)
+    assert 1.0 <= m["txt2img_meanr"] <= 3.0 and 1.0 <= m["img2txt_meanr"] <= 5.0
+    assert json.loads((tmp_path / "m.json").read_text())["num_texts"] == 6
