@@ -661,7 +661,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                         max_length=config.max_text_len)
     stream = BatchStream(dataset, collator, batch_size=args.batch_size, seed=args.seed, info=info, workers=args.workers)
     start, loaded = 0, None
-    latest = ckpt.latest_checkpoint(out) if args.resume else None
+    latest = ckpt.latest_checkpoint(out)
+    if latest is not None and not args.resume:
+        raise UsageError(f"--out {out} already holds a run (checkpoint at step {latest.step}): pass --resume to "
+                         "continue it, or choose another --out")
     if latest is not None:
         loaded = ckpt.load_training_state(latest.path)
         if len(loaded.rng) != info.world_size:

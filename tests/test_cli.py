@@ -196,3 +196,13 @@ def test_tensorboard_missing_is_a_clear_error(monkeypatch, capsys, tmp_path):
                               "--num-threads", "1", "--no-progress"))
     assert rc == 2
     assert "--tensorboard needs the tensorboard package" in capsys.readouterr().err
+
+
+def test_fresh_run_into_an_existing_run_directory_exits_2(capsys, tmp_path):
+    """Starting over in a directory with checkpoints would mix two runs (``bus eval`` picks the newest
+    step): refused unless --resume."""
+    args = _train_args(tmp_path, "--steps", "1", "--batch-size", "2", "--train-samples", "4", "--num-threads", "1",
+                       "--no-progress")
+    assert cli.main(args) == 0
+    assert cli.main(args) == 2
+    assert "already holds a run (checkpoint at step 1): pass --resume" in capsys.readouterr().err
