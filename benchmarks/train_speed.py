@@ -10,7 +10,7 @@ and ``speedup = baseline step time / BUS step time``.
 
 Peak memory is measured in a separate process per model (so one model's allocations never count
 for the other): on GPU ``torch.cuda.max_memory_allocated``; on CPU the process's peak resident set
-size (``ru_maxrss``) minus its resident size before the model was built. The JSON says which.
+size (``VmHWM``) minus its resident size before the model was built. The JSON says which.
 """
 
 from __future__ import annotations
@@ -106,10 +106,28 @@ def training_flops_per_sample(model, batch) -> float:
 # memory, one process per model
 
 
+def _proc_status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field in KiB (Linux), else None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _cpu_peak_kib() -> int:
+    # VmHWM is this process's own peak; ru_maxrss would also count the parent's peak (Linux keeps it across exec)
+    hwm = _proc_status_kib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _memory_probe(name: str, settings: TrainBenchSettings) -> dict:
     """Runs in a child process: build one model, run 2 steps, report its peak memory."""
     device = default_device()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = _proc_status_kib("VmRSS") or _cpu_peak_kib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, batches = build_model_and_data(name, settings.batch_size, 1, settings.seed, settings.image_size, device)
@@ -119,10 +137,9 @@ def _memory_probe(name: str, settings: TrainBenchSettings) -> dict:
     if device.type == "cuda":
         return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20,
                 "memory_kind": "torch.cuda.max_memory_allocated in a dedicated process"}
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"peak_memory_mib": (rss_after - rss_before) / 1024,
-            "memory_kind": "CPU: peak resident set size (ru_maxrss) of a dedicated process minus its size before "
-                           "the model was built"}
+    return {"peak_memory_mib": (_cpu_peak_kib() - rss_before) / 1024,
+            "memory_kind": "CPU: peak resident set size (VmHWM) of a dedicated process minus its resident size "
+                           "before the model was built"}
 
 
 def measure_memory(name: str, settings: TrainBenchSettings) -> dict:

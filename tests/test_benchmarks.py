@@ -28,7 +28,8 @@ def test_bench_train_quick(tmp_path, capsys):
     for m in result["models"].values():
         assert m["median_step_s"] > 0 and m["images_per_s"] > 0 and m["flops_per_sample"] > 0
         assert len(m["step_times_s"]) == 2
-        assert m["peak_memory_mib"] >= 0 and "ru_maxrss" in m["memory_kind"]
+        # a model, its gradients and AdamW state take memory: a probe that measured nothing reads 0
+        assert m["peak_memory_mib"] > 1 and "VmHWM" in m["memory_kind"]
     bus, base = result["models"]["bus-tiny"], result["models"]["bus-tiny-baseline"]
     assert result["speedup"] == pytest.approx(base["median_step_s"] / bus["median_step_s"])
     assert result["flops_ratio"] < 1  # token selection + PAD must cut the work
