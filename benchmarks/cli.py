@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import flops, kernels, scaling, train_speed
+from . import flops, kernels, patch_effect, scaling, train_speed
 
 BENCHMARKS = {
     "train": train_speed,  # the main job: BUS vs baseline training speed
     "flops": flops,
     "scaling": scaling,
     "kernels": kernels,
+    "patch": patch_effect,  # bus_kernels.patch on timm ViTs: tokens per layer, FLOPs, step time
 }
 
 

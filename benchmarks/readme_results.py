@@ -26,8 +26,8 @@ def render_results(folder: str) -> str:
         with open(path) as f:
             result = json.load(f)
         name = result.get("benchmark") if isinstance(result, dict) else None
-        if name not in BENCHMARKS:
-            continue  # not a `bus bench` result (e.g. a helper script's output)
+        if name not in BENCHMARKS or not hasattr(BENCHMARKS[name], "render"):
+            continue  # not a `bus bench` result with a table of its own
         command = result.get("command", "")
         sections.append(
             f"#### `{os.path.basename(path)}` — {result['device']}\n\n"
