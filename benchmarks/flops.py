@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from .harness import count_flops, environment, markdown_table, save_plot, write_json
+from .harness import count_flops, environment, markdown_table, publish, save_plot
 
 BATCH = 2
 
@@ -96,18 +96,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main_from_args(args) -> int:
     model, sizes = ("bus-tiny", [32, 64]) if args.quick else (args.model, args.resolutions)
     result = run(model, tuple(sizes))
-    print(render(result))
-    write_json(args.json, result)
-    message = plot(result, args.plot)
-    if message:
-        print(message, file=sys.stderr)
-    return 0
+    return publish(result, render(result), args.json, plot(result, args.plot))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bus bench flops", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return main_from_args(parser.parse_args(argv))
+    from .cli import main as bench_main
+
+    return bench_main(["flops", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

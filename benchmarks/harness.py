@@ -186,6 +186,15 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]
     return "\n".join(lines)
 
 
+def publish(result: dict, text: str, json_path: str | None, plot_message: str | None = None) -> int:
+    """The end of every benchmark: the table on stdout, the JSON to ``json_path``, a plot note on stderr."""
+    print(text)
+    write_json(json_path, result)
+    if plot_message:
+        print(plot_message, file=sys.stderr)
+    return 0
+
+
 def save_plot(path: str | None, draw: Callable[[object], None]) -> str | None:
     """Draw with matplotlib into ``path`` (PNG). Returns a message instead when matplotlib is absent."""
     if not path:

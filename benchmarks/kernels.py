@@ -26,7 +26,7 @@ import bus_kernels as bk
 from bus_kernels import reference
 from bus_kernels.backends import TRITON_INTERPRET, get_backend
 
-from .harness import ByteCounter, default_device, environment, markdown_table, time_op, write_json
+from .harness import ByteCounter, default_device, environment, markdown_table, publish, time_op
 
 
 @dataclass
@@ -240,15 +240,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main_from_args(args) -> int:
     result = run(quick=args.quick, dtype=getattr(torch, args.dtype) if args.dtype else None)
-    print(render(result))
-    write_json(args.json, result)
-    return 0
+    return publish(result, render(result), args.json)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bus bench kernels", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return main_from_args(parser.parse_args(argv))
+    from .cli import main as bench_main
+
+    return bench_main(["kernels", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

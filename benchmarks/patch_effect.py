@@ -200,9 +200,9 @@ def main_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bus_benchmarks.patch_effect", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return main_from_args(parser.parse_args(argv))
+    from .cli import main as bench_main
+
+    return bench_main(["patch", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

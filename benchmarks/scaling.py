@@ -10,7 +10,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from .harness import default_device, environment, markdown_table, save_plot, write_json
+from .harness import default_device, environment, markdown_table, publish, save_plot
 from .train_speed import TrainBenchSettings
 from .train_speed import run as run_train
 
@@ -73,18 +73,13 @@ def main_from_args(args) -> int:
         settings = TrainBenchSettings(model=args.model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)
         sizes = args.resolutions
     result = run(settings, sizes, log=lambda msg: print(msg, file=sys.stderr))
-    print(render(result))
-    write_json(args.json, result)
-    message = plot(result, args.plot)
-    if message:
-        print(message, file=sys.stderr)
-    return 0
+    return publish(result, render(result), args.json, plot(result, args.plot))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bus bench scaling", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return main_from_args(parser.parse_args(argv))
+    from .cli import main as bench_main
+
+    return bench_main(["scaling", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

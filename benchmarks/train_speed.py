@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .harness import count_flops, default_device, environment, markdown_table, median, save_plot, timed, write_json
+from .harness import count_flops, default_device, environment, markdown_table, median, publish, save_plot, timed
 
 
 @dataclass
@@ -38,6 +38,8 @@ class TrainBenchSettings:
     lr: float = 1e-4
     amp: bool | None = None  # bf16 autocast; None: on for CUDA, off for CPU
     memory: bool = True  # measure peak memory in a separate process per model
+    eval_seconds: float = 0.0  # > 0: also train both for this much wall-clock time each, then retrieval R@1
+    eval_images: int = 128  # held-out images (and their captions) ranked by the equal-time evaluation
 
     @classmethod
     def quick(cls) -> "TrainBenchSettings":
@@ -49,11 +51,28 @@ class TrainBenchSettings:
 # setup shared by the benchmarks that train
 
 
-def build_model_and_data(name: str, batch_size: int, num_batches: int, seed: int, image_size: int | None,
-                         device: torch.device):
-    """A model sized for the synthetic tokenizer and ``num_batches`` fixed synthetic batches on ``device``."""
+class SyntheticBatches:
+    """Batch ``i`` of the embedded synthetic data as the model's input tuple
+    ``(images, input_ids, attention_mask, patch_labels)`` on ``device`` (deterministic in ``(seed, i)``)."""
+
+    def __init__(self, config, tokenizer, batch_size: int, seed: int, device: torch.device, split: str = "train"):
+        from bus_model.data import Collator, SyntheticDataset
+
+        v = config.vision
+        self.batch_size, self.device, self.tokenizer = batch_size, device, tokenizer
+        self.dataset = SyntheticDataset(10**9, seed=seed, split=split, image_size=v.image_size, patch_size=v.patch_size)
+        self.collate = Collator(tokenizer, image_size=v.image_size, patch_size=v.patch_size, max_length=config.max_text_len)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        batch = self.collate([self.dataset[j] for j in range(i * self.batch_size, (i + 1) * self.batch_size)])
+        labels = batch["patch_labels"].masked_fill(~batch["has_patch_labels"][:, None], -1.0)  # -1: no labels
+        return tuple(t.to(self.device) for t in (batch["images"], batch["input_ids"], batch["attention_mask"], labels))
+
+
+def build_model_and_data(name: str, batch_size: int, seed: int, image_size: int | None, device: torch.device):
+    """A model sized for the synthetic tokenizer (seeded init) and its ``SyntheticBatches``."""
     from bus_model import create_model, get_config
-    from bus_model.data import Collator, SyntheticDataset, build_synthetic_tokenizer
+    from bus_model.data import build_synthetic_tokenizer
     from bus_model.data.tokenizer import text_config_overrides
 
     overrides = {}
@@ -64,15 +83,7 @@ def build_model_and_data(name: str, batch_size: int, num_batches: int, seed: int
     overrides["text"] = text_config_overrides(tokenizer)
     torch.manual_seed(seed)
     model = create_model(name, **overrides).to(device)
-    v = model.config.vision
-    data = SyntheticDataset(batch_size * num_batches, seed=seed, image_size=v.image_size, patch_size=v.patch_size)
-    collate = Collator(tokenizer, image_size=v.image_size, patch_size=v.patch_size, max_length=config.max_text_len)
-    batches = []
-    for i in range(num_batches):
-        batch = collate([data[j] for j in range(i * batch_size, (i + 1) * batch_size)])
-        labels = batch["patch_labels"].masked_fill(~batch["has_patch_labels"][:, None], -1.0)
-        batches.append(tuple(t.to(device) for t in (batch["images"], batch["input_ids"], batch["attention_mask"], labels)))
-    return model, batches
+    return model, SyntheticBatches(model.config, tokenizer, batch_size, seed, device)
 
 
 def make_step(model, lr: float, amp: bool, device: torch.device):
@@ -130,10 +141,11 @@ def _memory_probe(name: str, settings: TrainBenchSettings) -> dict:
     rss_before = _proc_status_kib("VmRSS") or _cpu_peak_kib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model, batches = build_model_and_data(name, settings.batch_size, 1, settings.seed, settings.image_size, device)
+    model, data = build_model_and_data(name, settings.batch_size, settings.seed, settings.image_size, device)
     step = make_step(model, settings.lr, _amp(settings, device), device)
+    batch = data[0]
     for _ in range(2):
-        step(batches[0])
+        step(batch)
     if device.type == "cuda":
         return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20,
                 "memory_kind": "torch.cuda.max_memory_allocated in a dedicated process"}
@@ -164,13 +176,11 @@ def run(settings: TrainBenchSettings, device: torch.device | None = None, log=pr
     amp = _amp(settings, device)
     names = [settings.model, f"{settings.model}-baseline"]
     n_batches = settings.warmup + settings.steps
-    models, steps, batches = {}, {}, None
+    models, steps = {}, {}
     for name in names:
-        model, model_batches = build_model_and_data(name, settings.batch_size, n_batches, settings.seed,
-                                                    settings.image_size, device)
-        models[name] = model
-        steps[name] = make_step(model, settings.lr, amp, device)
-        batches = batches or model_batches  # the twins share tokenizer and image size: one set of batches
+        models[name], data = build_model_and_data(name, settings.batch_size, settings.seed, settings.image_size, device)
+        steps[name] = make_step(models[name], settings.lr, amp, device)
+    batches = [data[i] for i in range(n_batches)]  # the twins share tokenizer and image size: one set of batches
 
     times: dict[str, list[float]] = {n: [] for n in names}
     losses: dict[str, list[float]] = {n: [] for n in names}
@@ -200,6 +210,10 @@ def run(settings: TrainBenchSettings, device: torch.device | None = None, log=pr
         rows.append(row)
     bus, base = rows
     config = models[names[0]].config
+    del models, steps
+    if settings.eval_seconds:
+        for name, metrics in equal_time_retrieval(names, settings, device, log).items():
+            next(r for r in rows if r["model"] == name)["equal_time_eval"] = metrics
     return {
         "benchmark": "train",
         "speedup": base["median_step_s"] / bus["median_step_s"],
@@ -208,6 +222,46 @@ def run(settings: TrainBenchSettings, device: torch.device | None = None, log=pr
         "settings": {**asdict(settings), "amp": amp, "image_size": config.vision.image_size},
         **environment(device),
     }
+
+
+def equal_time_retrieval(names: list[str], settings: TrainBenchSettings, device: torch.device, log=print) -> dict:
+    """Train each model (fresh, same seed) for ``settings.eval_seconds`` of training-step time, then rank
+    held-out synthetic images and captions (ITC, then ITM re-ranking of the top 16). Steps alternate
+    between the models, the one with less training time so far going next, so both see the same machine."""
+    from bus_model.data import SyntheticDataset
+    from bus_model.evaluate import encode_dataset, retrieval_metrics
+
+    amp = _amp(settings, device)
+    state = {}
+    for name in names:
+        model, data = build_model_and_data(name, settings.batch_size, settings.seed + 1, settings.image_size, device)
+        state[name] = {"model": model, "data": data, "step": make_step(model, settings.lr, amp, device),
+                       "seconds": 0.0, "steps": 0}
+    while True:
+        pending = [n for n in names if state[n]["seconds"] < settings.eval_seconds]
+        if not pending:
+            break
+        s = state[min(pending, key=lambda n: state[n]["seconds"])]
+        batch = s["data"][s["steps"]]  # made outside the timed region
+        s["seconds"] += timed(lambda: s["step"](batch), device)
+        s["steps"] += 1
+    results = {}
+    for name in names:
+        s = state[name]
+        model = s["model"].eval()
+        v = model.config.vision
+        held_out = SyntheticDataset(settings.eval_images, seed=settings.seed, split="test", image_size=v.image_size,
+                                    patch_size=v.patch_size)
+        with torch.no_grad():
+            enc = encode_dataset(model, held_out, s["data"].tokenizer, device=device, batch_size=32, captions=False,
+                                 max_caption_len=model.config.max_text_len, num_beams=1, amp=amp)
+            metrics = retrieval_metrics(model, enc, device=device, rerank_k=16, batch_size=32, amp=amp)
+        results[name] = {"train_seconds": s["seconds"], "train_steps": s["steps"],
+                         "images_seen": s["steps"] * settings.batch_size, "num_candidates": settings.eval_images,
+                         **{k: metrics[k] for k in ("img2txt_r1", "txt2img_r1", "itc_img2txt_r1", "itc_txt2img_r1")}}
+        log(f"{name}: {s['steps']} steps in {s['seconds']:.1f}s of training, "
+            f"img2txt R@1 {metrics['img2txt_r1']:.3f}, txt2img R@1 {metrics['txt2img_r1']:.3f}")
+    return results
 
 
 def render(result: dict) -> str:
@@ -219,6 +273,13 @@ def render(result: dict) -> str:
         ("gflops_per_sample", "GFLOPs/sample (fwd+bwd)", ".4g"), ("peak_memory_mib", "peak memory (MiB)", ".0f"),
     ])
     s = result["settings"]
+    evals = [{"model": r["model"], **r["equal_time_eval"]} for r in rows if "equal_time_eval" in r]
+    if evals:
+        table += "\n\nequal training time, then retrieval on held-out synthetic data (chance R@1 = 1/candidates):\n\n"
+        table += markdown_table(evals, [
+            ("model", "model", ""), ("train_seconds", "train time (s)", ".0f"), ("images_seen", "images seen", "d"),
+            ("num_candidates", "candidates", "d"), ("img2txt_r1", "img->txt R@1", ".3f"),
+            ("txt2img_r1", "txt->img R@1", ".3f")])
     return (
         f"{table}\n\nspeedup (baseline step time / BUS step time): **{result['speedup']:.2f}x**; "
         f"FLOPs ratio BUS/baseline: {result['flops_ratio']:.2f}\n"
@@ -248,6 +309,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on GPU only)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-model peak memory processes")
+    parser.add_argument("--eval", action="store_true",
+                        help="also train both models for equal wall-clock time and report held-out retrieval R@1")
+    parser.add_argument("--eval-seconds", type=float, default=300.0, help="training time per model for --eval")
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (bus-tiny, 2 steps)")
     parser.add_argument("--json", help="write the result as JSON here")
     parser.add_argument("--plot", help="write a PNG bar chart here")
@@ -261,6 +325,10 @@ def settings_from_args(args) -> TrainBenchSettings:
                                       warmup=args.warmup, image_size=args.image_size, seed=args.seed)
     settings.amp = args.amp
     settings.memory = not args.no_memory
+    if args.eval:
+        if args.eval_seconds <= 0:
+            raise SystemExit("error: --eval-seconds must be > 0")
+        settings.eval_seconds = args.eval_seconds
     for name in ("batch_size", "steps"):
         if getattr(settings, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
@@ -277,24 +345,19 @@ def main_from_args(args) -> int:
         raise SystemExit(f"error: --model must be a BUS config with a -baseline twin, one of "
                          f"{[m for m in list_models() if not m.endswith('-baseline')]}, got {settings.model!r}")
     result = run(settings, log=lambda msg: print(msg, file=sys.stderr))
-    print(render(result))
-    write_json(args.json, result)
-    message = plot(result, args.plot)
-    if message:
-        print(message, file=sys.stderr)
-    return 0
+    return publish(result, render(result), args.json, plot(result, args.plot))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bus bench train", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    parser.add_argument("--_memory-probe", dest="memory_probe", help=argparse.SUPPRESS)
-    parser.add_argument("--_settings", dest="settings_json", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.memory_probe:
-        print(json.dumps(_memory_probe(args.memory_probe, TrainBenchSettings(**json.loads(args.settings_json)))))
+    """``python -m bus_benchmarks.train_speed`` = ``bus bench train``; also the entry of the memory probe."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_memory-probe"]:
+        name, settings = argv[1], TrainBenchSettings(**json.loads(argv[argv.index("--_settings") + 1]))
+        print(json.dumps(_memory_probe(name, settings)))
         return 0
-    return main_from_args(args)
+    from .cli import main as bench_main
+
+    return bench_main(["train", *argv])
 
 
 if __name__ == "__main__":

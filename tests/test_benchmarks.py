@@ -36,6 +36,15 @@ def test_bench_train_quick(tmp_path, capsys):
     assert "speedup (baseline step time / BUS step time)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_bench_train_equal_time_eval(tmp_path):
+    result = run_bench(tmp_path, "train", "--quick", "--no-memory", "--eval", "--eval-seconds", "2")
+    for m in result["models"].values():
+        e = m["equal_time_eval"]
+        assert e["train_seconds"] >= 2 and e["train_steps"] >= 1 and e["num_candidates"] == 128
+        assert 0 <= e["img2txt_r1"] <= 1 and 0 <= e["txt2img_r1"] <= 1
+
+
 def test_bench_flops_quick(tmp_path):
     result = run_bench(tmp_path, "flops", "--quick")
     rows = {(r["model"], r["image_size"]): r for r in result["rows"]}
@@ -97,6 +106,7 @@ def test_readme_results_are_generated_from_json(tmp_path):
         (["train", "--steps", "0"], "--steps must be >= 1"),
         (["train", "--model", "bus-nonexistent"], "--model must be a BUS config"),
         (["train", "--model", "bus-tiny-baseline"], "--model must be a BUS config"),
+        (["train", "--eval", "--eval-seconds", "0"], "--eval-seconds must be > 0"),
     ],
 )
 def test_bench_bad_arguments(args, match):
