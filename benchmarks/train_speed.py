@@ -307,6 +307,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=d.warmup)
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (matters for --eval)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on GPU only)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-model peak memory processes")
     parser.add_argument("--eval", action="store_true",
@@ -322,7 +323,7 @@ def settings_from_args(args) -> TrainBenchSettings:
         settings = TrainBenchSettings.quick()
     else:
         settings = TrainBenchSettings(model=args.model, batch_size=args.batch_size, steps=args.steps,
-                                      warmup=args.warmup, image_size=args.image_size, seed=args.seed)
+                                      warmup=args.warmup, image_size=args.image_size, seed=args.seed, lr=args.lr)
     settings.amp = args.amp
     settings.memory = not args.no_memory
     if args.eval:
