@@ -176,13 +176,14 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return [name for name, why in backend_status(device_type).items() if why is None]
 
 
+def registered_backends() -> dict[str, Backend]:
+    """name -> Backend, in registration order (a copy)."""
+    return dict(_BACKENDS)
+
+
 def registered_ops() -> dict[str, dict[str, list[str]]]:
     """op -> device type -> preference list (a copy)."""
     return {op: {d: list(n) for d, n in prefs.items()} for op, prefs in _PREFERENCE.items()}
-
-
-def backend_ops(name: str) -> frozenset[str]:
-    return get_backend(name).ops
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from . import __version__
-from .backends import _BACKENDS, backend_status, registered_ops
+from .backends import backend_status, registered_backends, registered_ops
 
 
 def _version(module: str) -> str:
@@ -30,7 +30,7 @@ def report() -> str:
         "backends:",
     ]
     status = {dev: backend_status(dev) for dev in ("cpu", "cuda")}
-    for name, backend in _BACKENDS.items():
+    for name, backend in registered_backends().items():
         lines.append(f"  {name}: {backend.description}")
         lines.append(f"    ops: {', '.join(sorted(backend.ops))}")
         for dev in ("cpu", "cuda"):

@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bus_kernels.backends import _BACKENDS, backend_status
+from bus_kernels.backends import backend_status, registered_backends
 
 
 def cpu_backends(op: str) -> list:
     """pytest params, one per backend implementing ``op``; unavailable ones skip with their reason."""
     status = backend_status("cpu")
     params = []
-    for name, backend in _BACKENDS.items():
+    for name, backend in registered_backends().items():
         if op not in backend.ops:
             continue
         why = status[name]
@@ -24,7 +24,7 @@ def cpu_backends(op: str) -> list:
 
 
 def backend_dtypes(name: str, candidates=(torch.float32, torch.float16)) -> list[torch.dtype]:
-    return [d for d in candidates if d in _BACKENDS[name].dtypes]
+    return [d for d in candidates if d in registered_backends()[name].dtypes]
 
 
 def tolerance(dtype: torch.dtype) -> dict:

@@ -5,6 +5,7 @@ TRITON_INTERPRET must be set before any Triton kernel is defined, i.e. before bu
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -23,3 +24,13 @@ if os.environ.get("BUS_SKIP_NATIVE_BUILD") != "1":
         import warnings
 
         warnings.warn(f"native backend not built: {_native_build_error}", stacklevel=1)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of many small CPU ops: one thread avoids oversubscribing a shared 2-core machine.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

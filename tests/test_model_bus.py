@@ -13,13 +13,7 @@ from bus_model.losses import mask_tokens, mine_hard_negatives, ptm_loss
 from bus_model.selection import SelectionRecord
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These CPU tests run small ops: one thread avoids oversubscribing a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 VOCAB = 128

@@ -8,13 +8,7 @@ import bus_model
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These CPU tests run small ops: one thread avoids oversubscribing a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY_TEXT = dict(vocab_size=128, hidden_size=48, num_layers=2, num_heads=2, intermediate_size=96,

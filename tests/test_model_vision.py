@@ -9,13 +9,7 @@ from bus_model import BusViT, SelectionConfig, VisionConfig
 timm = pytest.importorskip("timm")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These CPU tests run small ops: one thread avoids oversubscribing a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
