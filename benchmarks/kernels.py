@@ -212,11 +212,11 @@ def run(quick: bool = False, device: torch.device | None = None, dtype=None) -> 
 
 def render(result: dict) -> str:
     parts = [
-        "### time per call", markdown_table(result["timings"], [
+        "**time per call**", markdown_table(result["timings"], [
             ("op", "op", ""), ("backend", "backend", ""), ("shape", "shape", ""), ("fwd_ms", "fwd (ms)", ".3f"),
             ("bwd_ms", "bwd (ms)", ".3f"), ("fwd_bwd_ms", "fwd+bwd (ms)", ".3f"),
             ("fwd_gb_per_s_at_floor", "fwd GB/s (floor bytes)", ".2f"), ("fwd_tflop_per_s", "fwd TFLOP/s", ".4f")]),
-        "### memory traffic: unfused PyTorch chain vs floor (each input read once, each output written once)",
+        "**memory traffic: unfused PyTorch chain vs floor** (each input read once, each output written once)",
         markdown_table(result["traffic"], [
             ("op", "op", ""), ("unfused_fwd_mb", "unfused fwd MB", ".2f"), ("floor_fwd_mb", "floor fwd MB", ".2f"),
             ("fwd_excess", "fwd x floor", ".2f"), ("unfused_bwd_mb", "unfused bwd MB", ".2f"),
