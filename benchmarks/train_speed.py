@@ -258,7 +258,8 @@ def equal_time_retrieval(names: list[str], settings: TrainBenchSettings, device:
             metrics = retrieval_metrics(model, enc, device=device, rerank_k=16, batch_size=32, amp=amp)
         results[name] = {"train_seconds": s["seconds"], "train_steps": s["steps"],
                          "images_seen": s["steps"] * settings.batch_size, "num_candidates": settings.eval_images,
-                         **{k: metrics[k] for k in ("img2txt_r1", "txt2img_r1", "itc_img2txt_r1", "itc_txt2img_r1")}}
+                         **{k: metrics[k] for k in ("img2txt_r1", "txt2img_r1", "img2txt_r10", "txt2img_r10",
+                                                    "img2txt_meanr", "txt2img_meanr")}}
         log(f"{name}: {s['steps']} steps in {s['seconds']:.1f}s of training, "
             f"img2txt R@1 {metrics['img2txt_r1']:.3f}, txt2img R@1 {metrics['txt2img_r1']:.3f}")
     return results
@@ -275,11 +276,14 @@ def render(result: dict) -> str:
     s = result["settings"]
     evals = [{"model": r["model"], **r["equal_time_eval"]} for r in rows if "equal_time_eval" in r]
     if evals:
-        table += "\n\nequal training time, then retrieval on held-out synthetic data (chance R@1 = 1/candidates):\n\n"
+        table += ("\n\nequal training time, then retrieval on held-out synthetic data (after ITM re-ranking; chance: "
+                  "R@K = K/candidates, mean rank = (candidates + 1)/2):\n\n")
         table += markdown_table(evals, [
             ("model", "model", ""), ("train_seconds", "train time (s)", ".0f"), ("images_seen", "images seen", "d"),
             ("num_candidates", "candidates", "d"), ("img2txt_r1", "img->txt R@1", ".3f"),
-            ("txt2img_r1", "txt->img R@1", ".3f")])
+            ("txt2img_r1", "txt->img R@1", ".3f"), ("img2txt_r10", "img->txt R@10", ".3f"),
+            ("txt2img_r10", "txt->img R@10", ".3f"), ("img2txt_meanr", "img->txt mean rank", ".1f"),
+            ("txt2img_meanr", "txt->img mean rank", ".1f")])
     return (
         f"{table}\n\nspeedup (baseline step time / BUS step time): **{result['speedup']:.2f}x**; "
         f"FLOPs ratio BUS/baseline: {result['flops_ratio']:.2f}\n"

@@ -42,7 +42,8 @@ def test_bench_train_equal_time_eval(tmp_path):
     for m in result["models"].values():
         e = m["equal_time_eval"]
         assert e["train_seconds"] >= 2 and e["train_steps"] >= 1 and e["num_candidates"] == 128
-        assert 0 <= e["img2txt_r1"] <= 1 and 0 <= e["txt2img_r1"] <= 1
+        assert 0 <= e["img2txt_r1"] <= e["img2txt_r10"] <= 1 and 0 <= e["txt2img_r1"] <= e["txt2img_r10"] <= 1
+        assert 1 <= e["img2txt_meanr"] <= 128 and 1 <= e["txt2img_meanr"] <= 128
 
 
 def test_bench_flops_quick(tmp_path):
