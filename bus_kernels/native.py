@@ -111,68 +111,16 @@ def _availability(device_type: str) -> str | None:
 # torch.library: fake kernels and autograd for the C++ ops
 
 
-def _tps_fake(query, keys, scale):
-    B, N, H, _ = keys.shape
-    f32 = dict(dtype=torch.float32)
-    return keys.new_empty(B, N, **f32), keys.new_empty(B, H, N, **f32), keys.new_empty(B, H, **f32)
-
-
-def _tps_backward_fake(grad, query, keys, logits, lse, scale):
-    return query.new_empty(query.shape), keys.new_empty(keys.shape)
-
-
-def _tps_setup_context(ctx, inputs, output):
-    query, keys, scale = inputs
-    _scores, logits, lse = output
-    ctx.save_for_backward(query, keys, logits, lse)
-    ctx.scale = scale
-
-
-def _tps_backward(ctx, grad, _g_logits, _g_lse):
-    query, keys, logits, lse = ctx.saved_tensors
-    if grad is None:
-        return None, None, None
-    dq, dk = torch.ops.bus.text_patch_scores_backward(grad, query, keys, logits, lse, ctx.scale)
-    return dq, dk, None
-
-
-def _topk_fake(x, scores, k, total_kept, fuse):
-    B, N, C = x.shape
-    return (
-        x.new_empty(total_kept + B * int(fuse), C),
-        x.new_empty(total_kept, dtype=torch.int64),
-        x.new_empty(B, N, dtype=torch.int32),
-        x.new_empty(B, C, dtype=torch.float32),
-        x.new_empty(B, dtype=torch.float32),
-    )
-
-
-def _topk_backward_fake(grad_tokens, x, scores, k, slot, fused, den, fuse):
-    return x.new_empty(x.shape), scores.new_empty(scores.shape)
-
-
-def _topk_setup_context(ctx, inputs, output):
-    x, scores, k, _total_kept, fuse = inputs
-    _tokens, _index, slot, fused, den = output
-    ctx.save_for_backward(x, scores, k, slot, fused, den)
-    ctx.fuse = fuse
-
-
-def _topk_backward(ctx, grad_tokens, _gi, _gs, _gf, _gd):
-    x, scores, k, slot, fused, den = ctx.saved_tensors
-    if grad_tokens is None:
-        return None, None, None, None, None
-    grad_x, grad_scores = torch.ops.bus.topk_gather_backward(grad_tokens, x, scores, k, slot, fused, den, ctx.fuse)
-    return grad_x, grad_scores, None, None, None
-
-
 def _register_python_side() -> None:
-    torch.library.register_fake("bus::text_patch_scores")(_tps_fake)
-    torch.library.register_fake("bus::text_patch_scores_backward")(_tps_backward_fake)
-    torch.library.register_fake("bus::topk_gather")(_topk_fake)
-    torch.library.register_fake("bus::topk_gather_backward")(_topk_backward_fake)
-    torch.library.register_autograd("bus::text_patch_scores", _tps_backward, setup_context=_tps_setup_context)
-    torch.library.register_autograd("bus::topk_gather", _topk_backward, setup_context=_topk_setup_context)
+    from .ops.text_patch_scores import register_scores_autograd, scores_backward_fake, scores_fake
+    from .ops.topk_gather import gather_backward_fake, gather_fake, register_gather_autograd
+
+    torch.library.register_fake("bus::text_patch_scores")(scores_fake)
+    torch.library.register_fake("bus::text_patch_scores_backward")(scores_backward_fake)
+    torch.library.register_fake("bus::topk_gather")(gather_fake)
+    torch.library.register_fake("bus::topk_gather_backward")(gather_backward_fake)
+    register_scores_autograd("bus::text_patch_scores", torch.ops.bus.text_patch_scores_backward)
+    register_gather_autograd("bus::topk_gather", torch.ops.bus.topk_gather_backward)
     for op in PRUNING_OPS:
         # CUDA: after triton (the default GPU path; not yet timed against native on a GPU), before torch.
         add_preference(op, "cuda", "native", position=1)

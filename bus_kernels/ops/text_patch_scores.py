@@ -134,11 +134,40 @@ def _tps_triton(query: torch.Tensor, keys: torch.Tensor, scale: float) -> tuple[
     return out, logits, lse
 
 
-@_tps_triton.register_fake
-def _(query, keys, scale):
-    B, N, H, D = keys.shape
+# Shapes of the forward op ``(query, keys, scale) -> (scores, logits, lse)`` and of its backward op
+# ``(grad, query, keys, logits, lse, scale) -> (dq, dk)``; the Triton and native registrations share them.
+
+
+def scores_fake(query, keys, scale):
+    B, N, H, _ = keys.shape
     f32 = dict(dtype=torch.float32)
     return keys.new_empty(B, N, **f32), keys.new_empty(B, H, N, **f32), keys.new_empty(B, H, **f32)
+
+
+def scores_backward_fake(grad, query, keys, logits, lse, scale):
+    return query.new_empty(query.shape), keys.new_empty(keys.shape)
+
+
+def register_scores_autograd(op_name: str, backward_op) -> None:
+    """Autograd for a forward op of the shape above, whose gradient ``backward_op`` computes."""
+
+    def setup_context(ctx, inputs, output):
+        query, keys, scale = inputs
+        _scores, logits, lse = output
+        ctx.save_for_backward(query, keys, logits, lse)
+        ctx.scale = scale
+
+    def backward(ctx, grad, _g_logits, _g_lse):
+        query, keys, logits, lse = ctx.saved_tensors
+        if grad is None:
+            return None, None, None
+        dq, dk = backward_op(grad, query, keys, logits, lse, ctx.scale)
+        return dq, dk, None
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
+_tps_triton.register_fake(scores_fake)
 
 
 @torch.library.custom_op("bus::text_patch_scores_triton_backward", mutates_args=())
@@ -160,27 +189,8 @@ def _tps_triton_backward(
     return dq, dk
 
 
-@_tps_triton_backward.register_fake
-def _(grad, query, keys, logits, lse, scale):
-    return query.new_empty(query.shape), keys.new_empty(keys.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    query, keys, scale = inputs
-    _out, logits, lse = output
-    ctx.save_for_backward(query, keys, logits, lse)
-    ctx.scale = scale
-
-
-def _backward(ctx, grad, _g_logits, _g_lse):
-    query, keys, logits, lse = ctx.saved_tensors
-    if grad is None:
-        return None, None, None
-    dq, dk = _tps_triton_backward(grad, query, keys, logits, lse, ctx.scale)
-    return dq, dk, None
-
-
-torch.library.register_autograd("bus::text_patch_scores_triton", _backward, setup_context=_setup_context)
+_tps_triton_backward.register_fake(scores_backward_fake)
+register_scores_autograd("bus::text_patch_scores_triton", _tps_triton_backward)
 
 
 def _tps_triton_impl(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:

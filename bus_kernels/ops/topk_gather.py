@@ -222,8 +222,12 @@ def _topk_gather_triton(
     return tokens, index, slot, fused, den
 
 
-@_topk_gather_triton.register_fake
-def _(x, scores, k, total_kept, fuse):
+# Shapes of the forward op ``(x, scores, k, total_kept, fuse) -> (tokens, index, slot, fused, den)`` and of
+# its backward op ``(grad_tokens, x, scores, k, slot, fused, den, fuse) -> (grad_x, grad_scores)``; the Triton
+# and native registrations share them.
+
+
+def gather_fake(x, scores, k, total_kept, fuse):
     B, N, C = x.shape
     return (
         x.new_empty(total_kept + B * int(fuse), C),
@@ -232,6 +236,32 @@ def _(x, scores, k, total_kept, fuse):
         x.new_empty(B, C, dtype=torch.float32),
         x.new_empty(B, dtype=torch.float32),
     )
+
+
+def gather_backward_fake(grad_tokens, x, scores, k, slot, fused, den, fuse):
+    return x.new_empty(x.shape), scores.new_empty(scores.shape)
+
+
+def register_gather_autograd(op_name: str, backward_op) -> None:
+    """Autograd for a forward op of the shape above, whose gradient ``backward_op`` computes."""
+
+    def setup_context(ctx, inputs, output):
+        x, scores, k, _total_kept, fuse = inputs
+        _tokens, _index, slot, fused, den = output
+        ctx.save_for_backward(x, scores, k, slot, fused, den)
+        ctx.fuse = fuse
+
+    def backward(ctx, grad_tokens, _gi, _gs, _gf, _gd):
+        x, scores, k, slot, fused, den = ctx.saved_tensors
+        if grad_tokens is None:
+            return None, None, None, None, None
+        grad_x, grad_scores = backward_op(grad_tokens, x, scores, k, slot, fused, den, ctx.fuse)
+        return grad_x, grad_scores, None, None, None
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
+_topk_gather_triton.register_fake(gather_fake)
 
 
 @torch.library.custom_op("bus::topk_gather_triton_backward", mutates_args=())
@@ -256,27 +286,8 @@ def _topk_gather_triton_backward(
     return grad_x, grad_scores
 
 
-@_topk_gather_triton_backward.register_fake
-def _(grad_tokens, x, scores, k, slot, fused, den, fuse):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(scores)
-
-
-def _setup_context(ctx, inputs, output):
-    x, scores, k, _total_kept, fuse = inputs
-    _tokens, _index, slot, fused, den = output
-    ctx.save_for_backward(x, scores, k, slot, fused, den)
-    ctx.fuse = fuse
-
-
-def _backward(ctx, grad_tokens, _gi, _gs, _gf, _gd):
-    x, scores, k, slot, fused, den = ctx.saved_tensors
-    if grad_tokens is None:
-        return None, None, None, None, None
-    grad_x, grad_scores = _topk_gather_triton_backward(grad_tokens, x, scores, k, slot, fused, den, ctx.fuse)
-    return grad_x, grad_scores, None, None, None
-
-
-torch.library.register_autograd("bus::topk_gather_triton", _backward, setup_context=_setup_context)
+_topk_gather_triton_backward.register_fake(gather_backward_fake)
+register_gather_autograd("bus::topk_gather_triton", _topk_gather_triton_backward)
 
 
 def _prepare_triton(x: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
