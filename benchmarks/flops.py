@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from .harness import count_flops, environment, markdown_table, publish, save_plot
+from .harness import count_flops, environment, markdown_table, plot_by_model, publish
 
 BATCH = 2
 
@@ -74,15 +74,7 @@ def render(result: dict) -> str:
 
 
 def plot(result: dict, path: str | None) -> str | None:
-    def draw(ax):
-        for name in dict.fromkeys(r["model"] for r in result["rows"]):
-            pts = [(r["image_size"], r["gflops_per_sample"]) for r in result["rows"] if r["model"] == name]
-            ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set_xlabel("image size (px)")
-        ax.set_ylabel("training GFLOPs / sample")
-        ax.legend()
-
-    return save_plot(path, draw)
+    return plot_by_model(result, path, "gflops_per_sample", "training GFLOPs / sample")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

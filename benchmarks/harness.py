@@ -213,3 +213,16 @@ def save_plot(path: str | None, draw: Callable[[object], None]) -> str | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return None
+
+
+def plot_by_model(result: dict, path: str | None, y_key: str, ylabel: str) -> str | None:
+    """One line per model of ``result["rows"]``: ``y_key`` against image size (PNG at ``path``)."""
+    def draw(ax):
+        for name in dict.fromkeys(r["model"] for r in result["rows"]):
+            pts = [(r["image_size"], r[y_key]) for r in result["rows"] if r["model"] == name]
+            ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xlabel("image size (px)")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+
+    return save_plot(path, draw)

@@ -10,7 +10,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from .harness import default_device, environment, markdown_table, publish, save_plot
+from .harness import default_device, environment, markdown_table, plot_by_model, publish
 from .train_speed import TrainBenchSettings
 from .train_speed import run as run_train
 
@@ -43,15 +43,7 @@ def render(result: dict) -> str:
 
 
 def plot(result: dict, path: str | None) -> str | None:
-    def draw(ax):
-        for name in dict.fromkeys(r["model"] for r in result["rows"]):
-            pts = [(r["image_size"], r["median_step_s"]) for r in result["rows"] if r["model"] == name]
-            ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set_xlabel("image size (px)")
-        ax.set_ylabel("median training step (s)")
-        ax.legend()
-
-    return save_plot(path, draw)
+    return plot_by_model(result, path, "median_step_s", "median training step (s)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
