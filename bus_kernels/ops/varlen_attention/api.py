@@ -1,0 +1,138 @@
+"""The public ``varlen_attention``: input validation, then the dispatcher picks a backend."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..._validation import (
+    check_dim_size,
+    check_dtype,
+    check_float,
+    check_int,
+    check_rank,
+    check_same_device,
+    check_tensor,
+)
+from ...backends import get_impl, select_backend
+from . import launch  # noqa: F401  (registers the triton and torch implementations)
+from .limits import ATTENTION_LIMITS
+
+
+def _check_cu_seqlens(name: str, values: list[int], total: int, max_name: str, max_seqlen: int) -> None:
+    """Value checks of offsets read on the host: start at 0, non-decreasing, end at ``total``, lengths <= max."""
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values[0]}")
+    lengths = [b - a for a, b in zip(values[:-1], values[1:])]
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"{name} must be non-decreasing, got {values}")
+    if values[-1] != total:
+        raise ValueError(f"{name}[-1] must equal the number of packed tokens {total}, got {values[-1]}")
+    longest = max(lengths, default=0)
+    if longest > max_seqlen:
+        raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sequence of {name} ({longest})")
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    key_bias: torch.Tensor | None = None,
+    check_seqlens: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention over packed variable-length sequences (flash-attn ``flash_attn_varlen_func`` semantics).
+
+    Sequence b has queries ``q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]`` and keys/values
+    ``k, v[cu_seqlens_k[b]:cu_seqlens_k[b+1]]``; its queries attend to its keys only.
+
+    Args:
+        q: ``(total_q, H, D)`` float16/bfloat16/float32 (float64: torch backend); any strides with
+            a unit stride in D are used as they are (e.g. a slice of a fused qkv tensor).
+        k, v: ``(total_k, H, D)``, q's dtype and device.
+        cu_seqlens_q, cu_seqlens_k: ``(B + 1,)`` int32 offsets, ``0 = cu[0] <= cu[1] <= ... <= cu[B]
+            = total``; zero-length sequences allowed; q and k lengths may differ (cross-attention).
+        max_seqlen_q, max_seqlen_k: int, at least the longest q / k sequence.
+        softmax_scale: default ``D ** -0.5``.
+        causal: mask aligned bottom-right: query i of a length-Lq sequence sees key j iff
+            ``j <= i + Lk - Lq``. A query row that sees no key outputs zeros (and gets zero grads).
+        key_bias: optional ``(total_k,)`` float32 added to every score of its key (natural-log units;
+            ``log(n_j)`` gives proportional attention for a token standing for ``n_j`` patches).
+            Differentiable. Supported by the triton and torch backends.
+        check_seqlens: read ``cu_seqlens_*`` on the host to check their values (a device sync on
+            CUDA). Skipped automatically while ``torch.compile`` traces.
+        backend: ``"triton"``, ``"torch"``, ``"flash_attn"``, ``"xformers"``, ``"torch_varlen"`` or
+            ``None`` (best available; env ``BUS_KERNELS_BACKEND``).
+
+    Returns:
+        ``(total_q, H, D)`` in q's dtype. Differentiable in q, k, v (and key_bias).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, t)
+    check_rank("q", q, 3, "(total_q, H, D)")
+    check_rank("k", k, 3, "(total_k, H, D)")
+    check_rank("v", v, 3, "(total_k, H, D)")
+    check_float("q", q)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    total_q, H, D = q.shape
+    total_k = k.shape[0]
+    if H == 0 or D == 0:
+        raise ValueError(f"q must have H >= 1 heads of D >= 1 dims, got shape {tuple(q.shape)}")
+    check_dim_size("k", k, 1, H, "head count H of q")
+    check_dim_size("k", k, 2, D, "head dim D of q")
+    check_dim_size("v", v, 0, total_k, "token count total_k of k")
+    check_dim_size("v", v, 1, H, "head count H of q")
+    check_dim_size("v", v, 2, D, "head dim D of q")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_dtype(name, cu, torch.int32)
+        check_rank(name, cu, 1, "(B + 1,)")
+        if cu.shape[0] == 0:
+            raise ValueError(f"{name} must have B + 1 >= 1 entries, got 0")
+    check_dim_size("cu_seqlens_k", cu_seqlens_k, 0, cu_seqlens_q.shape[0], "B + 1 entries of cu_seqlens_q")
+    max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, 0)
+    max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, 0)
+    named = [("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)]
+    if key_bias is not None:
+        check_tensor("key_bias", key_bias)
+        check_dtype("key_bias", key_bias, torch.float32)
+        check_rank("key_bias", key_bias, 1, "(total_k,)")
+        check_dim_size("key_bias", key_bias, 0, total_k, "token count total_k of k")
+        named.append(("key_bias", key_bias))
+    check_same_device(named)
+    if softmax_scale is None:
+        softmax_scale = D**-0.5
+    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    softmax_scale = float(softmax_scale)
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if check_seqlens and not torch.compiler.is_compiling():
+        offsets = torch.cat([cu_seqlens_q, cu_seqlens_k]).tolist()  # one host read (one sync on CUDA)
+        n = cu_seqlens_q.shape[0]
+        _check_cu_seqlens("cu_seqlens_q", offsets[:n], total_q, "max_seqlen_q", max_seqlen_q)
+        _check_cu_seqlens("cu_seqlens_k", offsets[n:], total_k, "max_seqlen_k", max_seqlen_k)
+
+    requires_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, key_bias)
+    )
+
+    def extra(name: str) -> list[str]:
+        limits = ATTENTION_LIMITS.get(name)
+        return limits.reasons(D, key_bias is not None) if limits is not None else []
+
+    name = select_backend("varlen_attention", q.device, q.dtype, requires_grad, backend, extra)
+    impl = get_impl("varlen_attention", name)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+    return impl(*args, key_bias) if key_bias is not None else impl(*args)

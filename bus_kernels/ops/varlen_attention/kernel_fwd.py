@@ -1,0 +1,79 @@
+"""Forward Triton kernel of varlen attention (FlashAttention-2, Dao 2023, Sec. 3.1).
+
+One program = one query block x one head, found through the block table (see ``tiles.py``); online
+softmax in fp32 in the exp2 domain; saves the base-2 log-sum-exp ``lse (H, total_q)`` (+inf for a
+row with no visible key) for the backward.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr,
+    cu_q_ptr, cu_k_ptr, blk_seq_ptr, blk_start_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    total_q, H, qk_scale,
+    D: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    seq = tl.load(blk_seq_ptr + pid)
+    if seq < 0:  # spare entry of the block table
+        return
+    start_m = tl.load(blk_start_ptr + pid)
+    q0 = tl.load(cu_q_ptr + seq)
+    k0 = tl.load(cu_k_ptr + seq)
+    len_q = tl.load(cu_q_ptr + seq + 1) - q0
+    len_k = tl.load(cu_k_ptr + seq + 1) - k0
+    shift = len_k - len_q  # bottom-right causal: row i sees key j iff j <= i + shift
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mmask = offs_m < len_q
+    dmask = offs_d < D
+    # 64-bit sequence bases (total * H * D may exceed 2**31), 32-bit offsets within a sequence
+    q_base = q_ptr + q0.to(tl.int64) * stride_qt + h * stride_qh
+    k_base = k_ptr + k0.to(tl.int64) * stride_kt + h * stride_kh
+    v_base = v_ptr + k0.to(tl.int64) * stride_vt + h * stride_vh
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    end_n = len_k
+    if CAUSAL:
+        end_n = tl.minimum(len_k, start_m + BLOCK_M + shift)
+    for start_n in range(0, end_n, BLOCK_N):
+        cols = start_n + offs_n
+        nmask = cols < len_k
+        kt = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None],
+                     mask=dmask[:, None] & nmask[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + k0 + cols, mask=nmask, other=0.0)
+            s += bias[None, :] * 1.4426950408889634
+        visible = nmask[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    out_base = out_ptr + (q0.to(tl.int64) * H + h) * D
+    tl.store(out_base + offs_m[:, None] * (H * D) + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=mmask[:, None] & dmask[None, :])
+    tl.store(lse_ptr + h.to(tl.int64) * total_q + q0 + offs_m, lse, mask=mmask)
+
