@@ -5,6 +5,8 @@ Public API (shapes and dtypes in each docstring):
     topk_gather(x, scores, k)                 -> kept tokens + one fused token, and their positions
     topk_gather_varlen(x, scores, k_per_row)  -> the same, a different k per row, packed
     keep_by_mass(scores, mass, lo, hi)        -> per-row k reaching a share of the score mass
+    random_scores(B, N)                       -> uniform scores: top k = FLIP random masking
+    bipartite_soft_matching(metric, r)        -> ToMe merge plan; merge_tokens(x, plan, size) applies it
     varlen_attention(q, k, v, cu_q, cu_k, ...) -> packed variable-length attention (flash-attn layout)
     unpad(x, mask) / pad(x_packed, idx, B, S) -> padded <-> packed tokens for the varlen ops
     available_backends(device)                -> which backends run here (python -m bus_kernels.info)
@@ -12,9 +14,14 @@ Public API (shapes and dtypes in each docstring):
 
 from .backends import BackendNotSupportedError, available_backends, backend_status
 from .ops import (
+    MergePlan,
     TopkGatherOutput,
     TopkGatherVarlenOutput,
+    bipartite_soft_matching,
     keep_by_mass,
+    max_merge,
+    merge_tokens,
+    random_scores,
     text_patch_scores,
     topk_gather,
     topk_gather_varlen,
@@ -27,13 +34,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendNotSupportedError",
+    "MergePlan",
     "TopkGatherOutput",
     "TopkGatherVarlenOutput",
     "UnpadOutput",
     "available_backends",
     "backend_status",
+    "bipartite_soft_matching",
     "keep_by_mass",
+    "max_merge",
+    "merge_tokens",
     "pad",
+    "random_scores",
     "text_patch_scores",
     "topk_gather",
     "topk_gather_varlen",
