@@ -1,28 +1,25 @@
-"""``bus bench <name>``: the benchmark subcommands (``bus`` is bus_model.cli; this is its bench group)."""
+"""``bus bench <name>``: the benchmark subcommands (``bus`` is bus_model.training.cli; this is its bench group).
+
+The benchmarks are listed in ``registry.BENCHMARKS``; adding one there adds its subcommand here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import flops, kernels, patch_effect, scaling, train_speed
+from .command import configure_parser
+from .registry import BENCHMARKS
 
-BENCHMARKS = {
-    "train": train_speed,  # the main job: BUS vs baseline training speed
-    "flops": flops,
-    "scaling": scaling,
-    "kernels": kernels,
-    "patch": patch_effect,  # bus_kernels.patch on timm ViTs: tokens per layer, FLOPs, step time
-}
+__all__ = ["BENCHMARKS", "build_parser", "main", "run_args"]
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="bus bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="{" + ",".join(BENCHMARKS) + "}")
     for name, module in BENCHMARKS.items():
-        p = sub.add_parser(name, help=module.__doc__.splitlines()[0].split(": ", 1)[-1],
-                           description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
+        p = sub.add_parser(name, help=module.__doc__.splitlines()[0].split(": ", 1)[-1])
+        configure_parser(p, module.__doc__, module.add_arguments)
     return parser
 
 

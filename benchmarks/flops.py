@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from .command import run_standalone
 from .harness import count_flops, environment, markdown_table, plot_by_model, publish
 
 BATCH = 2
@@ -92,9 +93,8 @@ def main_from_args(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import main as bench_main
-
-    return bench_main(["flops", *(sys.argv[1:] if argv is None else argv)])
+    """``python -m bus_benchmarks.flops`` = ``bus bench flops``."""
+    return run_standalone("flops", __doc__, add_arguments, main_from_args, argv)
 
 
 if __name__ == "__main__":

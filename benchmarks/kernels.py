@@ -26,6 +26,7 @@ import bus_kernels as bk
 from bus_kernels import reference
 from bus_kernels.backends import TRITON_INTERPRET, get_backend
 
+from .command import run_standalone
 from .harness import ByteCounter, default_device, environment, markdown_table, publish, time_op
 
 
@@ -244,9 +245,8 @@ def main_from_args(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import main as bench_main
-
-    return bench_main(["kernels", *(sys.argv[1:] if argv is None else argv)])
+    """``python -m bus_benchmarks.kernels`` = ``bus bench kernels``."""
+    return run_standalone("kernels", __doc__, add_arguments, main_from_args, argv)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch
 
 import bus_kernels.patch
 
+from .command import run_standalone
 from .harness import count_flops, environment, markdown_table, synchronize, write_json
 
 
@@ -200,9 +201,8 @@ def main_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import main as bench_main
-
-    return bench_main(["patch", *(sys.argv[1:] if argv is None else argv)])
+    """``python -m bus_benchmarks.patch_effect`` = ``bus bench patch``."""
+    return run_standalone("patch", __doc__, add_arguments, main_from_args, argv)
 
 
 if __name__ == "__main__":

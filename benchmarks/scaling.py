@@ -10,6 +10,7 @@ import argparse
 import sys
 from dataclasses import replace
 
+from .command import run_standalone
 from .harness import default_device, environment, markdown_table, plot_by_model, publish
 from .train_speed import TrainBenchSettings
 from .train_speed import run as run_train
@@ -69,9 +70,8 @@ def main_from_args(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import main as bench_main
-
-    return bench_main(["scaling", *(sys.argv[1:] if argv is None else argv)])
+    """``python -m bus_benchmarks.scaling`` = ``bus bench scaling``."""
+    return run_standalone("scaling", __doc__, add_arguments, main_from_args, argv)
 
 
 if __name__ == "__main__":

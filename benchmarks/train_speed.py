@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .command import run_standalone
 from .harness import count_flops, default_device, environment, markdown_table, median, publish, save_plot, timed
 
 
@@ -229,7 +230,7 @@ def equal_time_retrieval(names: list[str], settings: TrainBenchSettings, device:
     held-out synthetic images and captions (ITC, then ITM re-ranking of the top 16). Steps alternate
     between the models, the one with less training time so far going next, so both see the same machine."""
     from bus_model.data import SyntheticDataset
-    from bus_model.evaluate import encode_dataset, retrieval_metrics
+    from bus_model.training.evaluate import encode_dataset, retrieval_metrics
 
     amp = _amp(settings, device)
     state = {}
@@ -360,9 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         name, settings = argv[1], TrainBenchSettings(**json.loads(argv[argv.index("--_settings") + 1]))
         print(json.dumps(_memory_probe(name, settings)))
         return 0
-    from .cli import main as bench_main
-
-    return bench_main(["train", *argv])
+    return run_standalone("train", __doc__, add_arguments, main_from_args, argv)
 
 
 if __name__ == "__main__":

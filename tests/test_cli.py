@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from bus_model import cli
+from bus_model.training import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,7 +89,7 @@ def test_eval_missing_checkpoint_exits_2(capsys, tmp_path):
 
 def test_subprocess_reports_error_and_status(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "bus_model.cli", "train", "--model", "nope", "--data", "synthetic", "--out",
+        [sys.executable, "-m", "bus_model.training.cli", "train", "--model", "nope", "--data", "synthetic", "--out",
          str(tmp_path / "r")], capture_output=True, text=True, cwd=REPO, timeout=120,
     )
     assert proc.returncode == 2
@@ -171,7 +171,7 @@ def test_bus_model_imports_without_training_extras():
         "import sys\n"
         "for name in ('tqdm', 'yaml', 'pycocoevalcap', 'torch.utils.tensorboard', 'tensorboard'):\n"
         "    sys.modules[name] = None\n"
-        "import bus_model, bus_model.train, bus_model.evaluate, bus_model.cli, bus_model.checkpoint\n"
+        "import bus_model, bus_model.training.train, bus_model.training.evaluate, bus_model.training.cli, bus_model.training.checkpoint\n"
         "print('ok')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -184,7 +184,7 @@ def test_console_script_is_declared():
 
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)["project"]
-    assert project["scripts"]["bus"] == "bus_model.cli:main"
+    assert project["scripts"]["bus"] == "bus_model.training.cli:main"
     for extra in ("train", "test"):
         names = " ".join(project["optional-dependencies"][extra])
         assert "pycocoevalcap" in names and "tqdm" in names and "pyyaml" in names

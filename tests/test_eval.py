@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bus_model.evaluate import caption_scores, first_positive_rank, recall_at_k, rerank_top_k
+from bus_model.training.evaluate import caption_scores, first_positive_rank, recall_at_k, rerank_top_k
 
 
 def _reference_ranks(sim: torch.Tensor, positives: list[list[int]]) -> list[int]:
@@ -101,11 +101,11 @@ def test_eval_groups_captions_of_one_image_and_reports_skips(tmp_path):
 
     from PIL import Image
 
-    from bus_model import checkpoint as ckpt
+    from bus_model.training import checkpoint as ckpt
     from bus_model import create_model
     from bus_model.data import build_synthetic_tokenizer, render_sample
-    from bus_model.evaluate import add_eval_arguments, evaluate
-    from bus_model.train import tokenizer_overrides
+    from bus_model.training.evaluate import add_eval_arguments, evaluate
+    from bus_model.training.model_setup import tokenizer_overrides
 
     tok = build_synthetic_tokenizer(16)
     torch.manual_seed(0)

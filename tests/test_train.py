@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 
-from bus_model import checkpoint as ckpt
-from bus_model import cli
+from bus_model.training import checkpoint as ckpt
+from bus_model.training import cli
 from bus_model.model import BusModel
-from bus_model.train import BatchStream, DistInfo, parameter_hash
+from bus_model.training.batches import BatchStream
+from bus_model.training.distributed import DistInfo, parameter_hash
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "bus-tiny", "--data", "synthetic", "--num-threads", "1", "--no-progress"]
@@ -166,7 +167,7 @@ def test_batch_stream_shards_ranks_without_overlap(world_size):
 
 
 def _torchrun(out, *extra) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bus_model.train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bus_model.training.train",
            *TINY, "--out", str(out), "--steps", "3", "--batch-size", "4", "--train-samples", "32", "--log-every", "1",
            "--save-every", "3", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -277,7 +278,7 @@ def test_process_killed_while_saving_leaves_previous_checkpoint(tmp_path):
     out = tmp_path / "run"
     args = [*TINY, "--out", str(out), "--steps", "16", "--batch-size", "4", "--train-samples", "64", "--log-every", "1",
             "--save-every", "1", "--keep-checkpoints", "3"]
-    proc = subprocess.Popen([sys.executable, "-m", "bus_model.train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "bus_model.training.train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
     root = out / "checkpoints"
     deadline = time.monotonic() + 300
@@ -310,7 +311,7 @@ def test_process_killed_while_saving_leaves_previous_checkpoint(tmp_path):
 def test_grad_checkpointing_gives_the_same_loss_and_gradients():
     from bus_model import create_model
     from bus_model.data import Collator, SyntheticDataset, build_synthetic_tokenizer
-    from bus_model.train import apply_grad_checkpointing, tokenizer_overrides
+    from bus_model.training.model_setup import apply_grad_checkpointing, tokenizer_overrides
 
     tok = build_synthetic_tokenizer(16)
     batch = Collator(tok, image_size=32, patch_size=8)([SyntheticDataset(5, image_size=32, patch_size=8)[i] for i in range(5)])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 
-from bus_model import cli
+from bus_model.training import cli
 
 STEPS = 220
 CANDIDATES = 128

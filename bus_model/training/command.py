@@ -1,24 +1,21 @@
-"""The ``bus`` command: ``bus train``, ``bus eval`` and ``bus bench`` (the benchmarks, in ``bus_benchmarks``).
-
-    bus train --model bus-tiny --data synthetic --out runs/tiny --steps 200
-    bus train --config run.yaml --steps 400          # flags from a file; the command line wins
-    bus eval --checkpoint runs/tiny --data synthetic --json runs/tiny/eval.json
-    bus bench ...                                      # dispatched to bus_benchmarks.cli.main
+"""Running one ``bus`` subcommand: its parser (with ``--config FILE``), flag values from a YAML or JSON
+file, and the ``bus <command>: error: ...`` / exit status 2 for a ``UsageError``.
 
 A ``--config`` file is YAML (``.yaml``/``.yml``, needs PyYAML) or JSON: a mapping from flag names
 (``batch-size`` or ``batch_size``) to values; a flag that takes no value (``--resume``) takes
-``true``/``false``. Unknown keys are an error. Errors in the command line, a missing data path or an
-unknown model name print one line ``bus <command>: error: ...`` and exit with status 2.
+``true``/``false``. Unknown keys are an error. Shared by ``bus`` (``cli``) and the subcommand modules'
+own ``main`` (``python -m bus_model.training.train``), which therefore never import ``cli``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
+
+from .errors import UsageError
 
 
 def _load_config_file(path: str) -> dict[str, Any]:
@@ -69,7 +66,7 @@ def _config_defaults(parser: argparse.ArgumentParser, data: dict[str, Any], path
     return out
 
 
-def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Parse ``argv`` with defaults from ``--config FILE`` when given."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
@@ -82,58 +79,22 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     return parser.parse_args(argv)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .evaluate import add_eval_arguments
-    from .train import add_train_arguments
-
-    parser = argparse.ArgumentParser(prog="bus", description="BUS vision-language pre-training: train, evaluate, benchmark")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,bench}")
-    for name, add, text in (("train", add_train_arguments, "pre-train a model"),
-                            ("eval", add_eval_arguments, "retrieval and captioning metrics of a checkpoint")):
-        p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--config", help="YAML or JSON file of flag values (the command line overrides them)")
-        add(p)
-    bench = sub.add_parser("bench", help="speed / memory benchmarks (bus_benchmarks)", add_help=False)
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to bus_benchmarks.cli")
-    return parser
+def add_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML or JSON file of flag values (the command line overrides them)")
 
 
-def _run_bench(argv: list[str]) -> int:
+def run_command(name: str, add_arguments: Callable[[argparse.ArgumentParser], Any],
+                run: Callable[[argparse.Namespace], int | None], argv: list[str],
+                parser: argparse.ArgumentParser | None = None) -> int:
+    """Parse ``argv`` for ``bus <name>`` (a fresh parser unless given one already holding the flags) and
+    run it; a ``UsageError`` prints ``bus <name>: error: ...`` and returns 2."""
+    if parser is None:
+        parser = argparse.ArgumentParser(prog=f"bus {name}")
+        add_config_flag(parser)
+        add_arguments(parser)
+    args = parse_with_config(parser, argv)
     try:
-        bench_cli = importlib.import_module("bus_benchmarks.cli")
-    except ImportError as err:
-        print(f"bus bench: error: the benchmarks are not installed (cannot import bus_benchmarks.cli: {err}); "
-              "install the repository with `pip install -e .` from a checkout that has them", file=sys.stderr)
-        return 2
-    return int(bench_cli.main(argv) or 0)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``bus`` console script; returns the exit status."""
-    from .train import UsageError
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
-        return _run_bench(argv[1:])
-    parser = build_parser()
-    if not argv or argv[0] not in ("train", "eval"):
-        args = parser.parse_args(argv)  # prints usage / the unknown command and exits 2
-    sub = parser._subparsers._group_actions[0].choices[argv[0]]
-    args = _parse(sub, argv[1:])
-    try:
-        if argv[0] == "train":
-            from .train import train
-
-            train(args)
-        else:
-            from .evaluate import evaluate_cli
-
-            evaluate_cli(args)
+        return int(run(args) or 0)
     except UsageError as err:
-        print(f"bus {argv[0]}: error: {err}", file=sys.stderr)
+        print(f"bus {name}: error: {err}", file=sys.stderr)
         return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,8 +30,11 @@ from typing import Any
 
 import torch
 
+from ..model import BusModel
 from . import checkpoint as ckpt
-from .model import BusModel
+from .args import check_data_arg
+from .command import run_command
+from .errors import UsageError
 
 RECALL_KS = (1, 5, 10)
 
@@ -109,8 +112,6 @@ def caption_scores(references: list[list[str]], hypotheses: list[str]) -> dict[s
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
     except ImportError:
-        from .train import UsageError
-
         raise UsageError("captioning metrics need pycocoevalcap (pip install 'bus-vlp[train]'), "
                          "or pass --no-captions") from None
     if len(references) != len(hypotheses) or not hypotheses:
@@ -179,7 +180,7 @@ def encode_dataset(model: BusModel, dataset, tokenizer, *, device: torch.device,
                    amp: bool = False) -> EncodedSet:
     """One pass: embed distinct images and every caption, generate a caption per image (the model under
     bf16 autocast when ``amp``)."""
-    from .data import Collator, SkipReport, SkippedSample
+    from ..data import Collator, SkipReport, SkippedSample
 
     cfg = model.config
     collator = Collator(tokenizer, image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size,
@@ -283,7 +284,7 @@ def retrieval_metrics(model: BusModel, enc: EncodedSet, *, device: torch.device,
 # ------------------------------------------------------------------------------------------ driver
 def load_for_eval(checkpoint: str, tokenizer_dir: str | None, device: torch.device):
     """(model in eval mode on ``device``, tokenizer, checkpoint directory)."""
-    from .data import load_tokenizer
+    from ..data import load_tokenizer
 
     path = ckpt.resolve_checkpoint(checkpoint)
     model = BusModel.from_pretrained(path).to(device).eval()
@@ -295,8 +296,7 @@ def load_for_eval(checkpoint: str, tokenizer_dir: str | None, device: torch.devi
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """All metrics of ``args.checkpoint`` on ``args.data``; writes ``args.json`` when given."""
-    from .data import build_dataset
-    from .train import UsageError, check_data_arg
+    from ..data import build_dataset
 
     for name in ("batch_size", "num_samples", "num_beams"):
         if getattr(args, name) < 1:
@@ -362,11 +362,18 @@ def evaluate_cli(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m bus_model.evaluate ...`` (the same flags as ``bus eval``)."""
-    from .cli import main as cli_main
+# ---- the ``bus`` subcommand convention (training/cli.py SUBCOMMANDS): add_arguments(parser), run(args)
+add_arguments = add_eval_arguments
 
-    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
+
+def run(args: argparse.Namespace) -> int:
+    evaluate_cli(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bus_model.training.evaluate ...`` (the same flags as ``bus eval``)."""
+    return run_command("eval", add_arguments, run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
