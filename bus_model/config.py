@@ -2,9 +2,10 @@
 
 The sizes follow the BUS paper (arXiv 2307.08504, §4.1 "Implementation Details"): a ViT-B/16 image
 encoder, a 6-layer BERT-base text encoder, a 6-layer fusion encoder and a 12-layer decoder. Values the
-paper does not state (exact TSPS layers, PAD size, PTM weighting) are fields here with the defaults of
-``shared/DESIGN.md``. Every ``<name>`` config has a ``<name>-baseline`` twin: same stack, no token
-selection and no PAD, so the fusion encoder and decoder see every ViT token.
+paper does not state (exact TSPS layers, PAD size, PTM weighting) are fields here; their defaults and
+why are in ARCHITECTURE.md ("Values the paper leaves open"). Every ``<name>`` config has a
+``<name>-baseline`` twin: same stack, no token selection and no PAD, so the fusion encoder and
+decoder see every ViT token.
 """
 
 from __future__ import annotations
