@@ -227,7 +227,7 @@ def test_bad_arguments_raise_clear_errors():
             patch.hf_vision(model, layers=[0], keep=keep)
     with pytest.raises(ValueError, match="policy must be one of"):
         patch.hf_vision(model, layers=[0], keep=0.5, policy="elip")
-    with pytest.raises(TypeError, match="must be a Hugging Face CLIPVisionModel or ViTModel"):
+    with pytest.raises(TypeError, match="must be a Hugging Face CLIPVisionModel, ViTModel, SiglipVisionModel or BlipVisionModel"):
         bert = transformers.BertModel(
             transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=40)
         )

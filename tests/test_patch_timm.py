@@ -325,7 +325,7 @@ def test_text_policy_errors():
     with pytest.raises(ValueError, match="text_query has batch size 3 but the images have 2"):
         with patch.text_guidance(model, torch.randn(3, 192)):
             model(x)
-    with pytest.raises(ValueError, match="attn_mask is not supported"):
+    with pytest.raises(ValueError, match="attn_mask cannot survive token pruning"):
         model.forward_features(x, attn_mask=torch.ones(17, 17, dtype=torch.bool))
     patch.timm(model, layers=[1], keep=0.5, policy="evit")
     with pytest.raises(ValueError, match="policy='text'; this one uses 'evit'"):

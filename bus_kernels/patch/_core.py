@@ -1,4 +1,4 @@
-"""What the timm and Hugging Face patches share: the per-model state, the pruning step, class swapping.
+"""What every patch (timm, open_clip, Hugging Face) shares: per-model state, the pruning step, class swapping.
 
 The pruning step is BUS's Text-Semantics-Aware Patch Selector (TSPS, arXiv 2307.08504, Sec. 3.2) and,
 without a caption, EViT's image-[CLS] selection (arXiv 2202.07800, Sec. 3): a query (the caption
@@ -8,7 +8,10 @@ the rest are fused into one score-weighted token (``topk_gather``).
 
 Patching follows ToMe (``tome/patch/timm.py``): each pruning layer's class is swapped for a subclass
 that calls the ORIGINAL ``forward`` and prunes its output, so nothing of the upstream layer is copied.
-The layer's queries and keys are read with forward hooks on the attention's query/key modules.
+The layer's queries and keys are read with hooks on the attention's modules (``swap_layer``): forward
+hooks store a module's output (a query/key projection, a q/k norm, a fused qkv projection), forward
+pre-hooks store a module's positional inputs (``nn.MultiheadAttention``, whose projections are not
+modules of their own).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ POLICIES = ("evit", "text")
 
 # Attribute names put on patched modules; ``unpatch`` removes exactly these.
 STATE_ATTR = "_bus_patch_state"
-LAYER_ATTRS = ("_bus_layer_index", "_bus_captured", "_bus_hooks", "_bus_patch_state", "_bus_original_class")
+LAYER_ATTRS = (
+    "_bus_layer_index", "_bus_captured", "_bus_hooks", "_bus_patch_state", "_bus_original_class", "_bus_attention",
+)
 
 
 @dataclass(eq=False)
@@ -46,11 +51,13 @@ class PatchState:
     backend: str | None
     layers: list = field(default_factory=list)  # the patched layer modules, in order
     hooks: list = field(default_factory=list)
+    owners: list = field(default_factory=list)  # the modules holding this state (the model, a tower inside it)
     text_query: torch.Tensor | None = None
     # Each forward overwrites every entry (never clears or chains them during the forward), so gradient
     # checkpointing, which re-runs layers out of order in backward, leaves them consistent.
     first_positions: torch.Tensor | None = None  # (B, n) arange of the patches entering the first pruning layer
     selections: dict[int, torch.Tensor | None] = field(default_factory=dict)  # layer -> (B, k) index or None
+    forward_text_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> its last caption
 
 
 def keep_count(keep: float, n: int) -> int:
@@ -114,15 +121,28 @@ class _Capture:
         self.store[self.name] = output
 
 
+class _CaptureInputs(_Capture):
+    """Forward pre-hook storing its module's positional inputs (a tuple) under ``name``."""
+
+    def __call__(self, _module, inputs):
+        self.store[self.name] = inputs
+
+
 def swap_layer(
-    layer: nn.Module, mixin: type, state: PatchState, index: int, query_module: nn.Module, key_module: nn.Module
+    layer: nn.Module, mixin: type, state: PatchState, index: int, taps: Sequence[tuple[nn.Module, str, str]]
 ) -> None:
-    """Turn ``layer`` into a pruning layer: swap its class, hook its attention's query/key outputs."""
-    captured: dict[str, torch.Tensor] = {}
-    hooks = [
-        query_module.register_forward_hook(_Capture(captured, "q")),
-        key_module.register_forward_hook(_Capture(captured, "k")),
-    ]
+    """Turn ``layer`` into a pruning layer: swap its class and hook its attention.
+
+    ``taps``: ``(module, "output" | "inputs", name)``: each forward stores ``module``'s output (or its
+    positional inputs) in ``layer._bus_captured[name]``.
+    """
+    captured: dict[str, object] = {}
+    hooks = []
+    for module, what, name in taps:
+        if what == "output":
+            hooks.append(module.register_forward_hook(_Capture(captured, name)))
+        else:
+            hooks.append(module.register_forward_pre_hook(_CaptureInputs(captured, name)))
     layer._bus_original_class = type(layer)
     layer._bus_layer_index = index
     layer._bus_captured = captured
@@ -133,8 +153,17 @@ def swap_layer(
     state.hooks.extend(hooks)
 
 
+def attach(state: PatchState, *owners: nn.Module) -> None:
+    """Make ``state`` reachable from each of ``owners`` (``text_guidance``, ``kept_patches``, ``unpatch``)."""
+    for owner in owners:
+        if owner not in state.owners:
+            state.owners.append(owner)
+            owner.__dict__[STATE_ATTR] = state
+
+
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo ``bus_kernels.patch.timm`` / ``hf_vision``: original classes, no hooks, no extra attributes.
+    """Undo ``bus_kernels.patch.timm`` / ``open_clip`` / ``hf_vision``: original classes, no hooks, no
+    extra attributes (on the model and on any tower inside it that was patched with it).
 
     Args:
         model: a model patched by this package (a model that is not patched is returned unchanged).
@@ -153,8 +182,25 @@ def unpatch(model: nn.Module) -> nn.Module:
         layer.__class__ = layer._bus_original_class
         for name in LAYER_ATTRS:
             layer.__dict__.pop(name, None)
-    del model.__dict__[STATE_ATTR]
+    for owner in state.owners or [model]:
+        owner.__dict__.pop(STATE_ATTR, None)
+    model.__dict__.pop(STATE_ATTR, None)
     return model
+
+
+def unpatch_inside(model: nn.Module) -> None:
+    """Unpatch ``model`` and every module inside it that was patched on its own (a tower patched
+    before its wrapper), so that no layer is swapped twice."""
+    for module in list(model.modules()):
+        if STATE_ATTR in module.__dict__:
+            unpatch(module)
+
+
+def scoring_query(state: PatchState, q: torch.Tensor) -> torch.Tensor:
+    """EViT's query from a layer's queries ``q`` ``(B, N, H, D)``: the image [CLS] query ``q[:, 0]``;
+    with no prefix token (SigLIP) the mean query over all tokens, which is the query of the mean
+    normalised token because the query projection is affine (``(B, H, D)``)."""
+    return q[:, 0] if state.num_prefix_tokens else q.mean(dim=1)
 
 
 def get_state(model: nn.Module) -> PatchState:
@@ -163,7 +209,8 @@ def get_state(model: nn.Module) -> PatchState:
     state = model.__dict__.get(STATE_ATTR)
     if state is None:
         raise ValueError(
-            f"model ({type(model).__name__}) is not patched: call bus_kernels.patch.timm(...) or hf_vision(...) first"
+            f"model ({type(model).__name__}) is not patched: call bus_kernels.patch.timm(...), open_clip(...) "
+            "or hf_vision(...) first"
         )
     return state
 
@@ -215,9 +262,16 @@ def kept_patches(model: nn.Module) -> dict[int, torch.Tensor]:
     return result
 
 
-def text_query_for(state: PatchState, batch: int) -> torch.Tensor:
-    """The active caption embedding, checked against the image batch."""
+def text_query_for(state: PatchState, batch: int, layer: int) -> torch.Tensor:
+    """The active caption embedding of pruning layer ``layer``, checked against the image batch.
+
+    Gradient checkpointing re-runs a layer's forward inside backward, after the ``text_guidance``
+    block has exited: there the layer reuses the caption of its last forward (so run backward before
+    the next forward, as training loops do).
+    """
     text_query = state.text_query
+    if text_query is None and torch._C._current_graph_task_id() != -1:  # inside backward: a recomputation
+        text_query = state.forward_text_queries.get(layer)
     if text_query is None:
         raise ValueError(
             "this model was patched with policy='text' and needs a caption embedding: run it inside "
@@ -225,6 +279,7 @@ def text_query_for(state: PatchState, batch: int) -> torch.Tensor:
         )
     if text_query.shape[0] != batch:
         raise ValueError(f"text_query has batch size {text_query.shape[0]} but the images have {batch}")
+    state.forward_text_queries[layer] = text_query
     return text_query
 
 

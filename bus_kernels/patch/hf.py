@@ -1,27 +1,71 @@
-"""Drop-in token pruning for Hugging Face CLIP / ViT vision encoders (BUS TSPS, arXiv 2307.08504 Sec. 3.2).
+"""Drop-in token pruning for Hugging Face vision encoders: CLIP, ViT, SigLIP, BLIP (BUS TSPS, arXiv
+2307.08504 Sec. 3.2; EViT).
 
 The HF twin of ``bus_kernels/patch/timm.py``: each listed encoder layer (``CLIPEncoderLayer``,
-``ViTLayer``) becomes a subclass that runs the original ``forward`` (whatever attention
-implementation the config selects: eager, sdpa, flash) and prunes its output; the layer's queries
-and keys are read by hooks on the attention's ``q_proj`` / ``k_proj`` (``query`` / ``key`` in
-transformers 4.x). transformers is never imported here: models are recognised by their structure.
+``ViTLayer``, ``SiglipEncoderLayer``, ``BlipEncoderLayer``) becomes a subclass that runs the original
+``forward`` (whatever attention implementation the config selects: eager, sdpa, flash) and prunes
+its output. The layer's queries and keys are read by forward hooks: on the attention's ``q_proj`` /
+``k_proj`` (``query`` / ``key`` in transformers 4.x), or on BLIP's fused ``qkv`` projection.
+SigLIP has no [CLS]: every token is a patch token (all of them are scored), and ``policy="evit"``
+scores with the mean query over the tokens (``_core.scoring_query``); its attention-pooling head
+then pools the kept tokens. transformers is never imported here: models are recognised by their
+structure and class names.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import _core
 
-# backbone class name -> how to reach its layer list
+# backbone class name -> (path to its layer list, prefix tokens ([CLS]) in front of the patches)
 _BACKBONES = {
-    "CLIPVisionModel": ("encoder", "layers"),  # transformers 5
-    "CLIPVisionTransformer": ("encoder", "layers"),  # transformers 4.x
-    "ViTModel": ("layers",),  # transformers 5; 4.x: encoder.layer (tried below)
+    "CLIPVisionModel": (("encoder", "layers"), 1),  # transformers 5
+    "CLIPVisionTransformer": (("encoder", "layers"), 1),  # transformers 4.x
+    "ViTModel": (("layers",), 1),  # transformers 5; 4.x: encoder.layer (tried below)
+    "SiglipVisionModel": (("encoder", "layers"), 0),  # transformers 5
+    "SiglipVisionTransformer": (("encoder", "layers"), 0),  # transformers 4.x
+    "BlipVisionModel": (("encoder", "layers"), 1),
 }
-# wrapper class attribute that holds the backbone
+# wrapper class attribute that holds the backbone (CLIPModel, SiglipModel, BlipModel, ViTFor..., and
+# transformers 4.x's SiglipVisionModel / CLIPVisionModel, which hold a *VisionTransformer)
 _WRAPPERS = ("vision_model", "vit")
+SUPPORTED = "CLIPVisionModel, ViTModel, SiglipVisionModel or BlipVisionModel"
+
+
+@dataclass(frozen=True)
+class _Attention:
+    """How one layer's attention exposes its queries and keys."""
+
+    taps: list  # (module, "output", name) hooks for _core.swap_layer
+    fused: nn.Linear | None  # BLIP: the fused qkv projection, rows [q | k | v]
+    q_module: nn.Module | None  # separate query projection (CLIP, ViT, SigLIP)
+    heads: int
+    head_dim: int
+    scale: float
+
+    def queries_keys(self, captured: dict, B: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, N, H, D)`` queries and keys of the layer's last forward."""
+        H, D = self.heads, self.head_dim
+        if self.fused is not None:
+            qkv = captured.pop("qkv").view(B, N, 3, H, D)
+            return qkv[:, :, 0], qkv[:, :, 1]
+        q, k = captured.pop("q"), captured.pop("k")  # (B, N, H * D) each
+        return q.view(B, N, H, D), k.view(B, N, H, D)
+
+    def project_text(self, text_query: torch.Tensor) -> torch.Tensor:
+        """``(B, C)`` caption embedding -> ``(B, H, D)`` through the layer's query projection."""
+        H, D = self.heads, self.head_dim
+        if self.fused is not None:
+            weight = self.fused.weight[: H * D]
+            bias = self.fused.bias[: H * D] if self.fused.bias is not None else None
+            return F.linear(text_query.to(weight.dtype), weight, bias).view(-1, H, D)
+        # the module itself (a LoRA or quantised wrapper is respected); its hook fires, the capture is stale
+        return self.q_module(text_query.to(self.q_module.weight.dtype)).view(-1, H, D)
 
 
 class _PruningEncoderLayer:
@@ -31,64 +75,80 @@ class _PruningEncoderLayer:
         state: _core.PatchState = self._bus_patch_state
         mask = args[0] if args else kwargs.get("attention_mask")
         if mask is not None:
-            raise ValueError("attention_mask is not supported on a token-pruned ViT (pruning changes the token count)")
+            raise ValueError(
+                "attention_mask cannot survive token pruning: the layers after a pruning layer get fewer "
+                "tokens than the mask covers; call the patched vision model without attention_mask"
+            )
         if state.policy == "text":
-            text_query = _core.text_query_for(state, hidden_states.shape[0])
+            text_query = _core.text_query_for(state, hidden_states.shape[0], self._bus_layer_index)
         out = super().forward(hidden_states, *args, **kwargs)
         x = out[0] if isinstance(out, tuple) else out  # transformers 4.x layers return tuples
-        q_module, k_module, H, D, scale = _attention_parts(self)
+        attn: _Attention = self._bus_attention
         B, N, _ = x.shape
-        if state.policy == "text":
-            # through the layer's query projection; the capture hook refills captured["q"]
-            query = q_module(text_query.to(q_module.weight.dtype)).view(B, H, D)
-        captured = self._bus_captured
-        q, k = captured.pop("q"), captured.pop("k")  # (B, N, H * D) each
-        if state.policy == "evit":
-            query = q[:, 0].view(B, H, D)  # the image [CLS] query
-        x = _core.prune_tokens(state, self._bus_layer_index, x, query, k.view(B, N, H, D), scale)
+        q, k = attn.queries_keys(self._bus_captured, B, N)
+        query = attn.project_text(text_query) if state.policy == "text" else _core.scoring_query(state, q)
+        self._bus_captured.clear()  # drop the capture project_text may have refilled
+        x = _core.prune_tokens(state, self._bus_layer_index, x, query, k, attn.scale)
         return (x, *out[1:]) if isinstance(out, tuple) else x
 
 
-def _attention_parts(layer: nn.Module) -> tuple[nn.Module, nn.Module, int, int, float]:
-    """The layer's query and key projections, head count, head dim and softmax scale (or TypeError)."""
+def _attention(layer: nn.Module) -> _Attention:
+    """How ``layer``'s self-attention exposes its queries and keys (or TypeError)."""
     attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
     if attn is not None and not hasattr(attn, "q_proj") and hasattr(attn, "attention"):
         attn = attn.attention  # transformers 4.x ViT: ViTAttention.attention is the self-attention
     if attn is None:
         raise TypeError(f"{type(layer).__name__} has no self-attention module (self_attn / attention)")
-    q_module = getattr(attn, "q_proj", None) or getattr(attn, "query", None)
-    k_module = getattr(attn, "k_proj", None) or getattr(attn, "key", None)
-    if not isinstance(q_module, nn.Linear) or not isinstance(k_module, nn.Linear):
-        raise TypeError(f"{type(attn).__name__} has no separate query/key nn.Linear projections")
     D = int(getattr(attn, "head_dim", 0) or getattr(attn, "attention_head_size", 0))
-    if D <= 0 or q_module.out_features % D:
-        raise TypeError(f"{type(attn).__name__}: cannot tell its head size")
-    H = q_module.out_features // D
+    fused = getattr(attn, "qkv", None)
+    if isinstance(fused, nn.Linear):  # BLIP
+        if D <= 0 or fused.out_features % (3 * D):
+            raise TypeError(f"{type(attn).__name__}: cannot tell its head size")
+        H = fused.out_features // (3 * D)
+        taps, q_module = [(fused, "output", "qkv")], None
+    else:
+        q_module = getattr(attn, "q_proj", None) or getattr(attn, "query", None)
+        k_module = getattr(attn, "k_proj", None) or getattr(attn, "key", None)
+        if not isinstance(q_module, nn.Linear) or not isinstance(k_module, nn.Linear):
+            raise TypeError(f"{type(attn).__name__} has no separate query/key nn.Linear projections")
+        if D <= 0 or q_module.out_features % D:
+            raise TypeError(f"{type(attn).__name__}: cannot tell its head size")
+        H = q_module.out_features // D
+        taps, fused = [(q_module, "output", "q"), (k_module, "output", "k")], None
     scale = float(getattr(attn, "scale", None) or getattr(attn, "scaling", None) or D**-0.5)
-    return q_module, k_module, H, D, scale
+    return _Attention(taps, fused, q_module, H, D, scale)
 
 
-def _find_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
-    """The vision backbone inside ``model`` and its list of encoder layers (or TypeError)."""
+def _find_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, int]:
+    """The vision backbone inside ``model``, its encoder layers and its prefix token count (or TypeError)."""
     backbone = model
-    if type(model).__name__ not in _BACKBONES:
-        for name in _WRAPPERS:
-            inner = getattr(model, name, None)
-            if isinstance(inner, nn.Module) and type(inner).__name__ in _BACKBONES:
-                backbone = inner
-                break
-        else:
-            raise TypeError(
-                "model must be a Hugging Face CLIPVisionModel or ViTModel (or a model holding one as "
-                f"`vision_model` / `vit`, e.g. CLIPModel, ViTForImageClassification), got {type(model).__name__}"
-            )
-    for path in (_BACKBONES[type(backbone).__name__], ("encoder", "layer")):
+    for _ in range(3):  # e.g. SiglipModel -> SiglipVisionModel -> (4.x) SiglipVisionTransformer
+        layers = _has_layers(backbone)
+        if layers is not None:
+            return backbone, layers, _BACKBONES[type(backbone).__name__][1]
+        backbone = next(
+            (getattr(backbone, name) for name in _WRAPPERS if isinstance(getattr(backbone, name, None), nn.Module)),
+            None,
+        )
+        if backbone is None:
+            break
+    raise TypeError(
+        f"model must be a Hugging Face {SUPPORTED} (or a model holding one as `vision_model` / `vit`, "
+        f"e.g. CLIPModel, SiglipModel, BlipModel, ViTForImageClassification), got {type(model).__name__}"
+    )
+
+
+def _has_layers(backbone: nn.Module) -> nn.ModuleList | None:
+    name = type(backbone).__name__
+    if name not in _BACKBONES:
+        return None
+    for path in (_BACKBONES[name][0], ("encoder", "layer")):
         layers = backbone
-        for name in path:
-            layers = getattr(layers, name, None)
+        for attr in path:
+            layers = getattr(layers, attr, None)
         if isinstance(layers, nn.ModuleList):
-            return backbone, layers
-    raise TypeError(f"{type(backbone).__name__} has no encoder layer list")
+            return layers
+    return None
 
 
 def patch_hf_vision(
@@ -100,42 +160,47 @@ def patch_hf_vision(
     fuse: bool = True,
     backend: str | None = None,
 ) -> nn.Module:
-    """Add token pruning to a Hugging Face CLIP / ViT vision encoder in place (undo with ``unpatch``).
+    """Add token pruning to a Hugging Face vision encoder in place (undo with ``unpatch``).
 
     Args:
-        model: ``CLIPVisionModel``, ``ViTModel``, or a model holding one as ``vision_model`` / ``vit``
-            (``CLIPModel``, ``CLIPVisionModelWithProjection``, ``ViTForImageClassification``).
-            A model patched before is unpatched first.
+        model: ``CLIPVisionModel``, ``ViTModel``, ``SiglipVisionModel``, ``BlipVisionModel``, or a model
+            holding one as ``vision_model`` / ``vit`` (``CLIPModel``, ``SiglipModel``, ``BlipModel``,
+            ``BlipForConditionalGeneration``, ``ViTForImageClassification``, ...). A model patched
+            before is unpatched first.
         layers, keep, policy, fuse, backend: as in ``bus_kernels.patch.timm``: the listed 0-based
             encoder layers run in full, then keep ``clamp(round_half_up(keep * n), 1, n)`` of their
-            ``n`` patch tokens (the [CLS] is always kept) and append the fused token. With
+            ``n`` patch tokens (a [CLS] is always kept) and append the fused token. With
             ``policy="text"`` the caption embedding ``(B, hidden_size)`` comes from
-            ``bus_kernels.patch.text_guidance(model, text_query)``.
+            ``bus_kernels.patch.text_guidance(model, text_query)`` (``caption_query`` maps a CLIP / BLIP
+            text embedding to that width). SigLIP has no [CLS]: all its tokens are scored, and
+            ``policy="evit"`` uses the mean query over the tokens in place of the [CLS] query.
 
     Returns:
-        ``model``. ``last_hidden_state`` is ``(B, 1 + k + fuse, hidden_size)`` after the last pruning
-        layer; the pooled output (the [CLS]) keeps its shape. Passing an ``attention_mask`` to a pruning
-        layer raises ``ValueError``.
+        ``model``. ``last_hidden_state`` is ``(B, P + k + fuse, hidden_size)`` after the last pruning
+        layer (``P`` = 1, or 0 for SigLIP); the pooled output keeps its shape (CLIP / BLIP: the [CLS];
+        SigLIP: its attention-pooling head over the kept tokens). Passing an ``attention_mask`` to a
+        pruning layer raises ``ValueError``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    backbone, encoder_layers = _find_layers(model)
+    backbone, encoder_layers, prefix = _find_layers(model)
     keep_by_layer = _core.check_options(layers, keep, policy, fuse, len(encoder_layers))
-    parts = {index: _attention_parts(encoder_layers[index]) for index in keep_by_layer}
-    _core.unpatch(model)  # after validation: a rejected call leaves the model as it was
+    attentions = {index: _attention(encoder_layers[index]) for index in keep_by_layer}
+    _core.unpatch_inside(model)  # after validation: a rejected call leaves the model as it was
     state = _core.PatchState(
         keep=keep_by_layer,
         policy=policy,
         fuse=fuse,
-        num_prefix_tokens=1,  # CLIP and ViT: one [CLS], no register tokens
+        num_prefix_tokens=prefix,
         embed_dim=int(backbone.config.hidden_size),
         backend=backend,
     )
     for index in sorted(keep_by_layer):
-        q_module, k_module = parts[index][:2]
-        _core.swap_layer(encoder_layers[index], _PruningEncoderLayer, state, index, q_module, k_module)
-    model.__dict__[_core.STATE_ATTR] = state
+        layer = encoder_layers[index]
+        _core.swap_layer(layer, _PruningEncoderLayer, state, index, attentions[index].taps)
+        layer._bus_attention = attentions[index]
+    _core.attach(state, model)
     return model
 
 
-__all__ = ["patch_hf_vision"]
+__all__ = ["SUPPORTED", "patch_hf_vision"]

@@ -22,9 +22,12 @@ class _PruningBlock:
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         state: _core.PatchState = self._bus_patch_state
         if args and args[0] is not None or kwargs.get("attn_mask") is not None:
-            raise ValueError("attn_mask is not supported on a token-pruned ViT (pruning changes the token count)")
+            raise ValueError(
+                "attn_mask cannot survive token pruning: the blocks after a pruning block get fewer tokens "
+                "than the mask covers; call the patched ViT without attn_mask"
+            )
         if state.policy == "text":
-            text_query = _core.text_query_for(state, x.shape[0])
+            text_query = _core.text_query_for(state, x.shape[0], self._bus_layer_index)
         out = super().forward(x, *args, **kwargs)
         attn = self.attn
         if state.policy == "text":
@@ -32,7 +35,7 @@ class _PruningBlock:
         captured = self._bus_captured
         q, k = captured.pop("q"), captured.pop("k")  # (B, H, N, D) each, after qk-norm
         if state.policy == "evit":
-            query = q[:, :, 0]  # the image [CLS] query
+            query = q[:, :, 0]  # the image [CLS] query (patch_timm refuses evit without a class token)
         return _core.prune_tokens(state, self._bus_layer_index, out, query, k.transpose(1, 2), attn.scale)
 
 
@@ -101,12 +104,18 @@ def patch_timm(
         ``bus_kernels.patch.kept_patches(model)`` tells which patches the last forward kept.
     """
     _check_model(model)
+    return patch_vit_blocks(model, model, layers=layers, keep=keep, policy=policy, fuse=fuse, backend=backend)
+
+
+def patch_vit_blocks(owner: nn.Module, model: nn.Module, *, layers, keep, policy, fuse, backend) -> nn.Module:
+    """``patch_timm`` on the timm ViT ``model`` (checked by the caller), its state held by ``owner`` and
+    by ``model`` (``owner`` is e.g. open_clip's ``CLIP`` around a timm tower)."""
     blocks = list(model.blocks)
     keep_by_layer = _core.check_options(layers, keep, policy, fuse, len(blocks))
     if policy == "evit" and not getattr(model, "has_class_token", False):
         raise ValueError("policy='evit' scores with the image [CLS] query, but this model has no class token")
     attns = {index: _check_attention(index, blocks[index]) for index in keep_by_layer}
-    _core.unpatch(model)  # after validation: a rejected call leaves the model as it was
+    _core.unpatch_inside(owner)  # after validation: a rejected call leaves the model as it was
     state = _core.PatchState(
         keep=keep_by_layer,
         policy=policy,
@@ -117,6 +126,8 @@ def patch_timm(
     )
     for index in sorted(keep_by_layer):
         attn = attns[index]
-        _core.swap_layer(blocks[index], _PruningBlock, state, index, attn.q_norm, attn.k_norm)
-    model.__dict__[_core.STATE_ATTR] = state
-    return model
+        _core.swap_layer(
+            blocks[index], _PruningBlock, state, index, [(attn.q_norm, "output", "q"), (attn.k_norm, "output", "k")]
+        )
+    _core.attach(state, owner, model)
+    return owner
