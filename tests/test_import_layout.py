@@ -185,3 +185,15 @@ def test_importing_the_library_loads_no_training_module(probe):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+MAX_LINES = 500  # issue 11: small files with one concern (ARCHITECTURE.md)
+
+
+def test_no_module_is_over_the_size_limit():
+    sizes = {}
+    for module, path in package_modules().items():
+        with open(path, encoding="utf-8") as f:
+            sizes[module] = sum(1 for _ in f)
+    assert len(sizes) > 50
+    assert {m: n for m, n in sizes.items() if n > MAX_LINES} == {}, f"split modules over {MAX_LINES} lines"

@@ -16,7 +16,8 @@ nothing from here. One concern per module:
     metrics      metrics.jsonl, TensorBoard, progress bar
     state        training state to/from checkpoints, --resume checks
     checkpoint   atomic run checkpoints on disk
-    evaluate     ``bus eval``: retrieval and captioning metrics
+    evaluate     ``bus eval``: encode a held-out set, retrieval and captioning
+    eval_metrics Recall@K, ranks, ITM re-ranking, BLEU-4 / CIDEr
 
 Nothing is imported here, so ``import bus_model.training.checkpoint`` loads only what it needs.
 """
