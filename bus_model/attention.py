@@ -53,6 +53,7 @@ def multi_head_attention(
     query_mask: torch.Tensor | None = None,
     causal: bool = False,
     impl: str = "sdpa",
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention over heads.
 
@@ -63,6 +64,8 @@ def multi_head_attention(
             None: all valid.
         causal: query i sees keys ``<= i`` (self-attention, Sq == Sk).
         impl: ``"sdpa"`` or ``"varlen"``.
+        key_bias: ``(B, Sk)`` float added to every score of its key (ToMe's proportional attention:
+            ``log(size)``); None: no bias.
 
     Returns:
         ``(B, Sq, H, D)`` in q's dtype.
@@ -79,6 +82,11 @@ def multi_head_attention(
             attn_mask = key_mask[:, None, None, :]  # (B, 1, 1, Sk)
             if causal:
                 attn_mask = attn_mask & torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril()
+        if key_bias is not None:  # a float mask: the bias, -inf where a boolean mask says no
+            bias = key_bias[:, None, None, :].to(q.dtype)  # (B, 1, 1, Sk)
+            attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
+            if causal and key_mask is None:
+                attn_mask = attn_mask.masked_fill(~torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril(), float("-inf"))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=attn_mask, is_causal=causal and attn_mask is None,
@@ -97,14 +105,19 @@ def multi_head_attention(
     q_packed = q.reshape(B * Sq, H, D).index_select(0, q_idx)  # (total_q, H, D)
     k_packed = k.reshape(B * Sk, H, D).index_select(0, k_idx)
     v_packed = v.reshape(B * Sk, H, D).index_select(0, k_idx)
-    out_packed = packed_attention(q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, causal=causal)
+    bias_packed = None if key_bias is None else key_bias.reshape(B * Sk).index_select(0, k_idx).float()
+    out_packed = packed_attention(q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, causal=causal, key_bias=bias_packed)
     out = q.new_zeros(B * Sq, H, D).index_copy(0, q_idx, out_packed.to(q.dtype))
     return out.view(B, Sq, H, D)
 
 
-def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False):
+def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, key_bias=None):
     """``bus_kernels.varlen_attention`` on packed tokens: q (total_q, H, D), k/v (total_k, H, D),
-    cu_seqlens (B + 1,) int32 -> (total_q, H, D)."""
+    cu_seqlens (B + 1,) int32, key_bias (total_k,) float32 or None -> (total_q, H, D)."""
     if not varlen_available():
         raise RuntimeError("packed attention needs bus_kernels.varlen_attention, which this bus_kernels lacks")
-    return bus_kernels.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal)
+    if key_bias is None:
+        return bus_kernels.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal)
+    return bus_kernels.varlen_attention(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal, key_bias=key_bias
+    )

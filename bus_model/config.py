@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-POLICIES = ("bus", "evit", "elip", "none")
+from .selection import POLICIES, TEXT_FREE  # noqa: F401  (POLICIES re-exported: every selection policy)
 ATTN_IMPLS = ("sdpa", "varlen")
 
 
@@ -39,11 +39,19 @@ class VisionConfig:
 class SelectionConfig:
     """Token selection inside the ViT (BUS §3.2 TSPS; ELIP §3; EViT)."""
 
-    policy: str = "bus"  # "bus" (text [CLS] query, TSPS) | "evit" (image [CLS]) | "elip" | "none"
-    layers: tuple[int, ...] = (3, 6, 9)  # 0-based blocks; bus/evit select after that block's attention,
-    # elip selects before that block (after a no-grad look-ahead through the stage)
-    keep_ratios: tuple[float, ...] = (0.7, 0.7, 0.7)  # one per layer, each in (0, 1]
+    policy: str = "bus"  # one of selection.POLICIES: "bus" (text [CLS] query, TSPS) | "elip" | "evit" (image
+    # [CLS]) | "random" (FLIP masking) | "tome" (token merging) | "none"
+    layers: tuple[int, ...] = (3, 6, 9)  # 0-based blocks; bus/evit/tome act after that block's attention,
+    # elip/random before that block (elip after a no-grad look-ahead; random at layer 0 = at the patch embedding)
+    keep_ratios: tuple[float, ...] = (0.7, 0.7, 0.7)  # one per layer, each in (0, 1] (tome: merges down to it)
     ratio_of: str = "current"  # "current": of the current patch tokens | "original": of the image's patches (ELIP)
+    keep_rounding: str = "round"  # "round" | "floor" (ELIP's official code: int(ratio * num_patches))
+    lookahead: tuple[int, ...] = ()  # elip: blocks each look-ahead runs (ELIP's num_act_layers), one per layer;
+    # () = up to the next selection layer (or the last block)
+    text_free: str = "auto"  # without a caption: "evit" (image [CLS]) | "none" (prune nothing) | "auto" (the
+    # policy's default: bus -> evit, elip -> none, as ELIP's official code does)
+    random_at_eval: bool = False  # random: also drop patches in eval mode (FLIP: training only)
+    tome_r: int = 0  # tome: merge this many tokens at each configured layer; 0 = down to keep_ratios
     fuse: bool = True  # merge the dropped tokens into one score-weighted token
     keep_mode: str = "ratio"  # "ratio": fixed count per layer | "mass": per image with keep_by_mass (ragged)
     keep_mass: float = 0.9  # keep_mode="mass": share of the score mass the kept tokens must hold
@@ -132,7 +140,12 @@ class BusConfig:
             raise ValueError(f"selection.keep_mode must be 'ratio' or 'mass', got {s.keep_mode!r}")
         if s.ratio_of not in ("current", "original"):
             raise ValueError(f"selection.ratio_of must be 'current' or 'original', got {s.ratio_of!r}")
+        if s.text_free not in TEXT_FREE:
+            raise ValueError(f"selection.text_free must be one of {TEXT_FREE}, got {s.text_free!r}")
+        if s.keep_rounding not in ("round", "floor"):
+            raise ValueError(f"selection.keep_rounding must be 'round' or 'floor', got {s.keep_rounding!r}")
         if s.policy != "none":
+            _validate_schedule(s, v)
             if len(s.layers) != len(s.keep_ratios):
                 raise ValueError(
                     f"selection.layers ({list(s.layers)}) and selection.keep_ratios ({list(s.keep_ratios)}) "
@@ -168,6 +181,43 @@ class BusConfig:
         return _build(cls, data, "config").validate()
 
 
+def _validate_schedule(s: "SelectionConfig", v: VisionConfig) -> None:
+    """Policy-specific schedule checks: ELIP's look-ahead spans, ToMe's merge counts."""
+    from bus_kernels import max_merge
+
+    from .selection import keep_count
+
+    if s.lookahead:
+        if len(s.lookahead) != len(s.layers):
+            raise ValueError(
+                f"selection.lookahead ({list(s.lookahead)}) must have one entry per selection.layers ({list(s.layers)})"
+            )
+        for i, n in zip(s.layers, s.lookahead):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1 or i + n > v.depth:
+                raise ValueError(
+                    f"selection.lookahead must be ints >= 1 with layer + lookahead <= vision.depth ({v.depth}), "
+                    f"got {list(s.lookahead)} for layers {list(s.layers)}"
+                )
+    if s.policy in ("random", "tome") and s.keep_mode != "ratio":
+        raise ValueError(f"selection.keep_mode must be 'ratio' for policy {s.policy!r} (it has no scores to weigh)")
+    if isinstance(s.tome_r, bool) or not isinstance(s.tome_r, int) or s.tome_r < 0:
+        raise ValueError(f"selection.tome_r must be an int >= 0, got {s.tome_r!r}")
+    if s.policy == "tome" and len(s.layers) == len(s.keep_ratios):
+        n = (v.image_size // v.patch_size) ** 2  # candidates left
+        for i, ratio in zip(s.layers, s.keep_ratios):
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
+                return  # the keep_ratios check reports it
+            r = s.tome_r or n - keep_count(ratio, n, (v.image_size // v.patch_size) ** 2, s.ratio_of, s.keep_rounding)
+            limit = max_merge(n + 1, 1)
+            if r > limit:
+                field = "selection.tome_r" if s.tome_r else "selection.keep_ratios"
+                raise ValueError(
+                    f"{field}: ToMe at layer {i} would merge {r} of the {n} tokens left, but one bipartite step "
+                    f"merges at most {limit} (half of them)"
+                )
+            n -= r
+
+
 _SECTIONS = {"vision": VisionConfig, "selection": SelectionConfig, "text": TextConfig, "pad": PadConfig, "losses": LossConfig}
 
 
@@ -182,7 +232,7 @@ def _build(cls, data: dict[str, Any], where: str):
     for key, value in data.items():
         if cls is BusConfig and key in _SECTIONS:
             kwargs[key] = _build(_SECTIONS[key], value, f"{where}.{key}")
-        elif key in ("layers", "keep_ratios"):
+        elif key in ("layers", "keep_ratios", "lookahead"):
             kwargs[key] = tuple(value)
         else:
             kwargs[key] = value

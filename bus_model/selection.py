@@ -8,6 +8,9 @@ query 0.8·visual CLS + 0.2·text CLS, scores from a no-grad look-ahead, keep ra
 Token state inside the ViT: ``x (B, N, C)`` with [CLS] at position 0, the candidates after it;
 ``mask (B, N)`` bool (None when every row is full; rows are left-aligned when ragged);
 ``positions (B, N - 1)`` int64: the original patch index of each candidate, -1 for fused tokens and padding.
+
+Every policy is listed in ``POLICY_INFO`` (name -> what it does, where, and without a caption), so
+benchmarks and the CLI can enumerate them.
 """
 
 from __future__ import annotations
@@ -20,12 +23,62 @@ import torch
 import bus_kernels
 
 
+@dataclass(frozen=True)
+class PolicyInfo:
+    """What a selection policy does.
+
+    where: ``"after"`` selects after the attention of the configured blocks (before their MLP);
+        ``"before"`` selects before the configured blocks (``layers=(0,)`` = at the patch embedding).
+    uses_text: whether a caption guides it. text_free: what it does without a caption by default
+        (``"evit"``: image-[CLS] scores, ``"none"``: prune nothing; ``selection.text_free`` overrides).
+    """
+
+    name: str
+    where: str
+    uses_text: bool
+    text_free: str
+    summary: str
+
+
+POLICY_INFO: dict[str, PolicyInfo] = {
+    p.name: p
+    for p in (
+        PolicyInfo("bus", "after", True, "evit", "BUS TSPS: the caption's [CLS] through the layer's query projection"),
+        PolicyInfo("elip", "before", True, "none",
+                   "ELIP: fused query 0.8 visual + 0.2 text [CLS], no-grad look-ahead, keep ratios of the original count"),
+        PolicyInfo("evit", "after", False, "evit", "EViT: the image [CLS] query of the layer"),
+        PolicyInfo("random", "before", False, "evit", "FLIP: a uniformly random subset (no fusion; training only by default)"),
+        PolicyInfo("tome", "after", False, "evit", "ToMe: bipartite soft matching, size-weighted merge, proportional attention"),
+        PolicyInfo("none", "after", False, "none", "no selection: every token through every block"),
+    )
+}
+POLICIES: tuple[str, ...] = tuple(POLICY_INFO)  # every name ``selection.policy`` accepts
+TEXT_FREE = ("auto", "evit", "none")  # ``selection.text_free``; "auto": the policy's own default
+
+
+def policy_names() -> tuple[str, ...]:
+    """Every selection policy (``bus bench quality`` trains each)."""
+    return POLICIES
+
+
+def text_free_mode(policy: str, text_free: str) -> str:
+    """What a text-guided policy does without a caption: ``"evit"`` or ``"none"`` (ELIP's official code
+    prunes nothing without text; BUS falls back to the image [CLS], as EViT does)."""
+    if policy not in POLICY_INFO:
+        raise ValueError(f"selection.policy must be one of {POLICIES}, got {policy!r}")
+    if text_free not in TEXT_FREE:
+        raise ValueError(f"selection.text_free must be one of {TEXT_FREE}, got {text_free!r}")
+    return POLICY_INFO[policy].text_free if text_free == "auto" else text_free
+
+
 @dataclass
 class SelectionRecord:
     """What one selection step saw and did (PTM trains on ``scores`` at ``positions``).
 
     layer: the ViT block index.
-    scores: ``(B, n)`` float32 selector scores over the candidates (rows sum to 1; 0 at padding).
+    scores: ``(B, n)`` float32 selector scores over the candidates (bus/evit: rows sum to 1; elip: the
+        [CLS] row of a softmax that also covered the [CLS] key, so rows sum to less; random: the draw;
+        tome: uniform, it has no relevance scores; 0 at padding).
     positions: ``(B, n)`` int64 original patch index per candidate, -1 for fused tokens and padding.
     kept_positions: ``(B, k_max)`` int64 original patch index of each kept candidate (-1: fused/padding).
     num_kept: ``(B,)`` int64 candidates kept per image.
@@ -54,10 +107,12 @@ def score_candidates(
     return logits.softmax(dim=-1).mean(dim=1)  # (B, n)
 
 
-def keep_count(ratio: float, num_candidates: int, num_original: int, ratio_of: str) -> int:
-    """Fixed number of candidates to keep, in ``[1, num_candidates]``."""
+def keep_count(ratio: float, num_candidates: int, num_original: int, ratio_of: str, rounding: str = "round") -> int:
+    """Fixed number of candidates to keep, in ``[1, num_candidates]``: ``ratio`` of the current
+    candidates or of the image's original patches, rounded or floored (ELIP: ``int(num_patches * ratio)``)."""
     base = num_original if ratio_of == "original" else num_candidates
-    return min(num_candidates, max(1, round(ratio * base)))
+    count = math.floor(ratio * base) if rounding == "floor" else round(ratio * base)
+    return min(num_candidates, max(1, count))
 
 
 def _repad(packed: torch.Tensor, lengths: torch.Tensor, width: int, fill: float | int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,3 +185,64 @@ def mass_keep(scores: torch.Tensor, mask: torch.Tensor | None, mass: float, min_
     if mask is not None:
         k = torch.minimum(k, mask[:, 1:].sum(1))
     return k
+
+
+@torch.no_grad()
+def elip_lookahead_scores(
+    blocks, x: torch.Tensor, mask: torch.Tensor | None, text_query: torch.Tensor | None,
+    visual_weight: float, impl: str, backend: str | None,
+) -> torch.Tensor:
+    """ELIP's scores, as its official code computes them (guoyang9/ELIP ``ALBEF/models/vit.py``).
+
+    Without gradients, on a copy of the tokens: the [CLS] token becomes the fused query
+    ``w * visual CLS + (1 - w) * text CLS`` *before* the first look-ahead block, so the mix propagates
+    through every block of the look-ahead; ``blocks[:-1]`` run in full, and the last block's attention
+    probabilities of the [CLS] row, a softmax over *all* keys ([CLS] included) averaged over heads,
+    are the scores, with the [CLS] column dropped and no renormalisation.
+
+    Args:
+        blocks: the look-ahead ViT blocks, in order (``Block`` of ``bus_model.vision``).
+        x: ``(B, N, C)`` tokens entering ``blocks[0]``, [CLS] first. mask: ``(B, N)`` bool or None.
+        text_query: ``(B, C)`` text [CLS] in the ViT width, or None (the visual [CLS] alone).
+    Returns:
+        ``(B, N - 1)`` float32 scores of the candidates.
+    """
+    h = x.detach().clone()
+    if text_query is not None:
+        h[:, 0] = visual_weight * h[:, 0] + (1.0 - visual_weight) * text_query.to(h.dtype)
+    for blk in blocks[:-1]:
+        h, _, _ = blk.attend(h, mask, impl)
+        h = blk.feed_forward(h, mask, impl)
+    last = blocks[-1]
+    B, N, C = h.shape
+    H = last.attn.num_heads
+    q, k, _ = last.attn.qkv(last.norm1(h)).view(B, N, 3, H, C // H).unbind(2)  # each (B, N, H, D)
+    return score_candidates(q[:, 0], k, mask, backend)[:, 1:]
+
+
+def random_keep_scores(x: torch.Tensor) -> torch.Tensor:
+    """FLIP: uniform scores for the candidates of ``x (B, N, C)`` -> ``(B, N - 1)`` float32, drawn from
+    the global RNG of x's device (training checkpoints hold it: a resumed run redraws the same masks)."""
+    return bus_kernels.random_scores(x.shape[0], x.shape[1] - 1, device=x.device)
+
+
+def merge_step(
+    x: torch.Tensor, size: torch.Tensor | None, positions: torch.Tensor, keys: torch.Tensor, r: int, layer: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SelectionRecord]:
+    """ToMe (ICLR 2023 §3) between a block's attention and its MLP: match on the keys averaged over heads,
+    merge ``r`` candidates by size-weighted average; [CLS] never merges.
+
+    Args:
+        x: ``(B, N, C)``. size: ``(B, N)`` float32 patches per token, or None (all 1).
+        positions: ``(B, N - 1)`` int64. keys: ``(B, N, H, D)`` this block's keys.
+    Returns:
+        ``(x (B, N - r, C), size (B, N - r), positions (B, N - r - 1), SelectionRecord)``; a merged token
+        keeps the position of the token that absorbed the others.
+    """
+    plan = bus_kernels.bipartite_soft_matching(keys.mean(dim=2), r, num_protected=1)
+    x, size = bus_kernels.merge_tokens(x, plan, size)
+    kept = positions.gather(1, plan.keep[:, 1:] - 1)  # (B, N - r - 1) candidates that remain
+    B, n = positions.shape
+    uniform = torch.full((B, n), 1.0 / n, dtype=torch.float32, device=x.device)
+    num_kept = torch.full((B,), n - r, dtype=torch.int64, device=x.device)
+    return x, size, kept, SelectionRecord(layer, uniform, positions, kept, num_kept)

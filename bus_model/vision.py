@@ -3,8 +3,9 @@
 Names match timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
 ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``), so a timm model or checkpoint
 loads as it is (``BusViT.from_timm``); with ``policy="none"`` ``forward_features`` equals timm's.
-bus/evit select after the attention of the configured blocks (before their MLP, as EViT does);
-elip selects before the configured blocks, from a no-grad look-ahead through the stage.
+bus/evit select (and tome merges) after the attention of the configured blocks, before their MLP, as
+EViT and ToMe do; elip selects before the configured blocks, from a no-grad look-ahead as ELIP's official
+code does; random (FLIP) drops before the configured blocks (block 0: at the patch embedding).
 """
 
 from __future__ import annotations
@@ -19,7 +20,18 @@ import torch.nn.functional as F
 
 from .attention import multi_head_attention, packed_attention, packing
 from .config import SelectionConfig, VisionConfig
-from .selection import SelectionRecord, apply_selection, keep_count, mass_keep, score_candidates
+from .selection import (
+    POLICY_INFO,
+    SelectionRecord,
+    apply_selection,
+    elip_lookahead_scores,
+    keep_count,
+    mass_keep,
+    merge_step,
+    random_keep_scores,
+    score_candidates,
+    text_free_mode,
+)
 
 
 class PatchEmbed(nn.Module):
@@ -69,22 +81,24 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
 
-    def attend(self, x: torch.Tensor, mask: torch.Tensor | None, impl: str):
+    def attend(self, x: torch.Tensor, mask: torch.Tensor | None, impl: str, key_bias: torch.Tensor | None = None):
         """x (B, N, C) -> (x after the attention residual, q, k), q and k (B, N, H, D).
 
         Ragged rows (``mask`` given) with ``impl="varlen"`` run packed: the projections see only the valid
-        tokens and attention goes through ``varlen_attention``; padding stays zero."""
+        tokens and attention goes through ``varlen_attention``; padding stays zero. ``key_bias (B, N)``
+        float32 is added to every score of its key (ToMe's proportional attention, ``log(size)``)."""
         B, N, C = x.shape
         H = self.attn.num_heads
         if impl == "varlen" and mask is not None:
             rows, cu, max_len = packing(mask, B, N, x.device)
             xs = x.reshape(B * N, C).index_select(0, rows)  # (total, C) valid tokens only
             q, k, v = self.attn.qkv(self.norm1(xs)).view(-1, 3, H, C // H).unbind(1)  # each (total, H, D)
-            xs = xs + self.attn.proj(packed_attention(q, k, v, cu, cu, max_len, max_len).reshape(-1, C))
+            bias = None if key_bias is None else key_bias.reshape(B * N).index_select(0, rows).float()
+            xs = xs + self.attn.proj(packed_attention(q, k, v, cu, cu, max_len, max_len, key_bias=bias).reshape(-1, C))
             return _unpack(xs, rows, B, N), _unpack(q, rows, B, N), _unpack(k, rows, B, N)
         qkv = self.attn.qkv(self.norm1(x)).view(B, N, 3, H, C // H)
         q, k, v = qkv.unbind(2)
-        out = multi_head_attention(q, k, v, key_mask=mask, query_mask=mask, impl=impl)
+        out = multi_head_attention(q, k, v, key_mask=mask, query_mask=mask, impl=impl, key_bias=key_bias)
         return x + self.attn.proj(out.reshape(B, N, C)), q, k
 
     def feed_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, impl: str = "sdpa") -> torch.Tensor:
@@ -102,11 +116,13 @@ class Block(nn.Module):
 class VisionFeatures:
     """tokens: ``(B, N', C)`` final tokens after ``norm`` ([CLS] first; kept patches; fused tokens).
     mask: ``(B, N')`` bool valid tokens, or None when every row is full.
-    selections: one ``SelectionRecord`` per selection step (scores and kept positions, for PTM)."""
+    selections: one ``SelectionRecord`` per selection step (scores and kept positions, for PTM).
+    sizes: ``(B, N')`` float32 patches each token stands for (tome), or None."""
 
     tokens: torch.Tensor
     mask: torch.Tensor | None = None
     selections: list[SelectionRecord] = field(default_factory=list)
+    sizes: torch.Tensor | None = None
 
 
 class BusViT(nn.Module):
@@ -189,31 +205,36 @@ class BusViT(nn.Module):
         ratio = s.keep_ratios[s.layers.index(i)]
         if s.keep_mode == "mass":
             return mass_keep(scores, mask, s.keep_mass, s.min_keep_ratio, ratio)
-        return keep_count(ratio, scores.shape[1], self.num_patches, s.ratio_of)
+        return keep_count(ratio, scores.shape[1], self.num_patches, s.ratio_of, s.keep_rounding)
 
-    def _stage_end(self, i: int) -> int:
-        later = [j for j in self.selection.layers if j > i]
+    def _lookahead_end(self, i: int) -> int:
+        """One past the last block of the ELIP look-ahead that starts at block i."""
+        s = self.selection
+        if s.lookahead:
+            return i + s.lookahead[s.layers.index(i)]
+        later = [j for j in s.layers if j > i]
         return later[0] if later else len(self.blocks)
 
-    @torch.no_grad()
-    def _elip_scores(self, i: int, x, mask, text_query):
-        """Look ahead through blocks i..end-1 without gradients; score with the last block's fused query."""
-        end = self._stage_end(i)
-        h = x
-        for j in range(i, end - 1):
-            h, _, _ = self.blocks[j].attend(h, mask, self.attn_impl)
-            h = self.blocks[j].feed_forward(h, mask, self.attn_impl)
-        last = self.blocks[end - 1]
-        B, N, C = h.shape
-        H = last.attn.num_heads
-        k = last.attn.qkv(last.norm1(h)).view(B, N, 3, H, C // H)[:, :, 1]  # keys (B, N, H, D)
-        anchor = h[:, 0]
-        if text_query is not None:
-            w = self.selection.elip_visual_weight
-            anchor = w * anchor + (1.0 - w) * text_query
-        query = last.attn.project_query(last.norm1(anchor))
-        cand_mask = None if mask is None else mask[:, 1:]
-        return score_candidates(query, k[:, 1:], cand_mask, self.kernel_backend)
+    def _merge_count(self, i: int, num_candidates: int) -> int:
+        s = self.selection
+        if s.tome_r:
+            return s.tome_r
+        return num_candidates - keep_count(
+            s.keep_ratios[s.layers.index(i)], num_candidates, self.num_patches, s.ratio_of, s.keep_rounding
+        )
+
+    def effective_policy(self, policy: str, has_text: bool) -> str:
+        """The policy that runs: a text-guided one without a caption follows ``selection.text_free``
+        (``"evit"``; elip then looks ahead with the visual [CLS] alone) or prunes nothing (``"none"``);
+        ``random`` drops nothing in eval mode unless ``selection.random_at_eval``."""
+        if policy not in POLICY_INFO:
+            raise ValueError(f"policy must be one of {tuple(POLICY_INFO)}, got {policy!r}")
+        if POLICY_INFO[policy].uses_text and not has_text:
+            fallback = text_free_mode(policy, self.selection.text_free)
+            return "none" if fallback == "none" else ("elip" if policy == "elip" else "evit")
+        if policy == "random" and not self.training and not self.selection.random_at_eval:
+            return "none"
+        return policy
 
     def forward_features(
         self, images: torch.Tensor, text_query: torch.Tensor | None = None, policy: str | None = None
@@ -222,46 +243,55 @@ class BusViT(nn.Module):
 
         Args:
             images: ``(B, in_chans, image_size, image_size)`` floating.
-            text_query: ``(B, text_width)`` text [CLS] embedding for bus/elip; None: text-free
-                (bus falls back to the EViT image-[CLS] query, elip uses the visual CLS alone).
+            text_query: ``(B, text_width)`` text [CLS] embedding for bus/elip; None: text-free (what a
+                policy then does is ``selection.text_free``: bus -> EViT image [CLS], elip -> nothing).
             policy: override the configured policy for this call (e.g. ``"none"``).
 
         Returns:
-            ``VisionFeatures(tokens (B, N', C), mask (B, N') bool or None, selections)``.
+            ``VisionFeatures(tokens (B, N', C), mask (B, N') bool or None, selections, sizes)``.
         """
         self._check_inputs(images, text_query)
-        policy = policy or self.selection.policy
+        policy = self.effective_policy(policy or self.selection.policy, text_query is not None)
         text_query = self._text_in_vision_width(text_query)
         B = images.shape[0]
         x = self.patch_embed(images)  # (B, num_patches, C)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed
         mask = None
+        size = None  # tome: (B, N) float32 patches per token
         positions = torch.arange(self.num_patches, device=x.device).expand(B, -1)  # (B, n) original patch ids
         records: list[SelectionRecord] = []
         layers = set(self.selection.layers) if policy != "none" else set()
+        fuse, backend = self.selection.fuse, self.kernel_backend
         for i, block in enumerate(self.blocks):
-            if i in layers and policy == "elip":
-                scores = self._elip_scores(i, x, mask, text_query)
+            if i in layers and policy in ("elip", "random"):  # before the block (random at 0: the patch embedding)
+                if policy == "elip":
+                    scores = elip_lookahead_scores(
+                        self.blocks[i : self._lookahead_end(i)], x, mask, text_query,
+                        self.selection.elip_visual_weight, self.attn_impl, backend,
+                    )
+                else:
+                    scores = random_keep_scores(x)  # FLIP: drop, never fuse
                 keep = self._keep(i, scores, mask)
                 x, mask, positions, rec = apply_selection(
-                    x, mask, positions, scores, keep, fuse=self.selection.fuse, backend=self.kernel_backend, layer=i
+                    x, mask, positions, scores, keep, fuse=fuse and policy == "elip", backend=backend, layer=i
                 )
                 records.append(rec)
-            x, q, k = block.attend(x, mask, self.attn_impl)
+            x, q, k = block.attend(x, mask, self.attn_impl, None if size is None else size.log())
             if i in layers and policy in ("bus", "evit"):
-                if policy == "bus" and text_query is not None:
+                if policy == "bus":
                     query = block.attn.project_query(block.norm1(text_query))  # TSPS: text [CLS] query
                 else:
                     query = q[:, 0]  # EViT: the image [CLS] query of this layer
                 cand_mask = None if mask is None else mask[:, 1:]
-                scores = score_candidates(query, k[:, 1:], cand_mask, self.kernel_backend)
+                scores = score_candidates(query, k[:, 1:], cand_mask, backend)
                 keep = self._keep(i, scores, mask)
-                x, mask, positions, rec = apply_selection(
-                    x, mask, positions, scores, keep, fuse=self.selection.fuse, backend=self.kernel_backend, layer=i
-                )
+                x, mask, positions, rec = apply_selection(x, mask, positions, scores, keep, fuse=fuse, backend=backend, layer=i)
+                records.append(rec)
+            elif i in layers and policy == "tome":  # between attention and MLP (ToMe §3)
+                x, size, positions, rec = merge_step(x, size, positions, k, self._merge_count(i, x.shape[1] - 1), i)
                 records.append(rec)
             x = block.feed_forward(x, mask, self.attn_impl)
-        return VisionFeatures(self.norm(x), mask, records)
+        return VisionFeatures(self.norm(x), mask, records, size)
 
     def forward(self, images: torch.Tensor, text_query: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C_in, H, W) -> final tokens (B, N', C)."""

@@ -50,6 +50,11 @@ def test_registry_and_configs():
     assert (cfg.vision.width, cfg.vision.depth, cfg.text.num_layers, cfg.fusion_layers, cfg.decoder_layers,
             cfg.pad.num_queries) == (768, 12, 6, 6, 12, 64)
     assert bus_model.get_config("bus-tiny", selection__policy="evit").selection.policy == "evit"
+    for name in ("elip-base", "elip-small"):  # ELIP's official ALBEF/BLIP schedule, on the baseline stack
+        s = bus_model.get_config(name).selection
+        assert (s.policy, s.layers, s.lookahead, s.keep_ratios) == ("elip", (2, 4, 10), (2, 6, 2), (0.9, 0.65, 0.4))
+        assert (s.ratio_of, s.keep_rounding, s.text_free) == ("original", "floor", "auto")
+        assert not bus_model.get_config(name).pad.enabled and f"{name}-baseline" in names
     with pytest.raises(ValueError, match="unknown model name"):
         bus_model.create_model("bus-huge")
     with pytest.raises(ValueError, match="unknown field"):
@@ -82,7 +87,7 @@ def test_baseline_has_no_selection_and_sees_all_tokens():
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("policy", ["evit", "elip", "none"])
+@pytest.mark.parametrize("policy", ["evit", "elip", "random", "tome", "none"])
 def test_other_policies_train(policy):
     torch.manual_seed(0)
     model = bus_model.create_model("bus-tiny", selection={"policy": policy}, text={"hidden_size": 64},
@@ -259,7 +264,7 @@ def test_bad_inputs_raise_clear_errors(tiny):
     with pytest.raises(ValueError, match="keep_ratios"):
         bus_model.create_model("bus-tiny", selection={"keep_ratios": [1.01, 0.5]})
     with pytest.raises(ValueError, match="policy"):
-        bus_model.create_model("bus-tiny", selection={"policy": "random"})
+        bus_model.create_model("bus-tiny", selection={"policy": "flip"})
     with pytest.raises(ValueError, match="attn_impl"):
         bus_model.create_model("bus-tiny", attn_impl="flash")
 

@@ -129,37 +129,109 @@ def test_bus_without_text_falls_back_to_evit():
     torch.testing.assert_close(out.tokens, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_elip_keeps_ratios_of_original_count():
+def _official_elip(vit, images, text_cls, begin, active, keep_ratios, visual_weight=0.8):
+    """ELIP's ViT forward as its official code computes it (guoyang9/ELIP ``ALBEF/models/vit.py``),
+    re-computed here in float64 with plain torch ops: at each begin layer, a no-grad copy of the tokens
+    gets [CLS] := 0.8 * [CLS] + 0.2 * text [CLS], runs ``active - 1`` full blocks and the attention of
+    the next; the [CLS] row of that softmax (over all keys, mean over heads), [CLS] column dropped,
+    ranks the candidates; the top ``int(num_patches * ratio)`` stay in position order, the rest merge
+    into one token weighted by their renormalised scores. Returns (final tokens, kept positions per
+    stage, scores per stage)."""
+    C, H = vit.vision_config.width, vit.vision_config.num_heads
+    D = C // H
+    num_keep = [int(vit.num_patches * r) for r in keep_ratios]
+
+    def run(blk, x, attn_only=False):
+        B, N, _ = x.shape
+        q, k, v = F.linear(blk.norm1(x), blk.attn.qkv.weight, blk.attn.qkv.bias).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-1, -2) * D**-0.5).softmax(-1)  # (B, H, N, N)
+        if attn_only:
+            return att
+        x = x + blk.attn.proj((att @ v).transpose(1, 2).reshape(B, N, C))
+        return x + blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(x))))
+
+    x = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)
+    x = torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), x], 1) + vit.pos_embed
+    pos = torch.arange(vit.num_patches).expand(x.shape[0], -1)  # original patch of each candidate, -1: merged
+    kept, all_scores = [], []
+    for i, blk in enumerate(vit.blocks):
+        if text_cls is not None and i in begin:
+            stage = begin.index(i)
+            tmp = x.clone()
+            tmp[:, 0] = (1 - visual_weight) * text_cls + visual_weight * tmp[:, 0]
+            for j in range(active[stage] - 1):
+                tmp = run(vit.blocks[i + j], tmp)
+            scores = run(vit.blocks[i + active[stage] - 1], tmp, attn_only=True).mean(1)[:, 0, 1:]
+            values, order = scores.sort(dim=-1, descending=True)
+            n = num_keep[stage]
+            keep_ind = order[:, :n].sort(dim=-1).values
+            w = values[:, n:] / (values[:, n:].sum(-1, keepdim=True) + 1e-6)
+            cand = x[:, 1:]
+            merged = (cand.gather(1, order[:, n:, None].expand(-1, -1, C)) * w[..., None]).sum(1, keepdim=True)
+            x = torch.cat([x[:, :1], cand.gather(1, keep_ind[..., None].expand(-1, -1, C)), merged], 1)
+            kept.append(pos.gather(1, keep_ind))
+            all_scores.append(scores)
+            pos = torch.cat([kept[-1], torch.full_like(pos[:, :1], -1)], 1)
+        x = run(blk, x)
+    return vit.norm(x), kept, all_scores
+
+
+# the official schedules: (begin layers, active layers, keep ratios)
+ELIP_ALBEF = ((2, 4, 10), (2, 6, 2), (0.90, 0.65, 0.40))
+ELIP_METER = ((2, 4, 9), (2, 5, 2), (0.90, 0.70, 0.45))
+
+
+def _elip_vit(schedule, **extra):
+    begin, active, ratios = schedule
+    vision = VisionConfig(image_size=56, patch_size=8, width=48, depth=12, num_heads=3, mlp_ratio=2.0)
+    selection = SelectionConfig(policy="elip", layers=begin, lookahead=active, keep_ratios=ratios,
+                                ratio_of="original", keep_rounding="floor", **extra)
+    return BusViT(vision, selection, text_width=48, kernel_backend="torch").double().eval()
+
+
+@pytest.mark.parametrize("schedule", [ELIP_ALBEF, ELIP_METER], ids=["albef-blip", "meter"])
+def test_elip_equals_official_algorithm(schedule):
     torch.manual_seed(3)
-    vit = _tiny("elip", text_width=48, layers=(1, 3), keep_ratios=(0.9, 0.4), ratio_of="original")
+    vit = _elip_vit(schedule)
     assert vit.text_query_proj is None  # parameter-free
-    images = torch.randn(2, 3, 40, 40, dtype=torch.float64, requires_grad=True)
-    text = torch.randn(2, 48, dtype=torch.float64)
+    images = torch.randn(3, 3, 56, 56, dtype=torch.float64, requires_grad=True)
+    text = torch.randn(3, 48, dtype=torch.float64)
     out = vit.forward_features(images, text)
-    assert [r.num_kept.tolist() for r in out.selections] == [[22, 22], [10, 10]]  # round(0.9*25), round(0.4*25)
-    assert out.tokens.shape == (2, 1 + 10 + 1, 48)
-    assert not any(r.scores.requires_grad for r in out.selections)  # look-ahead without gradients
-    # reference for the first step: look ahead through block 1, score with block 2's fused query
     with torch.no_grad():
-        C, H = 48, 3
-        x = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)
-        x = torch.cat([vit.cls_token.expand(2, -1, -1), x], 1) + vit.pos_embed
-        for blk in vit.blocks[:2]:  # block 0 runs for real; block 1 is the look-ahead
-            B, N, _ = x.shape
-            qkv = F.linear(blk.norm1(x), blk.attn.qkv.weight, blk.attn.qkv.bias)
-            q, k, v = qkv.view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)  # each (B, H, N, D)
-            att = ((q @ k.transpose(-1, -2)) * (C // H) ** -0.5).softmax(-1)
-            x = x + blk.attn.proj((att @ v).transpose(1, 2).reshape(B, N, C))
-            x = x + blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(x))))
-        last = vit.blocks[2]
-        keys = F.linear(last.norm1(x), last.attn.qkv.weight[C : 2 * C], last.attn.qkv.bias[C : 2 * C])[:, 1:]
-        anchor = 0.8 * x[:, 0] + 0.2 * text
-        query = F.linear(last.norm1(anchor), last.attn.qkv.weight[:C], last.attn.qkv.bias[:C])
-        logits = torch.einsum("bhd,bnhd->bhn", query.view(2, H, -1), keys.view(2, 25, H, -1)) * (C // H) ** -0.5
-        ref_scores = logits.softmax(-1).mean(1)
-    torch.testing.assert_close(out.selections[0].scores.double(), ref_scores, rtol=1e-5, atol=1e-6)
+        ref_tokens, ref_kept, ref_scores = _official_elip(vit, images, text, *schedule)
+    counts = [int(49 * r) for r in schedule[2]]  # floor of the original 49 patches
+    assert [r.num_kept.tolist() for r in out.selections] == [[c] * 3 for c in counts]
+    for stage, rec in enumerate(out.selections):  # all three stages
+        assert torch.equal(rec.kept_positions, ref_kept[stage]), stage
+        torch.testing.assert_close(rec.scores.double(), ref_scores[stage], rtol=1e-5, atol=1e-7)  # float32 scores
+        assert (rec.scores.sum(1) < 1).all()  # the [CLS] column took its share: no renormalisation
+        assert not rec.scores.requires_grad  # look-ahead without gradients
+    assert out.tokens.shape == ref_tokens.shape == (3, 1 + counts[-1] + 1, 48)
+    # the merged token: official weights w / (sum w + 1e-6), ours w / max(sum w, 1e-6)
+    torch.testing.assert_close(out.tokens, ref_tokens, rtol=1e-4, atol=1e-5)
     out.tokens.sum().backward()
     assert images.grad is not None and torch.isfinite(images.grad).all()
+
+
+def test_elip_text_free_behaviour():
+    torch.manual_seed(5)
+    images = torch.randn(2, 3, 56, 56, dtype=torch.float64)
+    with torch.no_grad():
+        out = _elip_vit(ELIP_ALBEF).forward_features(images)  # ELIP's default: prune nothing without text
+        assert out.selections == [] and out.tokens.shape == (2, 50, 48)
+        vit = _elip_vit(ELIP_ALBEF, text_free="evit")  # opt in: the visual [CLS] alone guides the look-ahead
+        out = vit.forward_features(images)
+        _, ref_kept, _ = _official_elip(vit, images, torch.zeros(2, 48, dtype=torch.float64), *ELIP_ALBEF,
+                                        visual_weight=1.0)
+    assert [torch.equal(r.kept_positions, k) for r, k in zip(out.selections, ref_kept)] == [True] * 3
+
+
+def test_bus_text_free_none_prunes_nothing():
+    torch.manual_seed(6)
+    images = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    with torch.no_grad():
+        out = _tiny("bus", text_free="none").forward_features(images)
+    assert out.selections == [] and out.tokens.shape == (2, 26, 48)
 
 
 def test_keep_by_mass_ragged_matches_per_image_runs():
