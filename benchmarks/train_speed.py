@@ -20,7 +20,7 @@ import json
 import resource
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -41,6 +41,8 @@ class TrainBenchSettings:
     memory: bool = True  # measure peak memory in a separate process per model
     eval_seconds: float = 0.0  # > 0: also train both for this much wall-clock time each, then retrieval R@1
     eval_images: int = 128  # held-out images (and their captions) ranked by the equal-time evaluation
+    overrides: dict = field(default_factory=dict)  # config of the compared model (not its baseline twin), flat
+    # "section__field" keys: {"selection__policy": "tome"} (--policy, --override)
 
     @classmethod
     def quick(cls) -> "TrainBenchSettings":
@@ -70,13 +72,15 @@ class SyntheticBatches:
         return tuple(t.to(self.device) for t in (batch["images"], batch["input_ids"], batch["attention_mask"], labels))
 
 
-def build_model_and_data(name: str, batch_size: int, seed: int, image_size: int | None, device: torch.device):
-    """A model sized for the synthetic tokenizer (seeded init) and its ``SyntheticBatches``."""
+def build_model_and_data(name: str, batch_size: int, seed: int, image_size: int | None, device: torch.device,
+                         config_overrides: dict | None = None):
+    """A model sized for the synthetic tokenizer (seeded init) and its ``SyntheticBatches``;
+    ``config_overrides`` (flat ``section__field`` keys) change the named config."""
     from bus_model import create_model, get_config
     from bus_model.data import build_synthetic_tokenizer
     from bus_model.data.tokenizer import text_config_overrides
 
-    overrides = {}
+    overrides = dict(config_overrides or {})
     if image_size is not None:
         overrides["vision"] = {"image_size": image_size}
     config = get_config(name, **overrides)
@@ -142,7 +146,8 @@ def _memory_probe(name: str, settings: TrainBenchSettings) -> dict:
     rss_before = _proc_status_kib("VmRSS") or _cpu_peak_kib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model, data = build_model_and_data(name, settings.batch_size, settings.seed, settings.image_size, device)
+    model, data = build_model_and_data(name, settings.batch_size, settings.seed, settings.image_size, device,
+                                       _overrides_for(name, settings))
     step = make_step(model, settings.lr, _amp(settings, device), device)
     batch = data[0]
     for _ in range(2):
@@ -168,6 +173,10 @@ def measure_memory(name: str, settings: TrainBenchSettings) -> dict:
 # the benchmark
 
 
+def _overrides_for(name: str, settings: TrainBenchSettings) -> dict:
+    return settings.overrides if name == settings.model else {}
+
+
 def _amp(settings: TrainBenchSettings, device: torch.device) -> bool:
     return device.type == "cuda" if settings.amp is None else settings.amp
 
@@ -179,7 +188,8 @@ def run(settings: TrainBenchSettings, device: torch.device | None = None, log=pr
     n_batches = settings.warmup + settings.steps
     models, steps = {}, {}
     for name in names:
-        models[name], data = build_model_and_data(name, settings.batch_size, settings.seed, settings.image_size, device)
+        models[name], data = build_model_and_data(name, settings.batch_size, settings.seed, settings.image_size, device,
+                                                  _overrides_for(name, settings))
         steps[name] = make_step(models[name], settings.lr, amp, device)
     batches = [data[i] for i in range(n_batches)]  # the twins share tokenizer and image size: one set of batches
 
@@ -205,6 +215,7 @@ def run(settings: TrainBenchSettings, device: torch.device | None = None, log=pr
             "images_per_s": settings.batch_size / step_s,
             "flops_per_sample": training_flops_per_sample(models[name], batches[0]),
             "final_loss": losses[name][-1],
+            "overrides": _overrides_for(name, settings),
         }
         if settings.memory:
             row.update(measure_memory(name, settings))
@@ -235,7 +246,8 @@ def equal_time_retrieval(names: list[str], settings: TrainBenchSettings, device:
     amp = _amp(settings, device)
     state = {}
     for name in names:
-        model, data = build_model_and_data(name, settings.batch_size, settings.seed + 1, settings.image_size, device)
+        model, data = build_model_and_data(name, settings.batch_size, settings.seed + 1, settings.image_size, device,
+                                           _overrides_for(name, settings))
         state[name] = {"model": model, "data": data, "step": make_step(model, settings.lr, amp, device),
                        "seconds": 0.0, "steps": 0}
     while True:
@@ -289,7 +301,7 @@ def render(result: dict) -> str:
         f"{table}\n\nspeedup (baseline step time / BUS step time): **{result['speedup']:.2f}x**; "
         f"FLOPs ratio BUS/baseline: {result['flops_ratio']:.2f}\n"
         f"batch {s['batch_size']}, {s['steps']} measured steps after {s['warmup']} warm-up, "
-        f"{s['image_size']} px, amp={s['amp']}; {result['device']}; torch {result['torch']}; commit {result['commit']}"
+        f"{s['image_size']} px, amp={s['amp']}, overrides {s['overrides'] or 'none'}; {result['device']}; torch {result['torch']}; commit {result['commit']}"
     )
 
 
@@ -318,6 +330,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval", action="store_true",
                         help="also train both models for equal wall-clock time and report held-out retrieval R@1")
     parser.add_argument("--eval-seconds", type=float, default=300.0, help="training time per model for --eval")
+    parser.add_argument("--policy", help="selection policy of the compared model (bus_model.selection.POLICIES)")
+    parser.add_argument("--override", action="append", default=[], metavar="SECTION__FIELD=JSON",
+                        help="set a config field of the compared model, e.g. losses__momentum=0 (repeatable)")
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (bus-tiny, 2 steps)")
     parser.add_argument("--json", help="write the result as JSON here")
     parser.add_argument("--plot", help="write a PNG bar chart here")
@@ -331,6 +346,7 @@ def settings_from_args(args) -> TrainBenchSettings:
                                       warmup=args.warmup, image_size=args.image_size, seed=args.seed, lr=args.lr)
     settings.amp = args.amp
     settings.memory = not args.no_memory
+    settings.overrides = _parse_overrides(getattr(args, "override", []), getattr(args, "policy", None))
     if args.eval:
         if args.eval_seconds <= 0:
             raise SystemExit("error: --eval-seconds must be > 0")
@@ -343,6 +359,22 @@ def settings_from_args(args) -> TrainBenchSettings:
     return settings
 
 
+def _parse_overrides(items: list[str], policy: str | None) -> dict:
+    """``["losses__momentum=0", ...]`` (values JSON, else strings) and ``--policy`` -> flat overrides."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --override must be SECTION__FIELD=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    if policy is not None:
+        out["selection__policy"] = policy
+    return out
+
+
 def main_from_args(args) -> int:
     from bus_model import list_models
 
@@ -350,6 +382,13 @@ def main_from_args(args) -> int:
     if settings.model not in list_models() or f"{settings.model}-baseline" not in list_models():
         raise SystemExit(f"error: --model must be a BUS config with a -baseline twin, one of "
                          f"{[m for m in list_models() if not m.endswith('-baseline')]}, got {settings.model!r}")
+    if settings.overrides:
+        from bus_model import get_config
+
+        try:
+            get_config(settings.model, **settings.overrides)
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"error: --policy/--override: {err}") from None
     result = run(settings, log=lambda msg: print(msg, file=sys.stderr))
     return publish(result, render(result), args.json, plot(result, args.plot))
 
