@@ -1,4 +1,6 @@
-"""Test configuration: on a machine without a GPU, run the Triton kernels in Triton's CPU interpreter.
+"""Test configuration: on a machine without a GPU, run the Triton kernels in Triton's CPU interpreter;
+on a machine with CUDA, leave TRITON_INTERPRET unset so the kernels are compiled and the op tests run
+them on the GPU too (marked ``cuda``, see _bus_testing.py; ``-m cuda`` selects only those).
 
 TRITON_INTERPRET must be set before any Triton kernel is defined, i.e. before bus_kernels is imported.
 """
@@ -24,6 +26,10 @@ if os.environ.get("BUS_SKIP_NATIVE_BUILD") != "1":
         import warnings
 
         warnings.warn(f"native backend not built: {_native_build_error}", stacklevel=1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs a kernel on the GPU (only collected where CUDA is available)")
 
 
 @pytest.fixture(scope="module")
