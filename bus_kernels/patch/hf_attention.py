@@ -8,8 +8,18 @@ attend in ``varlen_attention`` (flash-attn semantics, BUS paper Sec. 3.3's text 
 padding), and the result is scattered back (``pad``). Sequences already packed into one row by a
 flattening collator (``cu_seq_lens_q`` / ``cu_seq_lens_k`` keyword arguments) are used as they are.
 
-The mask side is transformers' own flash-attention mask function, which hands over the 2D padding
-mask ``(B, S_k)`` (or None when nothing is padded).
+The mask side (``padding_mask``) hands over the 2D padding mask ``(B, S_k)`` (or None when nothing is
+padded), as transformers' flash-attention mask function does but without its data-dependent
+``mask.all()`` test while ``torch.compile`` traces.
+
+Under ``torch.compile`` nothing data-dependent is left in the graph (``fullgraph=True`` works): packing
+a padded batch needs the token count (``nonzero``) and the longest row on the host (``.item()``), so
+there every row keeps its ``S`` slots (``cu_seqlens`` of equal rows, ``max_seqlen = S``, static), the
+padded keys get a ``-1e9`` ``key_bias`` (their softmax weight underflows to exactly 0) and the padded
+query rows are zeroed. With the mask marking the queries too (``S_q == S_k``) this equals the packed
+computation for any mask, causal included: the causal order among a row's kept tokens is the order of
+their positions. Packed ``cu_seq_lens`` inputs use ``max_length_*`` as given, or the row length when
+they are tensors.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import torch
 from torch import nn
 
 HF_ATTENTION_NAME = "bus_varlen"
+_MASKED = -1e9  # key_bias of a padded key: exp(-1e9 + x) is exactly 0 in float32 for any real logit x
 
 
 def _heads_last(x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +102,7 @@ def hf_varlen_attention(
             raise ValueError(f"cu_seq_lens_q/k describe sequences packed into one row, but the batch has {B} rows")
         out = varlen_attention(
             q[0], k[0], v[0], cu_q.to(torch.int32), cu_k.to(torch.int32),
-            int(kwargs["max_length_q"]), int(kwargs["max_length_k"]), **common,
+            _max_length(kwargs["max_length_q"], S_q), _max_length(kwargs["max_length_k"], S_k), **common,
         )
         return out[None], None
     if attention_mask is None:
@@ -106,6 +117,8 @@ def hf_varlen_attention(
             f"attn_implementation={HF_ATTENTION_NAME!r} needs a 2D padding mask (B, S_k), got shape "
             f"{tuple(attention_mask.shape)}: pass the tokenizer's attention_mask, not a prepared 4D mask"
         )
+    if torch.compiler.is_compiling():
+        return _masked_rows(q, k, v, attention_mask, common), None
     keys = unpad(k, attention_mask)  # k packed (total_k, H, D)
     v_packed = torch.index_select(v.reshape(B * S_k, H, D), 0, keys.indices)
     if S_q == S_k:
@@ -117,6 +130,62 @@ def hf_varlen_attention(
         queries.max_seqlen, keys.max_seqlen, **common,
     )
     return pad(out, queries.indices, B, S_q), None
+
+
+def _max_length(value, bound: int) -> int:
+    """``max_length_*`` as a host int; a tensor is read on the host, or replaced by the static bound
+    (the packed row's length) while torch.compile traces (no ``.item()`` in the graph)."""
+    if isinstance(value, torch.Tensor):
+        return bound if torch.compiler.is_compiling() else int(value)
+    return int(value)
+
+
+def _masked_rows(q, k, v, attention_mask: torch.Tensor, common: dict) -> torch.Tensor:
+    """Static-shape attention of a padded batch (the torch.compile path): every row keeps its ``S``
+    slots, padded keys get ``key_bias = -1e9``, padded query rows (``S_q == S_k``) come back as zeros.
+
+    q: (B, S_q, H, D); k, v: (B, S_k, H, D); attention_mask (B, S_k). Returns (B, S_q, H, D)."""
+    from .. import varlen_attention
+
+    B, S_q, H, D = q.shape
+    S_k = k.shape[1]
+    if common["causal"] and S_q != S_k:
+        raise ValueError(
+            f"attn_implementation={HF_ATTENTION_NAME!r} under torch.compile: a causal padded attention with "
+            f"S_q={S_q} != S_k={S_k} aligns each row to its own key count, which needs packed (data-dependent) "
+            "shapes; run it uncompiled"
+        )
+    keep = attention_mask != 0  # (B, S_k)
+    key_bias = torch.where(keep, 0.0, _MASKED).to(torch.float32).reshape(B * S_k)
+    out = varlen_attention(
+        q.reshape(B * S_q, H, D), k.reshape(B * S_k, H, D), v.reshape(B * S_k, H, D),
+        _full_cu_seqlens(B, S_q, q.device), _full_cu_seqlens(B, S_k, q.device), S_q, S_k,
+        key_bias=key_bias, **common,
+    ).view(B, S_q, H, D)
+    # padded query rows (S_q == S_k) and rows with no key at all output zeros, as the packed path does
+    rows = keep if S_q == S_k else keep.any(dim=1, keepdim=True).expand(B, S_q)
+    return out * rows[:, :, None, None].to(out.dtype)
+
+
+def padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """transformers mask function (``AttentionMaskInterface``): the 2D padding mask ``(B, kv_length)``
+    (its last ``kv_length`` columns), or None when there is none or, outside torch.compile, when nothing
+    is padded (the unpadded fast path; testing that is a host read, kept out of compiled graphs)."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    if attention_mask.shape[1] == kv_length and not torch.compiler.is_compiling() and bool(attention_mask.all()):
+        return None
+    return attention_mask
 
 
 def register_hf_attention(name: str = HF_ATTENTION_NAME, *, backend: str | None = None) -> str:
@@ -133,12 +202,12 @@ def register_hf_attention(name: str = HF_ATTENTION_NAME, *, backend: str | None 
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
     try:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+        from transformers.masking_utils import AttentionMaskInterface
     except ImportError as exc:
         raise ImportError(
             "registering an attention implementation needs transformers >= 4.48 (AttentionInterface)"
         ) from exc
     function = hf_varlen_attention if backend is None else functools.partial(hf_varlen_attention, backend=backend)
     AttentionInterface.register(name, function)
-    AttentionMaskInterface.register(name, flash_attention_mask)  # hands over the 2D padding mask
+    AttentionMaskInterface.register(name, padding_mask)  # hands over the 2D padding mask
     return name
