@@ -45,7 +45,8 @@ def ref_row(x_row: torch.Tensor, s_row: torch.Tensor, k: int, fuse: bool) -> tup
     keep = ref_kept_positions(s_row.tolist(), k)
     tokens = x_row[keep]
     if fuse:
-        drop = [j for j in range(N) if j not in set(keep)]
+        kept = set(keep)
+        drop = [j for j in range(N) if j not in kept]
         if drop:
             w = s_row[drop]
             fused = (w[:, None] * x_row[drop]).sum(0) / w.sum().clamp_min(FUSE_EPS)
