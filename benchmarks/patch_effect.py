@@ -1,20 +1,22 @@
-"""What ``bus_kernels.patch.timm`` saves on a timm ViT: tokens per layer, FLOPs, step time.
+"""What ``bus_kernels.patch`` saves per model family: tokens per block, FLOPs, step time.
 
-For each model (random init, no download) the unpatched ViT and the same ViT patched with
-text-guided pruning (BUS TSPS, arXiv 2307.08504 Sec. 3.2; default: after layers 3/6/9 keep 0.7 of
-the patch tokens, fuse the rest) are measured on the same inputs:
+For each family (timm, open_clip, HF CLIP, SigLIP; ``benchmarks/patch_families.py``: one ViT shape,
+random init, no download) the unpatched model and the same model patched with text-guided pruning
+(BUS TSPS, arXiv 2307.08504 Sec. 3.2; default: after blocks 3/6/9 keep 0.7 of the patch tokens, fuse
+the rest) are measured on the same inputs:
 
 * tokens entering each block;
 * FLOPs per image of a forward and of a training step (forward + backward), counted by
   ``torch.utils.flop_counter.FlopCounterMode`` (matmuls/convolutions/attention; elementwise ops are
   not counted by it);
 * median wall time and process CPU time of a forward (no grad) and of a training step, the two
-  models alternated so that machine noise hits both (CPU time is the steadier figure when other
-  processes share the machine).
+  models alternated in one run so that machine noise hits both (CPU time is the steadier figure
+  when other processes share the machine).
 
-Writes JSON (``--json``) and prints a Markdown table::
+Writes JSON (``--json``) and prints one Markdown table per family::
 
     python -m bus_benchmarks.patch_effect --json patch_effect.json
+    python -m bus_benchmarks.patch_effect --families timm siglip --size small
     python -m bus_benchmarks.patch_effect --quick      # seconds: tiny sizes, for smoke tests
 """
 
@@ -32,30 +34,32 @@ import bus_kernels.patch
 
 from .command import run_standalone
 from .harness import count_flops, environment, markdown_table, synchronize, write_json
+from .patch_families import FAMILIES, SIZES, Family, library_version
 
 
-def tokens_per_layer(model, images, text_query) -> list[int]:
+def tokens_per_layer(family: Family, model, images, text_query) -> list[int]:
     lengths: list[int] = []
-    hooks = [b.register_forward_pre_hook(lambda _m, a: lengths.append(a[0].shape[1])) for b in model.blocks]
+    hooks = [b.register_forward_pre_hook(lambda _m, a: lengths.append(a[0].shape[1])) for b in family.blocks(model)]
     try:
         with torch.no_grad():
-            run(model, images, text_query)
+            run(family, model, images, text_query)
     finally:
         for hook in hooks:
             hook.remove()
     return lengths
 
 
-def run(model, images, text_query):
-    """Logits of ``model``; with a caption embedding ``text_query (B, C)`` (policy "text") in guidance."""
+def run(family: Family, model, images, text_query):
+    """Pooled image embedding ``(B, E)``; with a caption embedding ``text_query (B, C)`` (policy "text")
+    in guidance."""
     if text_query is None:
-        return model(images)
+        return family.embed(model, images)
     with bus_kernels.patch.text_guidance(model, text_query):
-        return model(images)
+        return family.embed(model, images)
 
 
-def train_step(model, images, text_query):
-    loss = run(model, images, text_query).float().logsumexp(-1).mean()
+def train_step(family: Family, model, images, text_query):
+    loss = run(family, model, images, text_query).float().logsumexp(-1).mean()
     loss.backward()
     model.zero_grad(set_to_none=True)
 
@@ -79,39 +83,38 @@ def time_alternating(fns: dict, repeats: int, warmup: int, device) -> dict[str, 
 TIMED = ("forward_ms", "forward_cpu_ms", "train_step_ms", "train_step_cpu_ms")
 
 
-def measure_model(name: str, args, device) -> list[dict]:
-    import timm
-
+def measure_family(family: Family, args, device) -> list[dict]:
+    width, heads = SIZES[args.size]
     torch.manual_seed(0)
-    base = timm.create_model(name, pretrained=False, img_size=args.img_size).to(device)
-    patched = bus_kernels.patch.timm(
+    base = family.build(width, heads, args.img_size).to(device).train()
+    patched = family.patch(
         copy.deepcopy(base), layers=args.layers, keep=args.keep, policy=args.policy, fuse=not args.no_fuse
     )
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
-    text_query = torch.randn(args.batch, base.embed_dim, device=device) if args.policy == "text" else None
+    text_query = torch.randn(args.batch, width, device=device) if args.policy == "text" else None
     # variant -> (model, caption embedding it runs with)
     models = {"unpatched": (base, None), "patched": (patched, text_query)}
     rows = {}
     for variant, (model, query) in models.items():
-        model.train()
         rows[variant] = dict(
-            model=name,
+            family=family.name,
+            model=family.model_name(args.size),
             variant=variant,
-            tokens_per_layer=tokens_per_layer(model, images, query),
-            gflops_forward_per_image=count_flops(lambda m=model, q=query: run(m, images, q)) / args.batch / 1e9,
-            gflops_train_step_per_image=count_flops(lambda m=model, q=query: train_step(m, images, q))
+            tokens_per_layer=tokens_per_layer(family, model, images, query),
+            gflops_forward_per_image=count_flops(lambda m=model, q=query: run(family, m, images, q)) / args.batch / 1e9,
+            gflops_train_step_per_image=count_flops(lambda m=model, q=query: train_step(family, m, images, q))
             / args.batch
             / 1e9,
         )
 
     def forward_no_grad(model, query):
         with torch.no_grad():
-            run(model, images, query)
+            run(family, model, images, query)
 
     fns = {}
     for variant, (model, query) in models.items():
         fns[f"{variant}/forward"] = lambda m=model, q=query: forward_no_grad(m, q)
-        fns[f"{variant}/train_step"] = lambda m=model, q=query: train_step(m, images, q)
+        fns[f"{variant}/train_step"] = lambda m=model, q=query: train_step(family, m, images, q)
     times = time_alternating(fns, args.repeats, args.warmup, device)
     for variant, row in rows.items():
         for what in ("forward", "train_step"):
@@ -126,7 +129,48 @@ def measure_model(name: str, args, device) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    """One line per (model, variant); the patched rows show their ratio to the unpatched ones."""
+    """One table per family, a line per variant; the patched rows show their ratio to the unpatched ones."""
+    families = list(dict.fromkeys(row.get("family", "timm") for row in rows))
+    return "\n\n".join(
+        f"**{family}**\n\n" + _table([row for row in rows if row.get("family", "timm") == family])
+        for family in families
+    )
+
+
+def summary(rows: list[dict]) -> str:
+    """One line per family: what the patch changed (patched / unpatched)."""
+    shown = [
+        dict(
+            model=row["model"],
+            tokens=_runs(row["tokens_per_layer"]),
+            train_flops=f"{row['gflops_train_step_per_image_ratio']:.2f}x",
+            train_cpu=f"{row['train_step_cpu_ms_ratio']:.2f}x",
+            train_wall=f"{row['train_step_ms_ratio']:.2f}x",
+            fwd_cpu=f"{row['forward_cpu_ms_ratio']:.2f}x",
+        )
+        for row in rows
+        if row["variant"] == "patched"
+    ]
+    columns = [
+        ("model", "model", ""), ("tokens", "tokens entering each block (patched)", ""),
+        ("train_flops", "train-step FLOPs", ""), ("train_cpu", "train-step CPU time", ""),
+        ("train_wall", "train-step wall time", ""), ("fwd_cpu", "forward CPU time", ""),
+    ]
+    return markdown_table(shown, columns)
+
+
+def render(result: dict) -> str:
+    """The README's view of a recorded run: the per-family summary, then each family's table."""
+    config = result["config"]
+    head = (
+        f"Pruning after blocks {config['layers']}, keep {config['keep']}, policy {config['policy']}, fuse "
+        f"{config['fuse']}; {config.get('size', 'tiny')} ViTs (12 blocks), batch {config['batch']} at "
+        f"{config['img_size']} px; median of {config['repeats']} interleaved runs. Ratios are patched / unpatched."
+    )
+    return f"{head}\n\n{summary(result['rows'])}\n\n{markdown(result['rows'])}"
+
+
+def _table(rows: list[dict]) -> str:
 
     def cell(row, key, digits):
         ratio = f" ({row[key + '_ratio']:.2f}x)" if key + "_ratio" in row else ""
@@ -163,7 +207,8 @@ def _runs(lengths: list[int]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", default=["vit_tiny_patch16_224", "vit_small_patch16_224"])
+    parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--size", choices=list(SIZES), default="tiny", help="tiny: width 192; small: width 384")
     parser.add_argument("--layers", nargs="+", type=int, default=[3, 6, 9], help="0-based pruning blocks")
     parser.add_argument("--keep", type=float, default=0.7, help="share of the patch tokens each layer keeps")
     parser.add_argument("--policy", choices=["text", "evit"], default="text")
@@ -175,28 +220,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); default: torch's choice")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write the rows and the environment here")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (vit_tiny, 64 px, batch 2, 1 repeat)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (64 px, batch 2, 1 repeat)")
 
 
 def main_from_args(args: argparse.Namespace) -> int:
     if args.quick:
-        args.models, args.img_size, args.batch, args.repeats, args.warmup = ["vit_tiny_patch16_224"], 64, 2, 1, 0
+        args.size, args.img_size, args.batch, args.repeats, args.warmup = "tiny", 64, 2, 1, 0
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    import timm
-
-    rows = [row for name in args.models for row in measure_model(name, args, device)]
+    families = [FAMILIES[name] for name in args.families]
+    rows = [row for family in families for row in measure_family(family, args, device)]
     config = dict(
-        layers=args.layers, keep=args.keep, policy=args.policy, fuse=not args.no_fuse,
-        batch=args.batch, img_size=args.img_size, repeats=args.repeats, warmup=args.warmup,
+        families=args.families, size=args.size, layers=args.layers, keep=args.keep, policy=args.policy,
+        fuse=not args.no_fuse, batch=args.batch, img_size=args.img_size, repeats=args.repeats, warmup=args.warmup,
+        threads=torch.get_num_threads(),
     )
-    result = dict(benchmark="patch_effect", **environment(device), timm=timm.__version__, config=config, rows=rows)
+    versions = {family.library: library_version(family.library) for family in families}
+    result = dict(benchmark="patch", **environment(device), versions=versions, config=config, rows=rows)
     write_json(args.json, result)
-    print(f"{result['device']}; torch {result['torch']}, timm {result['timm']}; commit {result['commit'][:16]}")
-    print(f"pruning after blocks {args.layers}, keep {args.keep}, policy {args.policy}, fuse {not args.no_fuse}; "
-          f"batch {args.batch} at {args.img_size} px; median of {args.repeats} alternated runs")
-    print(markdown(rows))
+    print(f"{result['device']}; torch {result['torch']}, {versions}; commit {result['commit'][:16]}")
+    print(render(result))
     return 0
 
 

@@ -359,25 +359,3 @@ def test_gradient_checkpointing_and_kept_patches():
         assert set(row4) <= set(row1)
         real = [p for p in row4 if p >= 0]
         assert real == sorted(real)
-
-
-def test_patch_effect_benchmark_quick(tmp_path):
-    """benchmarks/patch_effect.py --quick writes its JSON; pruning lowers the FLOPs, tokens as documented."""
-    import json
-
-    patch_effect = pytest.importorskip("bus_benchmarks.patch_effect")
-    out = tmp_path / "patch_effect.json"
-    assert patch_effect.main(["--quick", "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert {"device", "torch", "commit", "config", "rows"} <= result.keys()
-    base, pruned = result["rows"]
-    assert base["tokens_per_layer"] == [17] * 12
-    n, expected = 16, []
-    for index in range(12):
-        expected.append(1 + n)
-        if index in (3, 6, 9):
-            n = expected_keep(0.7, n) + 1
-    assert pruned["tokens_per_layer"] == expected
-    assert 0 < pruned["gflops_forward_per_image"] < base["gflops_forward_per_image"]
-    assert pruned["gflops_train_step_per_image_ratio"] < 1
-    assert pruned["train_step_ms"] > 0 and pruned["train_step_cpu_ms"] > 0
