@@ -127,3 +127,34 @@ def test_pad_accepts_int32_indices_and_the_good_bad_input_defaults():
     out = pad(x_packed, torch.tensor([0, 5], dtype=torch.int32), 2, 3)
     assert torch.equal(out[0, 0], x_packed[0]) and torch.equal(out[1, 2], x_packed[1])
     assert out.abs().sum() == x_packed.abs().sum()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_unpad_attention_pad_matches_the_cpu(dtype):
+    """On the GPU: unpad/pad equal their CPU results exactly, and the padded attention through
+    unpad -> varlen_attention (default CUDA backend) -> pad matches float64 masked attention."""
+    from bus_kernels.backends import available_backends
+
+    B, S, H, D = 3, 70, 2, 32
+    gen = torch.Generator().manual_seed(6)
+    qkv = torch.randn(3, B, S, H, D, generator=gen, dtype=torch.float64)
+    mask = random_mask(B, S, seed=7)
+    cpu = [unpad(t.to(dtype), mask) for t in qkv]
+    gpu = [unpad(t.to("cuda", dtype), mask.cuda()) for t in qkv]
+    for c, g in zip(cpu, gpu):
+        assert torch.equal(g.x_packed.cpu(), c.x_packed) and torch.equal(g.indices.cpu(), c.indices)
+        assert torch.equal(g.cu_seqlens.cpu(), c.cu_seqlens) and g.max_seqlen == c.max_seqlen
+    _, indices, cu_seqlens, max_seqlen = gpu[0]
+    backend = "triton" if "triton" in available_backends("cuda") else "torch"
+    out = pad(varlen_attention(*(p.x_packed for p in gpu), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                               backend=backend), indices, B, S)
+    assert out.device.type == "cuda" and out.dtype == dtype
+    ref = qkv.to(dtype).double()  # the inputs the GPU got, in float64
+    scores = torch.einsum("bihd,bjhd->bhij", ref[0], ref[1]) / D**0.5
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    weights = torch.nan_to_num(scores.softmax(-1))  # the all-masked row gives zeros
+    expected = torch.einsum("bhij,bjhd->bihd", weights, ref[2]) * mask[:, :, None, None]
+    tol = 2e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+    assert (out.cpu().double() - expected).abs().max().item() < tol * max(1.0, expected.abs().max().item())
