@@ -50,6 +50,22 @@ def test_opcheck_fake_kernels_and_autograd():
     torch.library.opcheck(torch.ops.bus.text_patch_scores.default, (q, keys, 0.25))
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_opcheck_fake_kernels_and_autograd(dtype):
+    why = native._availability("cuda")
+    if why is not None:
+        pytest.skip(f"native CUDA kernels: {why}")
+    x = torch.randn(3, 11, 8, device="cuda", dtype=dtype, requires_grad=True)
+    s = torch.rand(3, 11, device="cuda", requires_grad=True)
+    k = torch.tensor([4, 0, 11], device="cuda")
+    torch.library.opcheck(torch.ops.bus.topk_gather.default, (x, s, k, 15, True))
+    q = torch.randn(2, 3, 16, device="cuda", dtype=dtype, requires_grad=True)
+    keys = torch.randn(2, 9, 3, 16, device="cuda", dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.bus.text_patch_scores.default, (q, keys, 0.25))
+
+
 @needs_native
 @pytest.mark.parametrize(
     "call, error, match",
