@@ -37,6 +37,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "eval": Subcommand("bus_model.training.evaluate", "retrieval and captioning metrics of a checkpoint"),
     "bench": Subcommand("bus_benchmarks.cli", "speed / memory benchmarks (bus_benchmarks)", own_parser=True,
                         missing="the benchmarks are not installed"),
+    "selftest": Subcommand("bus_benchmarks.selftest", "first run on a new machine (on a GPU, run this first): "
+                           "kernels vs float64, dispatch, timings, a training step, host syncs", own_parser=True,
+                           missing="the benchmarks are not installed"),
 }
 
 _parse = parse_with_config  # the name the tests use

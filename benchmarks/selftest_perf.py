@@ -1,0 +1,283 @@
+"""``bus selftest`` measuring sections: dispatch choices, op timings against their peers, one training
+step per pruning backend, and the host syncs of a step.
+
+Timing: ``triton.testing.do_bench`` (CUDA events, median) on a GPU; on a CPU the Triton interpreter is
+never timed and the other backends get a plain median of wall-clock runs (a CPU number is not a GPU
+result). Every measurement first checks the section's deadline and is skipped, with that reason, past it.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Callable
+
+import torch
+
+import bus_kernels as bk
+from bus_kernels.backends import (
+    BackendNotSupportedError,
+    TRITON_INTERPRET,
+    get_backend,
+    registered_backends,
+    registered_ops,
+    select_backend,
+)
+from bus_kernels.ops.varlen_attention.limits import ATTENTION_LIMITS
+
+from .host_syncs import step_sync_counts
+from .selftest_checks import dtypes_for
+
+ATTENTION_HEAD_DIM = 64  # the head dim the dispatch report and the timings use (ViT-B/16)
+
+
+def _error(e: BaseException) -> dict:
+    return {"exception": f"{type(e).__name__}: {str(e)[:500]}",
+            "traceback": "".join(traceback.format_exc().strip().splitlines(keepends=True)[-6:])}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+
+
+def dispatch_report(device: torch.device) -> list[dict]:
+    """Per op and dtype (inputs requiring grad): the backend ``backend=None`` picks and why the ones
+    before it in the preference list were passed over. Attention is asked at head dim 64, no key_bias."""
+    rows = []
+    for op, prefs in sorted(registered_ops().items()):
+        for dtype in dtypes_for(device):
+            def extra(name, op=op):
+                limits = ATTENTION_LIMITS.get(name) if op == "varlen_attention" else None
+                return limits.reasons(ATTENTION_HEAD_DIM, False) if limits is not None else []
+
+            try:
+                chosen = select_backend(op, device, dtype, True, None, extra)
+            except BackendNotSupportedError as e:
+                chosen, note = None, str(e)
+            else:
+                note = None
+            considered = []
+            for name in prefs.get(device.type, []):
+                reasons = get_backend(name).not_supported_reasons(op, device.type, dtype, True) or extra(name)
+                considered.append({"backend": name, "usable": not reasons, "reasons": reasons})
+            rows.append({"op": op, "dtype": str(dtype).replace("torch.", ""), "chosen": chosen,
+                         "preference": considered, **({"error": note} if note else {})})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# op timings
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
+                                             return_mode="median"))
+    fn()  # warm-up
+    times = []
+    for _ in range(3 if quick else 10):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def _timeable(op: str, device: torch.device, dtype: torch.dtype) -> list[tuple[str, str | None]]:
+    """(backend, reason not timed or None) for every backend implementing ``op``."""
+    out = []
+    for name, backend in registered_backends().items():
+        if op not in backend.ops:
+            continue
+        why = "; ".join(backend.not_supported_reasons(op, device.type, dtype, True)) or None
+        if why is None and name == "triton" and device.type == "cpu" and TRITON_INTERPRET:
+            why = "Triton interpreter: a correctness tool, not timed"
+        if why is None and op == "varlen_attention":
+            why = "; ".join(ATTENTION_LIMITS[name].reasons(ATTENTION_HEAD_DIM, False)) or None if name in ATTENTION_LIMITS else None
+        out.append((name, why))
+    return out
+
+
+def _fwd_and_full(make_inputs: Callable[[], tuple], forward: Callable[[tuple], torch.Tensor], device, quick) -> dict:
+    a = make_inputs()
+    out = forward(a)
+    g = torch.randn_like(out)
+    leaves = [t for t in a if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def fwd():
+        with torch.no_grad():
+            forward(a)
+
+    def full():
+        torch.autograd.grad(forward(a), leaves, g)
+
+    return {"fwd_ms": _time_ms(fwd, device, quick), "fwd_bwd_ms": _time_ms(full, device, quick)}
+
+
+def timing_rows(device: torch.device, quick: bool, deadline: float, on_row: Callable[[dict], None]) -> list[dict]:
+    """Each op on each backend that runs here, and the attention peers, at ViT shapes."""
+    from .kernels import realistic_lengths
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        B, H, D, C = 32, 12, ATTENTION_HEAD_DIM, 768
+        token_counts = (197,) if quick else (197, 577)
+    else:
+        B, H, D, C = 4, 4, ATTENTION_HEAD_DIM, 256
+        token_counts = (65,)
+    rows: list[dict] = []
+
+    def add(row):
+        rows.append(row)
+        on_row(row)
+
+    def measure(op, shape, backend, make_inputs, forward):
+        row = {"op": op, "shape": shape, "backend": backend, "dtype": str(dtype).replace("torch.", "")}
+        if time.time() > deadline:
+            return add({**row, "status": "skipped", "reason": "time budget spent"})
+        try:
+            add({**row, "status": "ok", **_fwd_and_full(make_inputs, forward, device, quick)})
+        except Exception as e:  # a failing peer never stops the section
+            add({**row, "status": "error", **_error(e)})
+
+    def randn(*shape, dt=dtype):
+        return torch.randn(*shape, device=device, dtype=dt, requires_grad=True)
+
+    for N in token_counts:
+        k = int(0.7 * N)
+        for name, why in _timeable("text_patch_scores", device, dtype):
+            if why:
+                add({"op": "text_patch_scores", "backend": name, "status": "skipped", "reason": why})
+                continue
+            measure("text_patch_scores", f"B={B} N={N} H={H} D={D}", name, lambda: (randn(B, H, D), randn(B, N, H, D)),
+                    lambda a, name=name: bk.text_patch_scores(*a, backend=name))
+        for name, why in _timeable("topk_gather", device, dtype):
+            if why:
+                add({"op": "topk_gather", "backend": name, "status": "skipped", "reason": why})
+                continue
+            measure("topk_gather", f"B={B} N={N} C={C} k={k}", name, lambda: (randn(B, N, C), torch.rand(B, N, device=device, requires_grad=True)),
+                    lambda a, name=name, k=k: bk.topk_gather(a[0], a[1], k, backend=name).tokens)
+        for label, lengths in (("dense", [N] * B), ("ragged", realistic_lengths(B, N - 2))):
+            total, max_len = sum(lengths), max(lengths)
+            cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+            shape = f"{label}: B={B} N<={max_len} ({total} tokens) H={H} D={D}"
+            qkv = lambda total=total: (randn(total, H, D), randn(total, H, D), randn(total, H, D))  # noqa: E731
+            for name, why in _timeable("varlen_attention", device, dtype):
+                if why:
+                    add({"op": "varlen_attention", "backend": name, "status": "skipped", "reason": why})
+                    continue
+                measure("varlen_attention", shape, name, qkv,
+                        lambda a, name=name, cu=cu, m=max_len: bk.varlen_attention(*a, cu, cu, m, m, check_seqlens=False,
+                                                                                   backend=name))
+            mask = (torch.arange(max_len, device=device)[None] < torch.tensor(lengths, device=device)[:, None])
+            measure("varlen_attention", shape, "padded SDPA" + (" (no mask)" if label == "dense" else " + key mask"),
+                    lambda: (randn(B, H, max_len, D), randn(B, H, max_len, D), randn(B, H, max_len, D)),
+                    lambda a, mask=mask, dense=label == "dense": torch.nn.functional.scaled_dot_product_attention(
+                        *a, attn_mask=None if dense else mask[:, None, None, :]))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# the model: one training step per pruning backend, and the host syncs of a step
+
+
+def _build(name: str, overrides: dict, batch_size: int, device: torch.device):
+    from bus_model import create_model, get_config
+    from bus_model.data import build_synthetic_tokenizer
+    from bus_model.data.tokenizer import text_config_overrides
+
+    from .train_speed import SyntheticBatches
+
+    config = get_config(name, **overrides)
+    tokenizer = build_synthetic_tokenizer(model_max_length=config.max_text_len)
+    torch.manual_seed(0)
+    model = create_model(name, **overrides, text=text_config_overrides(tokenizer)).to(device)
+    return model, SyntheticBatches(model.config, tokenizer, batch_size, 0, device)
+
+
+def model_variants(device: torch.device, quick: bool) -> list[tuple[str, str, dict]]:
+    """(label, config name, overrides): bus-small with each pruning backend that runs here, with varlen
+    attention, with ragged keep-by-mass selection, and the baseline twin."""
+    model = "bus-tiny" if quick and device.type == "cpu" else "bus-small"
+    variants = []
+    for name, backend in registered_backends().items():
+        if "topk_gather" not in backend.ops:
+            continue
+        why = backend.not_supported_reasons("topk_gather", device.type, torch.float32, True)
+        if not why and not (name == "triton" and device.type == "cpu"):  # the interpreter: too slow for a model
+            variants.append((f"{model} kernel_backend={name}", model, {"kernel_backend": name}))
+    variants.append((f"{model} attn_impl=varlen", model, {"attn_impl": "varlen"}))
+    variants.append((f"{model} keep_mode=mass attn_impl=varlen", model,
+                     {"attn_impl": "varlen", "selection": {"keep_mode": "mass"}}))
+    variants.append((f"{model}-baseline", f"{model}-baseline", {}))
+    return variants
+
+
+def training_rows(device: torch.device, quick: bool, deadline: float, on_row: Callable[[dict], None]) -> list[dict]:
+    """Time and peak memory of one training step (forward, backward, fused AdamW; bf16 autocast on CUDA)."""
+    from .train_speed import make_step
+
+    amp = device.type == "cuda"
+    batch_size = 32 if device.type == "cuda" else 2
+    warmup, steps = (2, 3) if device.type == "cuda" else (1, 1)
+    rows = []
+    for label, name, overrides in model_variants(device, quick):
+        row = {"variant": label, "batch_size": batch_size, "amp_bf16": amp}
+        if time.time() > deadline:
+            row.update(status="skipped", reason="time budget spent")
+        else:
+            try:
+                model, data = _build(name, overrides, batch_size, device)
+                step = make_step(model, 1e-4, amp, device)
+                batch = data[0]
+                for _ in range(warmup):
+                    step(batch)
+                _sync(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                times = []
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    loss = step(batch)
+                    _sync(device)
+                    times.append(time.perf_counter() - start)
+                row.update(status="ok", step_ms=sorted(times)[len(times) // 2] * 1e3, loss=float(loss),
+                           peak_memory_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
+                del model, step
+            except Exception as e:
+                row.update(status="error", **_error(e))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        on_row(row)
+    return rows
+
+
+def sync_rows(device: torch.device, quick: bool, deadline: float, on_row: Callable[[dict], None]) -> list[dict]:
+    """Host syncs of one forward + backward (batch 2, after a warm-up step) per model variant."""
+    rows = []
+    model = "bus-tiny" if quick and device.type == "cpu" else "bus-small"
+    variants = [(f"{model} attn_impl=sdpa", model, {}), (f"{model} attn_impl=varlen", model, {"attn_impl": "varlen"}),
+                (f"{model} keep_mode=mass", model, {"selection": {"keep_mode": "mass"}}),
+                (f"{model} keep_mode=mass attn_impl=varlen", model, {"attn_impl": "varlen", "selection": {"keep_mode": "mass"}}),
+                (f"{model}-baseline", f"{model}-baseline", {})]
+    for label, name, overrides in variants:
+        row = {"variant": label}
+        if time.time() > deadline:
+            row.update(status="skipped", reason="time budget spent")
+        else:
+            try:
+                model_obj, data = _build(name, overrides, 2, device)
+                row.update(status="ok", **step_sync_counts(model_obj, data[0], amp=device.type == "cuda"))
+                del model_obj
+            except Exception as e:
+                row.update(status="error", **_error(e))
+        rows.append(row)
+        on_row(row)
+    return rows
