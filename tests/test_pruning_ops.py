@@ -6,6 +6,8 @@ reference (low precision judged against PyTorch's own error in that precision, s
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -34,8 +36,14 @@ def ref_scores(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tenso
 
 
 def ref_kept_positions(scores_row: list[float], k: int) -> list[int]:
-    """The k best positions (ties to the lower position), ascending; -0.0 == +0.0 as in Python."""
-    order = sorted(range(len(scores_row)), key=lambda j: (-scores_row[j], j))
+    """The k best positions (ties to the lower position), ascending; -0.0 == +0.0 as in Python.
+    NaN ranks below everything, -inf included; NaNs among themselves by position."""
+
+    def rank(j: int) -> tuple:
+        s = scores_row[j]
+        return (1, 0.0, j) if math.isnan(s) else (0, -s, j)
+
+    order = sorted(range(len(scores_row)), key=rank)
     return sorted(order[:k])
 
 
@@ -191,6 +199,53 @@ def test_topk_gather_negative_scores_and_large_n(case):
     scores[1, 5:20] = -float("inf")
     tokens, index = bk.topk_gather(x.to(device), scores.to(device), k, fuse=False, backend=backend)
     assert index.tolist() == [ref_kept_positions(scores[b].tolist(), k) for b in range(B)]
+
+
+def nonfinite_scores(B: int, N: int, seed: int) -> torch.Tensor:
+    """(B, N) fp32 scores with NaN, +inf and -inf at random places: row 0 a few of each, row 1 mostly NaN
+    (k forces NaNs in), row 2 all NaN, row 3 NaNs of both signs next to -inf and ties."""
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, N, generator=gen)
+    place = torch.rand(B, N, generator=gen)
+    s[0][place[0] < 0.15] = float("nan")
+    s[0][(place[0] >= 0.15) & (place[0] < 0.25)] = float("inf")
+    s[0][(place[0] >= 0.25) & (place[0] < 0.35)] = -float("inf")
+    s[1][place[1] < 0.8] = float("nan")
+    s[2] = float("nan")
+    s[3] = torch.randint(-1, 2, (N,), generator=gen).float()
+    s[3][place[3] < 0.3] = -float("inf")
+    s[3][place[3] > 0.7] = float("nan")
+    s[3][place[3] > 0.85] = -float("nan")  # a NaN with the sign bit set ranks lowest too
+    return s
+
+
+@pytest.mark.parametrize("case", device_backends("topk_gather"))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_topk_gather_nan_and_inf_scores(case, seed):
+    """One rule on every backend: +inf above every finite score, -inf below, NaN lowest of all (kept
+    only when k forces it, NaNs by position); a dropped non-finite score makes the fused token non-finite."""
+    backend, device = case
+    B, N, C = 4, 37, 16
+    x = torch.randn(B, N, C)
+    s = nonfinite_scores(B, N, seed)
+    for k in (1, 5, 20, N - 1, N):
+        tokens, index = bk.topk_gather(x.to(device), s.to(device), k, fuse=True, backend=backend)
+        want = [ref_kept_positions(s[b].tolist(), k) for b in range(B)]
+        assert index.tolist() == want, f"k={k}"
+        tokens = tokens.cpu()
+        assert torch.equal(tokens[:, :k], x[torch.arange(B)[:, None], torch.tensor(want)])
+        for b in range(B):
+            dropped = [j for j in range(N) if j not in set(want[b])]
+            if not dropped:
+                assert torch.equal(tokens[b, k], torch.zeros(C)), f"row {b}, k={k}"
+            elif any(not math.isfinite(s[b, j].item()) for j in dropped):
+                assert not torch.isfinite(tokens[b, k]).any(), f"row {b}, k={k}"
+            else:
+                torch.testing.assert_close(tokens[b, k].double(), ref_row(x[b].double(), s[b].double(), k, True)[0][k],
+                                           atol=1e-5, rtol=1e-5)
+    ks = torch.tensor([3, 30, 7, N])
+    packed = bk.topk_gather_varlen(x.to(device), s.to(device), ks.to(device), fuse=False, backend=backend)
+    assert packed.index.tolist() == [p for b in range(B) for p in ref_kept_positions(s[b].tolist(), int(ks[b]))]
 
 
 @pytest.mark.parametrize("case", device_backends("topk_gather"))

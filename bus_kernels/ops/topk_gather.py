@@ -70,8 +70,10 @@ def _topk_select_kernel(
     valid = offs < N
     s = tl.load(scores_ptr + b * stride_sb + offs, mask=valid, other=0.0).to(tl.float32) + 0.0  # -0.0 -> +0.0
     bits = s.to(tl.uint32, bitcast=True)
-    # order-preserving map float -> uint32: negatives have all bits flipped, non-negatives the sign bit set
+    # order-preserving map float -> uint32: negatives have all bits flipped, non-negatives the sign bit set;
+    # NaN (either sign) gets key 0, below -inf: it ranks lowest (kept only when k forces it)
     key = tl.where((bits >> 31) == 1, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    key = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0, key)
     k = tl.load(k_ptr + b).to(tl.int32)
 
     # radix select, most significant bit first: the largest t with count(key >= t) >= k is the k-th largest key
@@ -369,6 +371,10 @@ def topk_gather(
         x: ``(B, N, C)`` float16/bfloat16/float32 (float64: torch backend) tokens.
         scores: ``(B, N)`` floating, same device; higher is kept first, equal scores go to the lower
             position. Non-negative scores (e.g. ``text_patch_scores``) make the fused token a weighted mean.
+            Non-finite scores, the same on every backend and device: ``+inf`` ranks above every finite
+            score, ``-inf`` below, and NaN lowest of all -- a NaN-scored token is kept only when k
+            forces it (among NaNs, the lower position first). A dropped token with a non-finite score
+            makes the fused token non-finite (its weight is), so bad scores are never silently averaged.
         k: ``1 <= k <= N`` tokens kept per row.
         fuse: append the fused token ``sum_{j dropped} s_j x_j / max(sum_{j dropped} s_j, 1e-6)``
             (all zeros when nothing is dropped).
@@ -398,7 +404,7 @@ def topk_gather_varlen(
     Args:
         x: ``(B, N, C)`` floating tokens. scores: ``(B, N)`` floating.
         k: ``(B,)`` integer tensor on x's device, ``0 <= k[b] <= N`` (e.g. from ``keep_by_mass``).
-        fuse, backend: as in ``topk_gather``.
+        fuse, backend: as in ``topk_gather`` (so is the ranking of NaN and infinite scores).
 
     Returns:
         ``TopkGatherVarlenOutput(tokens (total, C), index (sum k,) int64, cu_seqlens (B + 1,) int32,

@@ -25,11 +25,17 @@ def select_topk(scores: torch.Tensor, k: torch.Tensor | int) -> tuple[torch.Tens
     """Boolean keep mask (B, N) and per-row keep counts (B,) int64.
 
     Row b keeps its ``k[b]`` highest scores; equal scores go to the lower position (a stable
-    descending sort). -0.0 and +0.0 count as equal.
+    descending sort). -0.0 and +0.0 count as equal. NaN ranks below -inf (kept only when k forces it),
+    NaNs among themselves by position: the rule of the kernels (``score_key`` in csrc/ops/common/pruning.h).
     """
     B, N = scores.shape
     k = torch.as_tensor(k, device=scores.device, dtype=torch.int64).expand(B)
-    order = torch.sort(scores.float() + 0.0, dim=-1, descending=True, stable=True).indices  # (B, N)
+    s = scores.float() + 0.0
+    nan = torch.isnan(s)
+    # torch.sort puts NaN first in a descending sort: sort with NaN as -inf, then move the NaNs behind
+    # everything with a second stable sort (which keeps both groups in their order)
+    order = torch.sort(torch.where(nan, float("-inf"), s), dim=-1, descending=True, stable=True).indices  # (B, N)
+    order = torch.gather(order, 1, torch.sort(torch.gather(nan, 1, order).to(torch.int8), dim=1, stable=True).indices)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(N, device=scores.device).expand(B, N))  # rank of each position
     return rank < k[:, None], k

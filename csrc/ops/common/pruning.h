@@ -34,9 +34,13 @@ union FloatBits {
 
 // Order-preserving map float -> uint32: a > b  <=>  score_key(a) > score_key(b). Adding +0.0 first
 // turns -0.0 into +0.0, so the two zeros are one key (they tie, and the lower position wins).
+// NaN (either sign) gets key 0, below -inf (key 0x007FFFFF): a NaN score ranks lowest and is kept only
+// when k forces it, NaNs among themselves by position -- the rule of every backend (bus_kernels
+// topk_gather docstring). Tested on the bits, so it holds under fast-math too.
 BUS_HD uint32_t score_key(float s) {
   FloatBits v;
   v.f = s + 0.0f;
+  if ((v.u & 0x7FFFFFFFu) > 0x7F800000u) return 0u;  // NaN
   // negative floats: flip every bit (larger magnitude -> smaller key); others: set the sign bit
   return (v.u & 0x80000000u) ? ~v.u : (v.u | 0x80000000u);
 }
