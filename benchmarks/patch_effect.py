@@ -211,7 +211,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=list(SIZES), default="tiny", help="tiny: width 192; small: width 384")
     parser.add_argument("--layers", nargs="+", type=int, default=[3, 6, 9], help="0-based pruning blocks")
     parser.add_argument("--keep", type=float, default=0.7, help="share of the patch tokens each layer keeps")
-    parser.add_argument("--policy", choices=["text", "evit"], default="text")
+    parser.add_argument("--policy", choices=["text", "evit", "random", "tome"], default="text")
     parser.add_argument("--no-fuse", action="store_true", help="drop the pruned tokens instead of fusing them")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--img-size", type=int, default=224)

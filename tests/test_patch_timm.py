@@ -291,7 +291,9 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(TypeError, match="keep must be a float"):
         patch.timm(model, layers=[1], keep="0.5")
     with pytest.raises(ValueError, match="policy must be one of"):
-        patch.timm(model, layers=[1], keep=0.5, policy="random")
+        patch.timm(model, layers=[1], keep=0.5, policy="elip")
+    with pytest.raises(ValueError, match=r"keep must be >= 0.5 with policy='tome'"):
+        patch.timm(model, layers=[1, 2], keep=[0.6, 0.4], policy="tome")
     with pytest.raises(TypeError, match="fuse must be a bool"):
         patch.timm(model, layers=[1], keep=0.5, fuse=1)
     with pytest.raises(TypeError, match="must be a timm VisionTransformer"):

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from .._validation import check_dim_size, check_float, check_rank, check_tensor
-from ..ops import text_patch_scores, topk_gather
 
-POLICIES = ("evit", "text")
+POLICIES = ("evit", "text", "random", "tome")
+SCORING = ("evit", "text")  # the policies that score patches with a query (and may fuse the dropped ones)
 
 # Attribute names put on patched modules; ``unpatch`` removes exactly these.
 STATE_ATTR = "_bus_patch_state"
@@ -45,7 +45,7 @@ class PatchState:
 
     keep: dict[int, float]
     policy: str
-    fuse: bool
+    fuse: bool  # append the fused token (scoring policies only: random drops, tome merges)
     num_prefix_tokens: int  # [CLS] and register tokens at the front: never pruned, never scored
     embed_dim: int  # width a caption embedding must have
     backend: str | None
@@ -58,6 +58,7 @@ class PatchState:
     first_positions: torch.Tensor | None = None  # (B, n) arange of the patches entering the first pruning layer
     selections: dict[int, torch.Tensor | None] = field(default_factory=dict)  # layer -> (B, k) index or None
     forward_text_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> its last caption
+    sizes: dict[int, torch.Tensor] = field(default_factory=dict)  # tome: layer -> (B, k) patches per output token
 
 
 def keep_count(keep: float, n: int) -> int:
@@ -93,6 +94,11 @@ def check_options(layers, keep, policy, fuse, depth: int) -> dict[int, float]:
             raise ValueError(f"keep must be in (0, 1], got {ratio}")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if policy == "tome" and min(keeps, default=1.0) < 0.5:
+        raise ValueError(
+            f"keep must be >= 0.5 with policy='tome': one bipartite matching merges at most half of the "
+            f"tokens (ToMe, arXiv 2210.09461 Sec. 3), got {min(keeps)}"
+        )
     if not isinstance(fuse, bool):
         raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
     return {layer: float(ratio) for layer, ratio in zip(layers, keeps)}
@@ -281,34 +287,3 @@ def text_query_for(state: PatchState, batch: int, layer: int) -> torch.Tensor:
         raise ValueError(f"text_query has batch size {text_query.shape[0]} but the images have {batch}")
     state.forward_text_queries[layer] = text_query
     return text_query
-
-
-def prune_tokens(
-    state: PatchState, layer: int, x: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Prune one layer's output.
-
-    Args:
-        x: ``(B, P + n, C)`` the layer's output (``P`` prefix tokens, then ``n`` patch tokens).
-        query: ``(B, H, D)`` the scoring query (image [CLS] or projected caption).
-        keys: ``(B, P + n, H, D)`` the layer's attention keys over the same tokens.
-        scale: the attention's softmax scale.
-
-    Returns:
-        ``(B, P + k + fuse, C)``: prefix tokens, the ``k = keep_count(keep, n)`` best patch tokens in
-        their original order, then the fused token; ``x`` itself when ``k == n``.
-    """
-    P = state.num_prefix_tokens
-    B, N, _ = x.shape
-    n = N - P
-    if layer == min(state.keep):  # first pruning layer of this forward
-        state.first_positions = torch.arange(n, device=x.device).expand(B, n)
-    k = keep_count(state.keep[layer], n)
-    if k == n:
-        state.selections[layer] = None
-        return x
-    query = query.to(keys.dtype)
-    scores = text_patch_scores(query, keys[:, P:], scale=scale, backend=state.backend)  # (B, n) f32
-    kept = topk_gather(x[:, P:], scores, k, fuse=state.fuse, backend=state.backend)
-    state.selections[layer] = kept.index
-    return torch.cat([x[:, :P], kept.tokens], dim=1)

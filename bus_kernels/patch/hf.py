@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _core
+from . import _core, _select
 
 # backbone class name -> (path to its layer list, prefix tokens ([CLS]) in front of the patches)
 _BACKBONES = {
@@ -86,9 +86,13 @@ class _PruningEncoderLayer:
         attn: _Attention = self._bus_attention
         B, N, _ = x.shape
         q, k = attn.queries_keys(self._bus_captured, B, N)
-        query = attn.project_text(text_query) if state.policy == "text" else _core.scoring_query(state, q)
+        query = None
+        if state.policy == "text":
+            query = attn.project_text(text_query)
+        elif state.policy == "evit":
+            query = _core.scoring_query(state, q)
         self._bus_captured.clear()  # drop the capture project_text may have refilled
-        x = _core.prune_tokens(state, self._bus_layer_index, x, query, k, attn.scale)
+        x = _select.prune_tokens(state, self._bus_layer_index, x, k, attn.scale, query=query, training=self.training)
         return (x, *out[1:]) if isinstance(out, tuple) else x
 
 
@@ -190,7 +194,7 @@ def patch_hf_vision(
     state = _core.PatchState(
         keep=keep_by_layer,
         policy=policy,
-        fuse=fuse,
+        fuse=fuse and policy in _core.SCORING,
         num_prefix_tokens=prefix,
         embed_dim=int(backbone.config.hidden_size),
         backend=backend,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _core
+from . import _core, _select
 from .timm import patch_vit_blocks
 
 SUPPORTED = (
@@ -58,11 +58,14 @@ class _PruningResidualBlock:
         C, H = mha.embed_dim, mha.num_heads
         D = C // H
         weight, bias = mha.in_proj_weight, mha.in_proj_bias  # (3C, C) rows [q | k | v]
-        keys = F.linear(normed, weight[C : 2 * C], None if bias is None else bias[C : 2 * C])
-        source = text_query.to(weight.dtype) if state.policy == "text" else normed[:, 0]  # caption or [CLS]
-        query = F.linear(source, weight[:C], None if bias is None else bias[:C])
-        return _core.prune_tokens(
-            state, self._bus_layer_index, out, query.view(B, H, D), keys.view(B, -1, H, D), D**-0.5
+        keys = query = None
+        if state.policy != "random":
+            keys = F.linear(normed, weight[C : 2 * C], None if bias is None else bias[C : 2 * C]).view(B, -1, H, D)
+        if state.policy in _core.SCORING:
+            source = text_query.to(weight.dtype) if state.policy == "text" else normed[:, 0]  # caption or [CLS]
+            query = F.linear(source, weight[:C], None if bias is None else bias[:C]).view(B, H, D)
+        return _select.prune_tokens(
+            state, self._bus_layer_index, out, keys, D**-0.5, query=query, training=self.training
         )
 
 
@@ -77,15 +80,18 @@ class _PruningCustomBlock:
         out = super().forward(x, attn_mask=attn_mask)
         attn = self.attn
         q, k = self._bus_captured.pop("q"), self._bus_captured.pop("k")  # (B, H, N, D) after ln_q / ln_k
+        query = None
         if state.policy == "text":
             C = attn.num_heads * attn.head_dim
             weight, bias = attn.in_proj_weight, attn.in_proj_bias
             projected = F.linear(text_query.to(weight.dtype), weight[:C], None if bias is None else bias[:C])
             query = attn.ln_q(projected.view(-1, attn.num_heads, attn.head_dim))  # (B, H, D)
             self._bus_captured.clear()  # ln_q's hook fired again
-        else:
+        elif state.policy == "evit":
             query = q[:, :, 0]  # the image [CLS] query
-        return _core.prune_tokens(state, self._bus_layer_index, out, query, k.transpose(1, 2), attn.scale)
+        return _select.prune_tokens(
+            state, self._bus_layer_index, out, k.transpose(1, 2), attn.scale, query=query, training=self.training
+        )
 
 
 def _find_tower(model: nn.Module):
@@ -174,7 +180,7 @@ def patch_open_clip(
     state = _core.PatchState(
         keep=keep_by_layer,
         policy=policy,
-        fuse=fuse,
+        fuse=fuse and policy in _core.SCORING,
         num_prefix_tokens=1,  # open_clip's ViT always has its class token in front
         embed_dim=int(tower.transformer.width),
         backend=backend,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _core
+from . import _core, _select
 
 
 class _PruningBlock:
@@ -30,13 +30,16 @@ class _PruningBlock:
             text_query = _core.text_query_for(state, x.shape[0], self._bus_layer_index)
         out = super().forward(x, *args, **kwargs)
         attn = self.attn
+        query = None
         if state.policy == "text":
             query = _project_text(attn, text_query)  # (B, H, D); its q_norm call refills captured["q"]
         captured = self._bus_captured
         q, k = captured.pop("q"), captured.pop("k")  # (B, H, N, D) each, after qk-norm
         if state.policy == "evit":
             query = q[:, :, 0]  # the image [CLS] query (patch_timm refuses evit without a class token)
-        return _core.prune_tokens(state, self._bus_layer_index, out, query, k.transpose(1, 2), attn.scale)
+        return _select.prune_tokens(
+            state, self._bus_layer_index, out, k.transpose(1, 2), attn.scale, query=query, training=self.training
+        )
 
 
 def _project_text(attn: nn.Module, text_query: torch.Tensor) -> torch.Tensor:
@@ -119,7 +122,7 @@ def patch_vit_blocks(owner: nn.Module, model: nn.Module, *, layers, keep, policy
     state = _core.PatchState(
         keep=keep_by_layer,
         policy=policy,
-        fuse=fuse,
+        fuse=fuse and policy in _core.SCORING,
         num_prefix_tokens=int(model.num_prefix_tokens),
         embed_dim=int(model.embed_dim),
         backend=backend,
