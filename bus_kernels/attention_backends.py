@@ -8,6 +8,10 @@
 Each states as data the devices, dtypes and head dims it takes; none takes ``key_bias``. Nothing is
 imported until a backend is asked whether it is available or is run, so importing bus_kernels never
 needs these packages; without the package or a suitable GPU each reports why it is unavailable.
+Availability imports the package for real (once, cached): a wheel built for another torch or CUDA
+fails with an undefined symbol at import, and must make its backend unavailable with that reason,
+not crash the first call. ``torch_varlen`` also checks the installed ``varlen_attn`` signature (it
+changed between torch releases) rather than failing with a TypeError at call time.
 
 All three follow flash-attn's semantics (bottom-right causal alignment). Differences the adapters do
 not paper over: xformers' bottom-right causal mask rejects a sequence with more queries than keys.
@@ -17,7 +21,10 @@ be faster; not measured here), so ``backend=None`` picks them when installed and
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
+import inspect
 
 import torch
 
@@ -38,13 +45,24 @@ def _cuda_reason(min_capability: tuple[int, int]) -> str | None:
     return None
 
 
-def _package_reason(module: str, extra: str) -> str | None:
+@functools.lru_cache(maxsize=None)
+def _package_reason(module: str, extra: str, entry: str) -> str | None:
+    """Why ``module.entry`` cannot be used here (not installed, or its import fails), or None.
+
+    The import is real and cached: a compiled extension built against another torch raises ImportError
+    or OSError (undefined symbol), sometimes RuntimeError, only when imported."""
     try:
         found = importlib.util.find_spec(module) is not None
     except (ImportError, ValueError) as e:
         return f"{module} cannot be located ({e})"
     if not found:
         return f"{module} is not installed (pip install 'bus-vlp[{extra}]')"
+    path, _, attr = entry.rpartition(".")
+    try:
+        getattr(importlib.import_module(path), attr)
+    except Exception as e:  # noqa: BLE001 - any failure of a broken wheel means: fall back
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        return f"{module} is installed but {entry} fails to import ({type(e).__name__}: {first_line[:200]})"
     return None
 
 
@@ -53,7 +71,7 @@ def _package_reason(module: str, extra: str) -> str | None:
 
 
 def _flash_attn_availability(device_type: str) -> str | None:
-    return _package_reason("flash_attn", "flash") or _cuda_reason((8, 0))
+    return _package_reason("flash_attn", "flash", "flash_attn.flash_attn_varlen_func") or _cuda_reason((8, 0))
 
 
 def _flash_attn_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
@@ -69,21 +87,54 @@ def _flash_attn_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 # torch.nn.attention.varlen
 
 
-def _torch_varlen_availability(device_type: str) -> str | None:
+def _torch_varlen_fn():
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn
+
+
+def torch_varlen_signature_reason(fn) -> str | None:
+    """Why the adapter cannot call this ``varlen_attn`` (its signature), or None.
+
+    The adapter passes 7 positional arguments (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k), ``scale=`` and the causal mask as ``window_size=(-1, 0)``, FlashAttention's
+    bottom-right aligned causal window. Older releases take no ``scale`` and only ``is_causal``, whose
+    alignment for ``len_q != len_k`` is not documented: they are reported unavailable."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError) as e:
+        return f"the signature of torch.nn.attention.varlen.varlen_attn cannot be read ({e})"
+    positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    missing = [name for name in ("scale", "window_size") if name not in params]
+    if len(positional) < 7 and not any(p.kind == p.VAR_POSITIONAL for p in params.values()):
+        missing.append(f"7 positional arguments (has {len(positional)})")
+    if missing:
+        return f"torch {torch.__version__}: torch.nn.attention.varlen.varlen_attn lacks " + ", ".join(missing)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_varlen_reason() -> str | None:
     try:
         found = importlib.util.find_spec("torch.nn.attention.varlen") is not None
     except (ImportError, ValueError):
         found = False
     if not found:
         return f"torch.nn.attention.varlen is not in torch {torch.__version__}"
-    return _cuda_reason((8, 0))
+    try:
+        fn = _torch_varlen_fn()
+    except Exception as e:  # noqa: BLE001
+        return f"torch.nn.attention.varlen.varlen_attn fails to import ({type(e).__name__}: {e})"
+    return torch_varlen_signature_reason(fn)
+
+
+def _torch_varlen_availability(device_type: str) -> str | None:
+    return _torch_varlen_reason() or _cuda_reason((8, 0))
 
 
 def _torch_varlen_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-    from torch.nn.attention.varlen import varlen_attn
-
     # window (-1, 0) is FlashAttention's causal mask, aligned bottom-right
-    return varlen_attn(
+    return _torch_varlen_fn()(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         scale=softmax_scale, window_size=(-1, 0) if causal else (-1, -1),
     )
@@ -94,7 +145,7 @@ def _torch_varlen_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
 
 
 def _xformers_availability(device_type: str) -> str | None:
-    return _package_reason("xformers", "xformers") or _cuda_reason((7, 0))
+    return _package_reason("xformers", "xformers", "xformers.ops.memory_efficient_attention") or _cuda_reason((7, 0))
 
 
 def _xformers_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):

@@ -97,3 +97,65 @@ def test_info_reports_every_backend():
     for name in bk.backend_status("cpu"):
         assert f"  {name}:" in result.stdout
     assert "topk_gather: cpu: " in result.stdout and "varlen_attention: cpu: " in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional varlen attention backends fail cleanly (issue 14, part 5)
+
+
+def test_flash_attn_wheel_that_fails_to_import_falls_back_with_the_reason(tmp_path, monkeypatch):
+    from bus_kernels import attention_backends
+
+    package = tmp_path / "flash_attn"
+    package.mkdir()
+    # what a wheel built for another torch does on import
+    (package / "__init__.py").write_text(
+        "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    attention_backends._package_reason.cache_clear()
+    try:
+        why = bk.backend_status("cuda")["flash_attn"]
+        assert why.startswith("flash_attn is installed but flash_attn.flash_attn_varlen_func fails to import")
+        assert "undefined symbol" in why
+        q = torch.randn(4, 2, 16, dtype=torch.float16)
+        cu = torch.tensor([0, 4], dtype=torch.int32)
+        with pytest.raises(BackendNotSupportedError, match="fails to import"):
+            select_backend("varlen_attention", torch.device("cuda"), torch.float16, False, backend="flash_attn")
+        assert bk.varlen_attention(q, q, q, cu, cu, 4, 4).shape == q.shape  # the dispatcher falls back
+    finally:
+        attention_backends._package_reason.cache_clear()
+
+
+def _old_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, return_aux=None):
+    raise AssertionError("never called")
+
+
+def _new_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1), enable_gqa=False):
+    return {"scale": scale, "window_size": window_size, "max": (max_q, max_k)}
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (_old_varlen_attn, "varlen_attn lacks scale, window_size"),
+    (lambda query, key, *, scale=None, window_size=(-1, -1): None, "lacks 7 positional arguments (has 2)"),
+    (_new_varlen_attn, None),
+])
+def test_torch_varlen_signature_is_checked_before_any_call(monkeypatch, fn, reason):
+    from bus_kernels import attention_backends
+
+    monkeypatch.setattr(attention_backends, "_torch_varlen_fn", lambda: fn)
+    attention_backends._torch_varlen_reason.cache_clear()
+    try:
+        why = attention_backends._torch_varlen_reason()
+        if reason is None:
+            assert why is None
+            # the call the adapter makes: scale and FlashAttention's bottom-right causal window
+            out = attention_backends._torch_varlen_impl(*[None] * 5, 7, 9, 0.25, True)
+            assert out == {"scale": 0.25, "window_size": (-1, 0), "max": (7, 9)}
+            out = attention_backends._torch_varlen_impl(*[None] * 5, 7, 9, 0.25, False)
+            assert out["window_size"] == (-1, -1)
+        else:
+            assert reason in why
+            assert reason in bk.backend_status("cuda")["torch_varlen"]  # checked before the GPU
+    finally:
+        attention_backends._torch_varlen_reason.cache_clear()
