@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One prepared GPU check (issue 14): the first run of this project on a GPU, in one command.
+#   bash tests/gpu/device_check.sh
+# 1. environment  2. `bus selftest` (budget SELFTEST_BUDGET s)  3. the op tests on CUDA
+# (tests/gpu/run_gpu_tests.sh: native build, fp32/fp16/bf16 vs the float64 CPU reference, large offsets).
+# Everything goes to a work folder; $OUT (set by the device tool; else ./gpu-check-out) receives
+# summary.txt, the selftest's JSON + Markdown and one gpu-check.tgz with all logs (few files: the tool
+# returns at most 8).
+set -u
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/gpu-check-out}; mkdir -p "$OUT"
+W=$(mktemp -d /tmp/gpu-check.XXXX)
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export BUS_KERNELS_BUILD_DIR=${BUS_KERNELS_BUILD_DIR:-/tmp/bus_kernels_build}
+exec > >(tee "$W/summary.txt") 2>&1
+date -u; nvidia-smi -L; nvcc --version | tail -1
+$PY -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+git log --oneline -1 2>/dev/null || true
+# no network there: install the package alone (its dependencies are in the image)
+$PY -m pip install -q --no-deps --no-build-isolation -e . > "$W/pip.log" 2>&1 || { echo "pip install failed:"; tail -5 "$W/pip.log"; }
+echo "== selftest"
+timeout ${SELFTEST_TIMEOUT:-330} $PY benchmarks/selftest.py --out "$W/selftest" --budget ${SELFTEST_BUDGET:-240} > "$W/selftest.log" 2>&1
+echo "selftest exit $?"; grep -E "FAILED|bus selftest:" "$W/selftest.log" | head -40
+cp "$W/selftest/selftest.json" "$W/selftest/selftest.md" "$OUT/" 2>/dev/null
+echo "== op tests on CUDA"
+OUT="$W/tests" timeout ${TESTS_TIMEOUT:-240} bash tests/gpu/run_gpu_tests.sh 2>&1 | tail -70
+echo "op tests exit ${PIPESTATUS[0]}"
+date -u
+tar czf "$OUT/gpu-check.tgz" -C "$W" . ; cp "$W/summary.txt" "$OUT/"
