@@ -105,6 +105,14 @@ class LossConfig:
     temperature: float = 0.07  # initial ITC temperature (learned as log(1 / temperature))
     mlm_probability: float = 0.15  # share of text tokens masked (80% [MASK], 10% random, 10% kept)
     itm_negatives: str = "sample"  # "sample": draw from softmax(ITC sims) | "hardest": argmax
+    # ALBEF momentum distillation (momentum.py): an EMA model gives ITC queue features and soft targets
+    momentum_distill: bool = False  # on in the base configs; off: plain in-batch ITC and hard MLM labels
+    momentum: float = 0.995  # EMA momentum in [0, 1)
+    queue_size: int = 65536  # ITC feature queue length K (ALBEF: 65,536); a multiple of the global batch
+    distill_alpha: float = 0.4  # weight of the momentum model's soft targets in ITC and MLM
+    alpha_ramp_steps: int = 1000  # alpha ramps linearly from 0 over these training steps (ALBEF: the first epoch)
+    prefix_split: str = "none"  # PrefixLM (SimVLM/mPLUG): "random" splits each caption at a random point, the
+    # prefix is decoder context and the loss covers the rest; "none": plain captioning (empty prefix)
 
 
 @dataclass
@@ -164,6 +172,7 @@ class BusConfig:
             raise ValueError("pad.num_queries and pad.num_layers must be >= 1 when pad.enabled")
         if not 0.0 < self.losses.mlm_probability < 1.0:
             raise ValueError(f"losses.mlm_probability must be in (0, 1), got {self.losses.mlm_probability}")
+        _validate_distillation(self.losses)
         if self.losses.itm_negatives not in ("sample", "hardest"):
             raise ValueError(f"losses.itm_negatives must be 'sample' or 'hardest', got {self.losses.itm_negatives!r}")
         if self.max_text_len > t.max_position_embeddings:
@@ -179,6 +188,23 @@ class BusConfig:
     def from_dict(cls, data: dict[str, Any]) -> "BusConfig":
         """Build from a (possibly partial) nested dict; unknown keys raise ``ValueError``."""
         return _build(cls, data, "config").validate()
+
+
+def _validate_distillation(lc: "LossConfig") -> None:
+    for name in ("momentum", "distill_alpha"):
+        value = getattr(lc, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"losses.{name} must be a number, got {value!r}")
+    if not 0.0 <= lc.momentum < 1.0:
+        raise ValueError(f"losses.momentum must be in [0, 1), got {lc.momentum}")
+    if not 0.0 <= lc.distill_alpha <= 1.0:
+        raise ValueError(f"losses.distill_alpha must be in [0, 1], got {lc.distill_alpha}")
+    for name in ("queue_size", "alpha_ramp_steps"):
+        value = getattr(lc, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "queue_size" else 0):
+            raise ValueError(f"losses.{name} must be an int >= {1 if name == 'queue_size' else 0}, got {value!r}")
+    if lc.prefix_split not in ("none", "random"):
+        raise ValueError(f"losses.prefix_split must be 'none' or 'random', got {lc.prefix_split!r}")
 
 
 def _validate_schedule(s: "SelectionConfig", v: VisionConfig) -> None:

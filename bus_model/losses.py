@@ -4,7 +4,10 @@ ITC: symmetric InfoNCE between normalised image and text [CLS] projections, lear
 ITM: binary matching on the fusion [CLS]; per pair one hard negative image and one hard negative text,
      drawn from the softmax of the ITC similarities (or their argmax), never the positive.
 MLM: 15% of the text tokens masked (80% [MASK], 10% random, 10% unchanged), predicted through fusion.
-PrefixLM: the decoder's caption loss with the visual summary as prefix (``decoder.TextDecoder.loss``).
+PrefixLM: the decoder's caption loss with the visual summary as prefix (``decoder.TextDecoder.loss``); with
+     ``prefix_split="random"`` the caption is split at a random point (SimVLM §3.2, mPLUG): the first part
+     is context for the decoder (causal, like the rest), the loss covers the remainder only.
+With ``momentum_distill`` ITC and MLM take ALBEF's soft targets from a momentum model (``momentum.py``).
 PTM: binary cross-entropy between the selector's patch scores, as logits, and per-patch relevance labels.
 """
 
@@ -22,11 +25,15 @@ from .selection import SelectionRecord
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.001, 0.5  # ALBEF's clamp on the learned temperature
 
 
+def itc_scale(logit_scale: torch.Tensor) -> torch.Tensor:
+    """() ``1 / temperature``, the temperature clamped to [0.001, 0.5]."""
+    return logit_scale.clamp(math.log(1 / MAX_TEMPERATURE), math.log(1 / MIN_TEMPERATURE)).exp()
+
+
 def itc_logits(image_feat: torch.Tensor, text_feat: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """(B, E) x (B', E) normalised -> (B, B') similarities / temperature, the temperature clamped to
     [0.001, 0.5]."""
-    scale = logit_scale.clamp(math.log(1 / MAX_TEMPERATURE), math.log(1 / MIN_TEMPERATURE)).exp()
-    return scale * image_feat @ text_feat.t()
+    return itc_scale(logit_scale) * image_feat @ text_feat.t()
 
 
 def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, logit_scale: torch.Tensor):
@@ -97,6 +104,26 @@ def masked_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tor
     per = F.cross_entropy(logits.float(), labels.clamp_min(0), reduction="none")
     valid = (labels != -100).to(per.dtype)
     return (per * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+def random_prefix_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
+    """PrefixLM split (SimVLM §3.2; mPLUG): per caption of ``n`` real tokens ([CLS] ... [SEP]) a prefix length
+    drawn uniformly from ``[1, n - 1]``, so the prefix holds at least [CLS] (the decoder's BOS) and at
+    least one token is left to predict. attention_mask (B, L) 0/1 -> (B,) int64."""
+    n = attention_mask.sum(dim=1).long()  # (B,)
+    draw = torch.rand(n.shape, device=attention_mask.device)
+    return 1 + (draw * (n - 1).clamp_min(1).float()).long().clamp_max((n - 2).clamp_min(0))
+
+
+def prefix_lm_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_len: torch.Tensor | None) -> torch.Tensor:
+    """Next-token targets of the decoder input ``input_ids[:, :-1]``: ``(B, L - 1)`` int64, the token at
+    position ``t + 1``, or -100 where it is padding or inside the prefix (``t + 1 < prefix_len``: context,
+    no loss). ``prefix_len`` None: plain captioning (only [CLS] is context)."""
+    targets = input_ids[:, 1:].masked_fill(~attention_mask[:, 1:].bool(), -100)
+    if prefix_len is None:
+        return targets
+    position = torch.arange(1, input_ids.shape[1], device=input_ids.device)[None, :]  # (1, L - 1)
+    return targets.masked_fill(position < prefix_len[:, None], -100)
 
 
 def ptm_loss(records: list[SelectionRecord], patch_labels: torch.Tensor) -> torch.Tensor:

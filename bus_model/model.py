@@ -25,16 +25,20 @@ from .fusion import FusionEncoder
 from .losses import (
     itc_logits,
     itc_loss,
+    itc_scale,
     itm_loss,
     mask_tokens,
     masked_mean_cross_entropy,
     mine_hard_negatives,
+    prefix_lm_targets,
     ptm_loss,
+    random_prefix_lengths,
     temperature_to_logit_scale,
     weighted_total,
 )
+from .momentum import FeatureQueue, MomentumModel, distilled_mlm_loss, ramped_alpha, soft_itc_loss
 from .pad import PatchAbstractionDecoder
-from .selection import SelectionRecord
+from .selection import POLICY_INFO, SelectionRecord
 from .text import TextEncoder, padding_mask, read_hf_state_dict
 from .vision import BusViT, VisionFeatures
 
@@ -105,6 +109,9 @@ class BusModel(nn.Module):
         if lc.prefix_lm and self.decoder is None:
             raise ValueError("losses.prefix_lm needs a decoder: set decoder_layers >= 1")
         self._init_text_side()
+        # ALBEF momentum distillation (momentum.py): EMA towers + ITC feature queues, all in the state dict
+        self.momentum_model = MomentumModel(self, lc.momentum) if lc.momentum_distill else None
+        self.itc_queue = FeatureQueue(lc.queue_size, lc.embed_dim) if lc.momentum_distill and lc.itc else None
 
     def _init_text_side(self) -> None:
         """BERT initialisation (normal 0.02) for everything outside the ViT."""
@@ -147,11 +154,13 @@ class BusModel(nn.Module):
                 raise ValueError("attention_mask must be 1 at position 0 ([CLS]) of every row (right padding)")
 
     # -------------------------------------------------------------------------------------- encoders
-    def _visual_memory(self, feats: VisionFeatures):
-        """[image CLS + PAD summary] (BUS) or every ViT token (baseline) -> (memory (B, M, C), mask or None)."""
-        if self.pad is None:
+    def _visual_memory(self, feats: VisionFeatures, pad: nn.Module | None = None):
+        """[image CLS + PAD summary] (BUS) or every ViT token (baseline) -> (memory (B, M, C), mask or None).
+        ``pad``: the PAD to use (the momentum model's), default this model's."""
+        pad = self.pad if pad is None else pad
+        if pad is None:
             return feats.tokens, feats.mask
-        summary = self.pad(feats.tokens, feats.mask)  # (B, num_queries, C)
+        summary = pad(feats.tokens, feats.mask)  # (B, num_queries, C)
         return torch.cat([feats.tokens[:, :1], summary], dim=1), None
 
     def _image_embedding(self, feats: VisionFeatures) -> torch.Tensor:
@@ -172,7 +181,19 @@ class BusModel(nn.Module):
         return ImageEncoding(self._image_embedding(feats), memory, memory_mask, feats)
 
     def _uses_text_query(self) -> bool:
-        return self.config.selection.policy in ("bus", "elip")
+        return POLICY_INFO[self.config.selection.policy].uses_text
+
+    @torch.no_grad()
+    def _momentum_features(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """The momentum model's (image feat (B, E), text feat (B, E), memory, memory mask). Its ViT never sees
+        the caption (the policy's text-free behaviour): its features go into the queue (momentum.py)."""
+        mm = self.momentum_model
+        hidden = mm.text_encoder(input_ids, attention_mask)
+        text_feat = F.normalize(mm.text_proj(hidden[:, 0]).float(), dim=-1)
+        feats = mm.vision.forward_features(images)
+        image_feat = F.normalize(mm.vision_proj(feats.tokens[:, 0]).float(), dim=-1)
+        memory, memory_mask = self._visual_memory(feats, getattr(mm, "pad", None) if self.pad is not None else None)
+        return image_feat, text_feat, memory, memory_mask
 
     def _fused_cls(self, text: TextEncoding, memory, memory_mask) -> torch.Tensor:
         return self.fusion(text.hidden, text.mask, memory, memory_mask)[:, 0]
@@ -245,7 +266,22 @@ class BusModel(nn.Module):
         memory, memory_mask = image.memory, image.memory_mask
         losses: dict[str, torch.Tensor] = {}
         sim = None
-        if lc.itc:
+        distill = self.momentum_model is not None and (lc.itc or lc.mlm)
+        if distill:
+            mm = self.momentum_model
+            alpha = ramped_alpha(lc.distill_alpha, mm.step, lc.alpha_ramp_steps)  # from the steps before this one
+            if self.training and mm.update_in_forward:
+                mm.update(self)  # EMA with this step's weights, then the momentum features (ALBEF's order)
+            image_m, text_m, memory_m, memory_mask_m = self._momentum_features(images, input_ids, attention_mask)
+        if lc.itc and distill:
+            queue = self.itc_queue
+            image_all, text_all = torch.cat([image_m, queue.image]), torch.cat([text_m, queue.text])  # (B + K, E)
+            losses["itc"] = soft_itc_loss(image.embedding, text.embedding, image_all, text_all, image_m, text_m,
+                                          itc_scale(self.logit_scale), alpha)
+            sim = itc_logits(image.embedding, text.embedding, self.logit_scale)  # in-batch: ITM negatives, output
+            if self.training:
+                queue.enqueue(image_m, text_m)
+        elif lc.itc:
             losses["itc"], sim = itc_loss(image.embedding, text.embedding, self.logit_scale)
         if lc.itm:
             if images.shape[0] < 2:
@@ -265,8 +301,21 @@ class BusModel(nn.Module):
             fused = self.fusion(hidden, text.mask, memory, memory_mask)  # (B, L, C)
             picked = fused.gather(1, positions[:, :, None].expand(-1, -1, fused.shape[-1]))  # (B, K, C)
             logits = self.mlm_head(picked, self.text_encoder.embeddings.word_embeddings.weight)  # (B, K, V)
-            losses["mlm"] = masked_mean_cross_entropy(logits.flatten(0, 1), labels.flatten())
-        if lc.prefix_lm:
+            if distill:
+                with torch.no_grad():
+                    hidden_m = mm.text_encoder(masked, attention_mask)
+                    fused_m = mm.fusion(hidden_m, text.mask, memory_m, memory_mask_m)
+                    picked_m = fused_m.gather(1, positions[:, :, None].expand(-1, -1, fused_m.shape[-1]))
+                    logits_m = mm.mlm_head(picked_m, mm.text_encoder.embeddings.word_embeddings.weight)
+                losses["mlm"] = distilled_mlm_loss(logits.flatten(0, 1), labels.flatten(), logits_m.flatten(0, 1), alpha)
+            else:
+                losses["mlm"] = masked_mean_cross_entropy(logits.flatten(0, 1), labels.flatten())
+        if lc.prefix_lm and lc.prefix_split == "random":
+            # SimVLM/mPLUG PrefixLM: a random prefix is decoder context, the loss is on the remainder
+            targets = prefix_lm_targets(input_ids, attention_mask, random_prefix_lengths(attention_mask))
+            logits = self.decoder(input_ids[:, :-1], padding_mask(attention_mask[:, :-1]), memory, memory_mask)
+            losses["prefix_lm"] = masked_mean_cross_entropy(logits.flatten(0, 1), targets.flatten())
+        elif lc.prefix_lm:
             losses["prefix_lm"] = self.decoder.loss(input_ids, attention_mask, memory, memory_mask)
         records = image.features.selections
         if lc.ptm and patch_labels is not None and any(r.scores.requires_grad for r in records):

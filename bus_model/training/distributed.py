@@ -76,7 +76,7 @@ def wrap_model(model: BusModel, args: argparse.Namespace, info: DistInfo) -> tor
         for name, module in list(model.named_modules()):
             # the ViT runs its blocks through attend()/feed_forward(), not forward(), which FSDP's
             # hooks need: its parameters stay in the root group (gathered once per forward)
-            if isinstance(module, torch.nn.ModuleList) and not name.startswith("vision"):
+            if isinstance(module, torch.nn.ModuleList) and "vision" not in name.split("."):  # also momentum_model.vision
                 for block in module:
                     fully_shard(block)
         fully_shard(model, ignored_params=scalars)
@@ -84,8 +84,10 @@ def wrap_model(model: BusModel, args: argparse.Namespace, info: DistInfo) -> tor
     if not info.enabled:
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
+    # broadcast_buffers=False: every buffer is identical on all ranks by construction (the ITC queues are
+    # filled from all-gathered features, momentum.py); broadcasting them would move 128 MiB per step at K=65,536
     return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=device_ids, find_unused_parameters=args.find_unused_parameters
+        model, device_ids=device_ids, find_unused_parameters=args.find_unused_parameters, broadcast_buffers=False
     )
 
 

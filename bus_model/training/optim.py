@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..momentum import attach_to_optimizer
+
 
 def setup_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (biases, norms, the temperature are not decayed)."""
@@ -16,7 +18,9 @@ def setup_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # the fused kernel (CPU and CUDA) is ~10x faster than the per-tensor loop on CPU; FSDP keeps the default
-    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=not args.fsdp)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=not args.fsdp)
+    attach_to_optimizer(model, optimizer)  # momentum distillation: the EMA step follows each optimizer step
+    return optimizer
 
 
 @dataclass
