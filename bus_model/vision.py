@@ -305,7 +305,7 @@ class BusViT(nn.Module):
         Args:
             model_or_checkpoint_path: a timm ``VisionTransformer`` instance, or the path of a
                 ``.safetensors`` file (or a ``.pth``/``.bin`` state dict, read with ``weights_only=True``).
-            policy: "bus" | "evit" | "elip" | "none".
+            policy: one of ``bus_model.selection.POLICIES`` ("bus", "elip", "evit", "random", "tome", "none").
             **prune_options: other ``SelectionConfig`` fields (``layers``, ``keep_ratios``, ``keep_mode``...),
                 plus ``num_heads`` (a checkpoint does not record it; default width // 64), ``text_width``,
                 ``attn_impl`` and ``kernel_backend``.
