@@ -1,6 +1,7 @@
 """Drop-in text-guided token pruning for existing timm, open_clip and Hugging Face ViTs (the ToMe way).
 
-BUS TSPS (arXiv 2307.08504, Sec. 3.2) and EViT selection without adopting ``bus_model``::
+BUS TSPS (arXiv 2307.08504, Sec. 3.2), EViT, FLIP random masking and ToMe merging (policies
+``text``, ``evit``, ``random``, ``tome``; see ``_select.py``) without adopting ``bus_model``::
 
     import bus_kernels.patch
     bus_kernels.patch.timm(vit, layers=[3, 6, 9], keep=0.7, policy="text")

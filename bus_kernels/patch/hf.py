@@ -176,8 +176,9 @@ def patch_hf_vision(
             ``n`` patch tokens (a [CLS] is always kept) and append the fused token. With
             ``policy="text"`` the caption embedding ``(B, hidden_size)`` comes from
             ``bus_kernels.patch.text_guidance(model, text_query)`` (``caption_query`` maps a CLIP / BLIP
-            text embedding to that width). SigLIP has no [CLS]: all its tokens are scored, and
-            ``policy="evit"`` uses the mean query over the tokens in place of the [CLS] query.
+            text embedding to that width); ``"random"`` / ``"tome"`` as there. SigLIP has no [CLS]: all
+            its tokens are scored, and ``policy="evit"`` uses the mean query over the tokens in place
+            of the [CLS] query.
 
     Returns:
         ``model``. ``last_hidden_state`` is ``(B, P + k + fuse, hidden_size)`` after the last pruning

@@ -150,8 +150,10 @@ def patch_open_clip(
         policy: ``"evit"`` scores with the image [CLS] query; ``"text"`` with a caption embedding
             ``(B, width)`` supplied by ``with bus_kernels.patch.text_guidance(model, text_query):``;
             ``bus_kernels.patch.caption_query(model, model.encode_text(text))`` maps the model's own
-            text embedding to the tower's width.
-        fuse: append one token, the score-weighted mean of the dropped ones, after the kept tokens.
+            text embedding to the tower's width; ``"random"`` (FLIP, training only) and ``"tome"``
+            (ToMe merging, ``keep >= 0.5``) as in ``bus_kernels.patch.timm``.
+        fuse: append one token, the score-weighted mean of the dropped ones, after the kept tokens
+            (``evit`` / ``text`` only).
         backend: kernel backend for ``text_patch_scores`` / ``topk_gather`` (None: best available).
 
     Returns:

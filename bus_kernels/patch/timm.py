@@ -95,9 +95,12 @@ def patch_timm(
             tokens; ``k == n`` leaves the tokens untouched.
         policy: ``"evit"`` scores with the image [CLS] query; ``"text"`` with a caption embedding
             ``(B, C)`` passed through the layer's query projection, supplied by
-            ``with bus_kernels.patch.text_guidance(model, text_query): ...``.
-        fuse: append one token, the score-weighted mean of the dropped ones, after the kept tokens.
-            Later pruning layers treat it as an ordinary patch token.
+            ``with bus_kernels.patch.text_guidance(model, text_query): ...``; ``"random"`` keeps a random
+            subset in training (FLIP; nothing dropped at inference); ``"tome"`` merges the other
+            tokens into their most similar ones (ToMe; ``keep >= 0.5``). See ``_select.py``.
+        fuse: append one token, the score-weighted mean of the dropped ones, after the kept tokens
+            (``evit`` / ``text``; ignored by ``random`` and ``tome``). Later pruning layers treat it as
+            an ordinary patch token.
         backend: kernel backend for ``text_patch_scores`` / ``topk_gather`` (None: best available).
 
     Returns:
