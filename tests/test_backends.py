@@ -159,3 +159,42 @@ def test_torch_varlen_signature_is_checked_before_any_call(monkeypatch, fn, reas
             assert reason in bk.backend_status("cuda")["torch_varlen"]  # checked before the GPU
     finally:
         attention_backends._torch_varlen_reason.cache_clear()
+
+
+def test_triton_launches_are_guarded_to_the_tensors_device():
+    """Triton launches on the current CUDA device; the launchers switch to the tensors' device first."""
+    import contextlib
+
+    from bus_kernels.ops._triton_utils import on_device
+
+    assert isinstance(on_device(torch.empty(1)), contextlib.nullcontext)
+    guard = on_device(torch.empty(1, device="meta"))
+    assert isinstance(guard, contextlib.nullcontext)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_on_a_gpu_that_is_not_the_current_one():
+    available = bk.available_backends("cuda")
+    x, s = torch.randn(3, 50, 24), torch.rand(3, 50)
+    q, keys = torch.randn(3, 2, 16), torch.randn(3, 50, 2, 16)
+    cu = torch.tensor([0, 20, 50], dtype=torch.int32)
+    qkv = torch.randn(3, 50, 2, 16)
+    torch.cuda.set_device(0)
+    for backend in [b for b in ("triton", "native") if b in available]:
+        results = []
+        for device in ("cuda:0", "cuda:1"):
+            tokens = bk.topk_gather(x.to(device), s.to(device), 7, backend=backend).tokens
+            scores = bk.text_patch_scores(q.to(device), keys.to(device), backend=backend)
+            assert tokens.device == torch.device(device) and scores.device == torch.device(device)
+            results.append((tokens.cpu(), scores.cpu()))
+        assert all(torch.equal(a, b) for a, b in zip(*results)), backend
+    if "triton" in available:
+        outs = []
+        for device in ("cuda:0", "cuda:1"):
+            t = qkv.to(device).requires_grad_(True)
+            out = bk.varlen_attention(*t, cu.to(device), cu.to(device), 30, 30, causal=True, backend="triton")
+            (grad,) = torch.autograd.grad(out.sum(), t)
+            outs.append((out.detach().cpu(), grad.cpu()))
+        assert all(torch.equal(a, b) for a, b in zip(*outs))
+    assert torch.cuda.current_device() == 0

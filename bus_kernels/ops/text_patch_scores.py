@@ -21,7 +21,7 @@ import triton.language as tl
 from .. import reference
 from .._validation import check_dim_size, check_float, check_rank, check_same_device, check_tensor
 from ..backends import get_impl, register_impl, select_backend
-from ._triton_utils import next_pow2, tile_rows
+from ._triton_utils import next_pow2, on_device, tile_rows
 
 TRITON_MAX_HEAD_DIM = 256
 
@@ -128,9 +128,10 @@ def _tps_triton(query: torch.Tensor, keys: torch.Tensor, scale: float) -> tuple[
     if B == 0:
         return out, logits, lse
     block_n, block_d = _blocks(D)
-    _tps_logits_kernel[(B, H)](query, keys, logits, lse, N, H, D, *_strides(query, keys), scale, BLOCK_N=block_n, BLOCK_D=block_d)
-    combine_n = min(next_pow2(N), 1024)
-    _tps_combine_kernel[(B, triton.cdiv(N, combine_n))](logits, lse, out, N, H, 1.0 / H, BLOCK_N=combine_n)
+    with on_device(keys):  # launch on the tensors' GPU, not the current one
+        _tps_logits_kernel[(B, H)](query, keys, logits, lse, N, H, D, *_strides(query, keys), scale, BLOCK_N=block_n, BLOCK_D=block_d)
+        combine_n = min(next_pow2(N), 1024)
+        _tps_combine_kernel[(B, triton.cdiv(N, combine_n))](logits, lse, out, N, H, 1.0 / H, BLOCK_N=combine_n)
     return out, logits, lse
 
 
@@ -182,10 +183,11 @@ def _tps_triton_backward(
     if B == 0:
         return dq, dk
     block_n, block_d = _blocks(D)
-    _tps_bwd_kernel[(B, H)](
-        query, keys, logits, lse, grad, dq, dk, N, H, D, *_strides(query, keys), scale, 1.0 / H,
-        BLOCK_N=block_n, BLOCK_D=block_d,
-    )
+    with on_device(keys):  # launch on the tensors' GPU, not the current one
+        _tps_bwd_kernel[(B, H)](
+            query, keys, logits, lse, grad, dq, dk, N, H, D, *_strides(query, keys), scale, 1.0 / H,
+            BLOCK_N=block_n, BLOCK_D=block_d,
+        )
     return dq, dk
 
 

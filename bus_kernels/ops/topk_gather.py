@@ -31,7 +31,7 @@ from .. import reference
 from .._validation import check_dim_size, check_float, check_int, check_rank, check_same_device, check_tensor
 from ..backends import get_impl, register_impl, select_backend
 from ..reference.pruning import FUSE_EPS
-from ._triton_utils import next_pow2, tile_rows
+from ._triton_utils import next_pow2, on_device, tile_rows
 
 # Largest N the on-chip selection takes (the row's scores live in registers as one tile).
 TRITON_MAX_N = 16384
@@ -213,14 +213,15 @@ def _topk_gather_triton(
     if B == 0 or N == 0:
         return tokens, index, slot, fused, den
     NP = next_pow2(N)
-    _topk_select_kernel[(B,)](scores, k, index_off, slot, index, N, scores.stride(0), NP=NP, num_warps=_select_warps(NP))
-    if C > 0:
-        block_n, block_c = _gather_blocks(C)
-        _topk_gather_fwd_kernel[(B, triton.cdiv(C, block_c))](
-            x, scores, slot, k, out_off, tokens, fused, den,
-            N, C, x.stride(0), x.stride(1), scores.stride(0), FUSE_EPS,
-            FUSE=fuse, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=GATHER_WARPS,
-        )
+    with on_device(x):  # launch on the tensors' GPU, not the current one
+        _topk_select_kernel[(B,)](scores, k, index_off, slot, index, N, scores.stride(0), NP=NP, num_warps=_select_warps(NP))
+        if C > 0:
+            block_n, block_c = _gather_blocks(C)
+            _topk_gather_fwd_kernel[(B, triton.cdiv(C, block_c))](
+                x, scores, slot, k, out_off, tokens, fused, den,
+                N, C, x.stride(0), x.stride(1), scores.stride(0), FUSE_EPS,
+                FUSE=fuse, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=GATHER_WARPS,
+            )
     return tokens, index, slot, fused, den
 
 
@@ -280,11 +281,12 @@ def _topk_gather_triton_backward(
         return grad_x, grad_scores
     out_off, _ = _row_offsets(k, fuse)
     block_n, block_c = _gather_blocks(C)
-    _topk_gather_bwd_kernel[(B, triton.cdiv(N, block_n))](
-        grad_tokens, x, scores, slot, k, out_off, fused, den, grad_x, grad_scores,
-        N, C, x.stride(0), x.stride(1), scores.stride(0), FUSE_EPS,
-        FUSE=fuse, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=GATHER_WARPS,
-    )
+    with on_device(x):  # launch on the tensors' GPU, not the current one
+        _topk_gather_bwd_kernel[(B, triton.cdiv(N, block_n))](
+            grad_tokens, x, scores, slot, k, out_off, fused, den, grad_x, grad_scores,
+            N, C, x.stride(0), x.stride(1), scores.stride(0), FUSE_EPS,
+            FUSE=fuse, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=GATHER_WARPS,
+        )
     return grad_x, grad_scores
 
 

@@ -11,6 +11,7 @@ import triton
 from ... import reference
 from ...backends import register_impl
 from .kernel_bwd import _attn_bwd_dkdv_kernel, _attn_bwd_delta_kernel, _attn_bwd_dq_kernel
+from .._triton_utils import on_device
 from .kernel_fwd import _attn_fwd_kernel
 from .tiles import _bias_arg, _block_d, _block_table, _config, _delta_rows, _precision
 
@@ -31,14 +32,15 @@ def _varlen_attention_triton(
     blk_seq, blk_start = _block_table(cu_seqlens_q, total_q, cfg.block_m)
     if blk_seq.numel() == 0 or H == 0:
         return out, lse
-    _attn_fwd_kernel[(blk_seq.numel(), H)](
-        q, k, v, _bias_arg(key_bias, q), out, lse, cu_seqlens_q, cu_seqlens_k, blk_seq, blk_start,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        total_q, H, softmax_scale * _LOG2E,
-        D=D, CAUSAL=causal, HAS_BIAS=key_bias is not None, PRECISION=_precision(q.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(D),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with on_device(q):  # launch on the tensors' GPU, not the current one
+        _attn_fwd_kernel[(blk_seq.numel(), H)](
+            q, k, v, _bias_arg(key_bias, q), out, lse, cu_seqlens_q, cu_seqlens_k, blk_seq, blk_start,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            total_q, H, softmax_scale * _LOG2E,
+            D=D, CAUSAL=causal, HAS_BIAS=key_bias is not None, PRECISION=_precision(q.dtype),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(D),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return out, lse
 
 
@@ -69,32 +71,33 @@ def _varlen_attention_triton_backward(
         return dq, dk, dv, dbias_heads.sum(0)
     block_d = _block_d(D)
     delta = torch.empty(H, total_q, dtype=torch.float32, device=q.device)
-    if total_q > 0:
-        delta_rows = _delta_rows(block_d)
-        _attn_bwd_delta_kernel[(triton.cdiv(total_q, delta_rows), H)](
-            out, dout, delta, dout.stride(0), dout.stride(1), total_q, H, D=D, BLOCK_M=delta_rows, BLOCK_D=block_d,
-        )
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-               dout.stride(0), dout.stride(1))
-    flags = dict(D=D, CAUSAL=causal, HAS_BIAS=has_bias, PRECISION=_precision(q.dtype), BLOCK_D=block_d)
-    bias = _bias_arg(key_bias, q)
-    cfg = _config("dkdv", q.dtype, D)
-    kv_seq, kv_start = _block_table(cu_seqlens_k, total_k, cfg.block_n)
-    if kv_seq.numel() > 0:
-        _attn_bwd_dkdv_kernel[(kv_seq.numel(), H)](
-            q, k, v, bias, dout, lse, delta, dk, dv, dbias_heads if has_bias else bias,
-            cu_seqlens_q, cu_seqlens_k, kv_seq, kv_start, *strides,
-            total_q, total_k, H, softmax_scale * _LOG2E, softmax_scale, **flags,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    cfg = _config("dq", q.dtype, D)
-    q_seq, q_start = _block_table(cu_seqlens_q, total_q, cfg.block_m)
-    if q_seq.numel() > 0:
-        _attn_bwd_dq_kernel[(q_seq.numel(), H)](
-            q, k, v, bias, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, q_seq, q_start, *strides,
-            total_q, H, softmax_scale * _LOG2E, softmax_scale, **flags,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    with on_device(q):  # launch on the tensors' GPU, not the current one
+        if total_q > 0:
+            delta_rows = _delta_rows(block_d)
+            _attn_bwd_delta_kernel[(triton.cdiv(total_q, delta_rows), H)](
+                out, dout, delta, dout.stride(0), dout.stride(1), total_q, H, D=D, BLOCK_M=delta_rows, BLOCK_D=block_d,
+            )
+        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                   dout.stride(0), dout.stride(1))
+        flags = dict(D=D, CAUSAL=causal, HAS_BIAS=has_bias, PRECISION=_precision(q.dtype), BLOCK_D=block_d)
+        bias = _bias_arg(key_bias, q)
+        cfg = _config("dkdv", q.dtype, D)
+        kv_seq, kv_start = _block_table(cu_seqlens_k, total_k, cfg.block_n)
+        if kv_seq.numel() > 0:
+            _attn_bwd_dkdv_kernel[(kv_seq.numel(), H)](
+                q, k, v, bias, dout, lse, delta, dk, dv, dbias_heads if has_bias else bias,
+                cu_seqlens_q, cu_seqlens_k, kv_seq, kv_start, *strides,
+                total_q, total_k, H, softmax_scale * _LOG2E, softmax_scale, **flags,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+        cfg = _config("dq", q.dtype, D)
+        q_seq, q_start = _block_table(cu_seqlens_q, total_q, cfg.block_m)
+        if q_seq.numel() > 0:
+            _attn_bwd_dq_kernel[(q_seq.numel(), H)](
+                q, k, v, bias, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, q_seq, q_start, *strides,
+                total_q, H, softmax_scale * _LOG2E, softmax_scale, **flags,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
     return dq, dk, dv, dbias_heads.sum(0)
 
 
