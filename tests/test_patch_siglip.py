@@ -190,6 +190,8 @@ def test_siglip_model_wrapper_caption_query_and_checkpointing():
     torch.testing.assert_close(out1, out0)
     torch.testing.assert_close(grad1, grad0)
     assert all(torch.equal(kept0[layer], kept1[layer]) for layer in (1, 2))
+    with pytest.raises(ValueError, match=f"text_features has width 5, expected the model's embedding width {WIDTH}"):
+        patch.caption_query(siglip, torch.randn(2, 5))
 
 
 def test_blip_model_wrapper_and_caption_query():

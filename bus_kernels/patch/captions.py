@@ -17,8 +17,9 @@ from torch import nn
 from .._validation import check_float, check_rank, check_tensor
 
 
-def _visual_projection(model: nn.Module) -> tuple[torch.Tensor, int] | None:
-    """(matrix W with ``query = text @ W``, ViT width) of a supported model, or None."""
+def _visual_projection(model: nn.Module) -> tuple[torch.Tensor | None, int] | None:
+    """(matrix W with ``query = text @ W``, or None for the identity; ViT width) of a supported model,
+    or None for an unsupported one."""
     visual = getattr(model, "visual", None)
     if isinstance(visual, nn.Module):  # open_clip
         proj = getattr(visual, "proj", None)
@@ -33,8 +34,7 @@ def _visual_projection(model: nn.Module) -> tuple[torch.Tensor, int] | None:
         return projection.weight, projection.in_features
     vision = getattr(model, "vision_model", None)
     if type(model).__name__ == "SiglipModel" and vision is not None:  # one shared width, no projection
-        width = int(vision.config.hidden_size)
-        return torch.eye(width, dtype=vision.post_layernorm.weight.dtype, device=vision.post_layernorm.weight.device), width
+        return None, int(vision.config.hidden_size)
     return None
 
 
@@ -60,15 +60,16 @@ def caption_query(model: nn.Module, text_features: torch.Tensor) -> torch.Tensor
             "model must be an open_clip CLIP / CustomTextCLIP or a Hugging Face CLIPModel, BlipModel or "
             f"SiglipModel (a model with a visual projection), got {type(model).__name__}"
         )
-    matrix, _width = found  # (E, C)
+    matrix, width = found  # (E, C) or None (E == C)
     check_tensor("text_features", text_features)
     check_rank("text_features", text_features, 2, "(B, E)")
     check_float("text_features", text_features)
-    if text_features.shape[1] != matrix.shape[0]:
+    expected = width if matrix is None else matrix.shape[0]
+    if text_features.shape[1] != expected:
         raise ValueError(
-            f"text_features has width {text_features.shape[1]}, expected the model's embedding width {matrix.shape[0]}"
+            f"text_features has width {text_features.shape[1]}, expected the model's embedding width {expected}"
         )
-    return text_features.to(matrix.dtype) @ matrix  # (B, C)
+    return text_features if matrix is None else text_features.to(matrix.dtype) @ matrix  # (B, C)
 
 
 __all__ = ["caption_query"]
