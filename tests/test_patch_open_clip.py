@@ -57,7 +57,11 @@ def record_lengths(blocks):
 
 
 @pytest.mark.parametrize("policy", ["evit", "text"])
-@pytest.mark.parametrize("vision", [dict(), dict(qk_norm=True, ls_init_value=0.1), dict(pool_type="avg")])
+@pytest.mark.parametrize(
+    "vision",
+    [dict(), dict(qk_norm=True, ls_init_value=0.1), dict(pool_type="avg"),
+     dict(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2)],  # CoCa's attention pooler
+)
 def test_keep_one_equals_unpatched(policy, vision):
     model = make_clip(**vision)
     model.visual.output_tokens = True
@@ -147,6 +151,21 @@ def test_token_count_per_layer_and_output_tokens(keep, fuse):
     assert patch.kept_patches(model.visual)[3].shape == (2, last)
     for hook in hooks:
         hook.remove()
+
+
+def test_attentional_pooler_pools_the_kept_tokens():
+    """CoCa's attention pooler: its queries attend over the pruned tokens; output shapes unchanged."""
+    model = make_clip(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2, output_tokens=True)
+    x = images(batch=2)
+    with torch.no_grad():
+        ref_pooled, ref_tokens = model.visual(x)
+        patch.open_clip(model, layers=[1, 3], keep=0.4)
+        seen = []
+        hook = model.visual.attn_pool.register_forward_pre_hook(lambda _m, a: seen.append(a[0].shape[1]))
+        pooled, tokens = model.visual(x)
+        hook.remove()
+    assert seen == [schedule(25, 1, DEPTH + 1, [1, 3], 0.4)[-1]]
+    assert pooled.shape == ref_pooled.shape and tokens.shape == ref_tokens.shape
 
 
 def test_timm_tower_token_count_and_unpatch():
