@@ -5,8 +5,11 @@
 #   bash tests/gpu/run_gpu_tests.sh            # all of it (CPU tests too)
 #   ONLY_CUDA=1 bash tests/gpu/run_gpu_tests.sh  # only the tests marked cuda
 # Writes junit XML and logs to $OUT (default ./gpu-tests-out) and prints a summary per shard.
-# Triton compiles every kernel variant on first use (one process compiles serially), so the tests
-# run as four pytest processes in parallel, sharing Triton's on-disk cache.
+# Triton compiles every kernel variant on first use (~160 attention variants; one process compiles
+# serially), so the tests run as six pytest processes in parallel, sharing Triton's on-disk cache.
+# The same tests in one process (slower on a cold Triton cache):
+#   python -m pytest -q -m "not slow" tests/test_pruning_ops.py tests/test_pruning_validation.py \
+#     tests/test_varlen_attention.py tests/test_padding.py tests/test_native.py tests/test_cuda_large.py tests/test_backends.py
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-tests-out}; mkdir -p "$OUT"
@@ -28,10 +31,12 @@ run_shard() {  # name, pytest args...
   $PY -m pytest -q -p no:cacheprovider -m "$MARK" -rs --junitxml="$OUT/junit_$name.xml" "$@" > "$OUT/pytest_$name.log" 2>&1
   echo "$name: exit $? -- $(tail -1 "$OUT/pytest_$name.log")"
 }
-run_shard attn_dims tests/test_varlen_attention.py -k "cuda_every_head_dim or fp32_matches" &
+run_shard attn_fp16 tests/test_varlen_attention.py -k "cuda_every_head_dim and not bfloat16" &
+run_shard attn_bf16 tests/test_varlen_attention.py -k "cuda_every_head_dim and bfloat16" &
+run_shard attn_fp32 tests/test_varlen_attention.py -k "fp32_matches" &
 run_shard attn_rest tests/test_varlen_attention.py tests/test_padding.py -k "not cuda_every_head_dim and not fp32_matches" &
 run_shard pruning tests/test_pruning_ops.py tests/test_pruning_validation.py &
-run_shard native_large tests/test_native.py tests/test_cuda_large.py &
+run_shard native_large tests/test_native.py tests/test_cuda_large.py tests/test_backends.py &
 wait
 echo "== failures and skips (first 60 lines)"
 grep -h -E "^(FAILED|ERROR|SKIPPED)" "$OUT"/pytest_*.log | head -60
