@@ -135,7 +135,7 @@ def test_manifest_with_broken_images_trains_and_reports(tmp_path, capsys):
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped"] == {"decode_error": 1, "missing": 1}
-    keys = sorted(os.path.basename(e["key"]) for e in summary["skipped_examples"])
+    keys = sorted(os.path.basename(e["key"]) for e in summary["skipped_files"])
     assert keys == ["corrupt.png", "missing.png"]
     err = capsys.readouterr().err
     assert "skipped samples: 2" in err and "corrupt.png" in err and "missing.png" in err
@@ -160,7 +160,7 @@ def test_batch_stream_shards_ranks_without_overlap(world_size):
         assert stream.state()["epoch"] == 0 and stream.state()["position"] == batches
         seen.append(ids)
         nxt = stream.next()  # the next batch opens epoch 1
-        assert stream.state() == {"epoch": 1, "position": 1, "skipped": {}}
+        assert stream.state() == {"epoch": 1, "position": 1, "skipped": []}
         assert len(nxt["ids"]) == 3
     flat = [i for ids in seen for i in ids]
     assert len(flat) == len(set(flat)) == world_size * batches * 3

@@ -6,7 +6,8 @@
 * ``ImageTransform`` — torchvision crop/resize + normalisation; ``patch_labels_from_boxes``.
 * ``build_synthetic_tokenizer`` / ``load_tokenizer`` / ``save_tokenizer``.
 * ``build_dataset("synthetic" | path, ...)`` — the loader a ``--data`` argument names.
-* ``Collator`` — the batch dict the model consumes; ``SkipReport`` sums skipped samples.
+* ``Collator`` — the batch dict the model consumes; ``SkipReport`` counts each skipped sample once.
+* ``ReadMonitor`` / ``DataError`` — stop with a clear error when the data cannot fill batches.
 
 torchvision, PIL and transformers are imported only when a real-data transform, an image decode or a
 tokenizer is used, so importing this package needs just torch and numpy.
@@ -16,6 +17,7 @@ from .coco import CocoCaptionsDataset, read_coco_captions, retrieval_groups
 from .collate import Collator
 from .decode import SkippedSample, SkipReport, load_rgb
 from .factory import build_dataset
+from .health import DataError, ReadMonitor
 from .manifest import CaptionImageDataset, ManifestDataset, ManifestRecord, read_manifest
 from .synthetic import SyntheticDataset, SyntheticSample, render_sample
 from .tokenizer import (
@@ -32,11 +34,13 @@ __all__ = [
     "CaptionImageDataset",
     "CocoCaptionsDataset",
     "Collator",
+    "DataError",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImageTransform",
     "ManifestDataset",
     "ManifestRecord",
+    "ReadMonitor",
     "SkipReport",
     "SkippedSample",
     "SyntheticDataset",

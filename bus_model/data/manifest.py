@@ -174,8 +174,8 @@ class CaptionImageDataset(torch.utils.data.Dataset):
         rec = self.records[index]
         try:
             image = load_rgb(rec.image)
-        except ImageLoadError as err:
-            return SkippedSample(rec.image, err.reason, err.detail)
+        except ImageLoadError as err:  # the key is the path already: the detail need not repeat it
+            return SkippedSample(rec.image, err.reason, "no such file" if err.reason == MISSING else err.detail)
         want_labels = rec.boxes is not None and self.patch_size is not None
         tensor, boxes = self.transform(image, rec.boxes if want_labels else None)
         labels = patch_labels_from_boxes(boxes, self.transform.image_size, self.patch_size) if want_labels else None

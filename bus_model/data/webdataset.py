@@ -80,11 +80,18 @@ def _split_name(name: str) -> tuple[str, str]:
     return os.path.join(directory, stem) if directory else stem, ext.lower() if dot else ""
 
 
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
+
+
 def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream ``(key, {extension: bytes})`` from one shard, grouping consecutive members by key.
 
-    Raises ``tarfile.TarError`` / ``OSError`` if the shard is corrupt or truncated (after yielding
-    the samples before the damage)."""
+    Raises ``tarfile.TarError`` / ``OSError`` / ``EOFError`` if the shard is corrupt or truncated (after
+    yielding the samples before the damage). ``tarfile`` itself ends an archive silently when it is cut
+    inside a member header; for an uncompressed shard the bytes after the last member are checked, so
+    that cut is reported too (``tarfile.ReadError``)."""
+    with open(path, "rb") as f:
+        plain = not f.read(6).startswith(_COMPRESSED_MAGIC)
     key, files = None, {}
     with tarfile.open(path, mode="r|*") as tar:
         for member in tar:
@@ -97,8 +104,15 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             key = k
             data = tar.extractfile(member)
             files[ext] = data.read() if data is not None else b""
+        end = tar.offset  # where the next header would start
     if files:
         yield key, files
+    if plain:
+        with open(path, "rb") as f:
+            f.seek(end)
+            tail = f.read(1024)
+        if any(tail):  # a clean archive ends in zero blocks (or nothing); non-zero bytes are a cut header
+            raise tarfile.ReadError(f"truncated: a partial member header at byte {end}")
 
 
 def _distributed_slot(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -43,6 +43,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--data-seed", type=int, default=0, help="synthetic data: the generator's seed")
     g.add_argument("--image-root", default=None, help="directory the manifest's image paths are relative to")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per rank")
+    g.add_argument("--max-skip-share", type=float, default=0.5, help="stop with an error when more than this share "
+                   "of 256 consecutive reads are unreadable samples (1: never; a pass that cannot fill one batch "
+                   "always stops)")
+    g.add_argument("--data-timeout", type=float, default=600.0, help="with --workers: seconds to wait for a batch "
+                   "before reporting a stalled DataLoader worker (0: wait forever)")
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=int, default=10, help="write a metrics.jsonl row every N steps")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
@@ -79,6 +84,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--stop-at must be in [1, --steps], got {args.stop_at}")
     if args.workers < 0 or (args.num_threads is not None and args.num_threads < 1):
         raise UsageError("--workers must be >= 0 and --num-threads >= 1")
+    if not 0.0 < args.max_skip_share <= 1.0:
+        raise UsageError(f"--max-skip-share must be in (0, 1], got {args.max_skip_share}")
+    if not math.isfinite(args.data_timeout) or args.data_timeout < 0:
+        raise UsageError(f"--data-timeout must be a finite number >= 0, got {args.data_timeout}")
     check_model_arg(args.model)
     check_data_arg(args.data)
     if args.data != "synthetic" and args.tokenizer is None:

@@ -48,19 +48,25 @@ class BatchStream:
     ranks and workers; the stream calls ``set_epoch`` and, on resume, skips the batches already read.
     ``state()`` is ``{"epoch", "position"}`` (micro-batches drawn in the epoch) plus the skip counts.
 
-    Batches with fewer than 2 usable samples (broken images) are skipped: ITC/ITM need negatives.
+    Batches with fewer than 2 usable samples (broken images) are skipped: ITC/ITM need negatives. Each
+    skipped sample is counted once per run (``skips``, a ``SkipReport`` kept in the checkpoint); a pass that
+    cannot fill a batch, or mostly failing reads, raise ``DataError`` (``monitor``, a ``ReadMonitor``).
     Resume is exact with ``workers=0`` (random crops draw from the checkpointed main-process RNG); with
     worker processes the data order is exact but the augmentations of a resumed epoch are redrawn.
     """
 
-    def __init__(self, dataset, collator, *, batch_size: int, seed: int, info: DistInfo, workers: int):
-        from ..data import SkipReport
+    def __init__(self, dataset, collator, *, batch_size: int, seed: int, info: DistInfo, workers: int,
+                 max_skip_share: float = 0.5, timeout: float = 0.0, source: str = "--data"):
+        from ..data import ReadMonitor, SkipReport
 
         self.dataset, self.collator, self.batch_size = dataset, collator, batch_size
-        self.seed, self.info, self.workers = seed, info, workers
+        self.seed, self.info, self.workers, self.timeout = seed, info, workers, timeout
         self.iterable = isinstance(dataset, torch.utils.data.IterableDataset)
         self.epoch, self.position = 0, 0
         self.skips = SkipReport()
+        # stops the endless re-reading of broken files when the data cannot fill batches (issue 15)
+        self.monitor = ReadMonitor(batch_size, min_batch=2, max_skip_share=max_skip_share, source=source,
+                                   rank=info.rank)
         self._iter = None
         if not self.iterable:
             per_rank = len(dataset) // info.world_size
@@ -69,11 +75,16 @@ class BatchStream:
                                  f"per rank x {info.world_size} rank(s)")
 
     def state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "skipped": dict(self.skips.counts)}
+        """``{"epoch", "position", "skipped": [[key, reason, detail], ...]}`` (JSON-able)."""
+        return {"epoch": self.epoch, "position": self.position, "skipped": self.skips.state()}
 
     def load_state(self, state: dict[str, Any]) -> None:
+        from ..data import SkipReport
+
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.skips.counts.update(state.get("skipped", {}))
+        skipped = state.get("skipped", [])
+        # checkpoints written before skips were deduplicated hold only counts per reason: start afresh
+        self.skips = SkipReport.from_state(skipped if isinstance(skipped, list) else [])
         self._iter = None
 
     def _epoch_indices(self) -> list[int]:
@@ -88,8 +99,15 @@ class BatchStream:
         # an explicit generator keeps DataLoader from drawing its base seed from the global RNG,
         # which would shift every later random draw after a resume
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.monitor.start_pass(full=self.position == 0)
+        # iterable data keeps its last partial batch so that the broken samples in it are counted (``next``
+        # drops it after counting); map-style data never reads the samples of a partial batch
         common = dict(batch_size=self.batch_size, collate_fn=self.collator, num_workers=self.workers,
-                      generator=g, drop_last=True, pin_memory=self.info.device.type == "cuda")
+                      generator=g, drop_last=not self.iterable, pin_memory=self.info.device.type == "cuda")
+        if self.workers > 0:
+            # a worker that stalls (a hung network read) surfaces as an error after `timeout` seconds; one
+            # that dies is detected by the DataLoader itself
+            common.update(timeout=self.timeout, worker_init_fn=_worker_init)
         if self.iterable:
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(self.epoch)
@@ -98,27 +116,69 @@ class BatchStream:
             # advance the RNG, whose restored state already includes them
             with torch.random.fork_rng(devices=[]):
                 for _ in range(self.position):
-                    next(it, None)
+                    self._fetch(it)
             return it
         return iter(torch.utils.data.DataLoader(self.dataset, sampler=_IndexSampler(self._epoch_indices()), **common))
 
+    def _fetch(self, it):
+        """The DataLoader's next batch or None at the end of the pass; a dead or stalled worker becomes a
+        ``DataError``."""
+        from ..data import DataError
+
+        try:
+            return next(it, None)
+        except RuntimeError as err:
+            if self.workers == 0 or "DataLoader" not in str(err):
+                raise
+            _shutdown(it)  # a stalled worker must not keep the process alive at exit
+            self._iter = None
+            raise DataError(f"{err} (rank {self.info.rank}, epoch {self.epoch}). Rerun with --workers 0 to see the "
+                            "failing sample's error in the main process; --resume continues from the last "
+                            "checkpoint") from None
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now (before a final checkpoint, or after a worker failed); the
+        next ``next()`` reopens the stream at the same position."""
+        it, self._iter = self._iter, None
+        if it is not None:
+            _shutdown(it)
+
     def next(self) -> dict:
-        empty_epochs = 0
         while True:
             if self._iter is None:
                 self._iter = self._open()
-            batch = next(self._iter, None)
-            if batch is None:  # end of epoch
+            batch = self._fetch(self._iter)
+            if batch is None:  # end of the pass: a full pass that could not fill a batch raises
                 self._iter = None
-                empty_epochs = empty_epochs + 1 if self.position == 0 else 0
-                if empty_epochs >= 2:
-                    raise RuntimeError(f"rank {self.info.rank} got no batch of {self.batch_size} samples from the data")
+                self.monitor.end_pass()
                 self.epoch, self.position = self.epoch + 1, 0
                 continue
             self.position += 1
             self.skips.update(batch["skipped"])
-            if batch["images"].shape[0] >= 2:
+            good = batch["images"].shape[0]
+            self.monitor.observe(good, batch["skipped"])
+            partial = self.iterable and good + len(batch["skipped"]) < self.batch_size  # the end of a pass
+            if good >= 2 and not partial:
                 return batch
+
+
+def _shutdown(it) -> None:
+    """End a DataLoader iterator's worker processes: torch's own shutdown (private API, hence guarded),
+    then SIGKILL for any worker that did not exit (stuck in a read)."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in getattr(it, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+
+
+def _worker_init(_worker_id: int) -> None:
+    """DataLoader workers ignore the preemption signals a scheduler sends to the whole process group
+    (SLURM: SIGUSR1, then SIGTERM): the main process finishes its step, checkpoints and shuts them down."""
+    from .preemption import ignore_stop_signals_in_worker
+
+    ignore_stop_signals_in_worker()
 
 
 def to_model_inputs(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:

@@ -15,7 +15,8 @@ import os
 import sys
 from typing import Any, Callable
 
-from .errors import UsageError
+from ..data.health import DataError
+from .errors import RunError, UsageError
 
 
 def _load_config_file(path: str) -> dict[str, Any]:
@@ -98,3 +99,6 @@ def run_command(name: str, add_arguments: Callable[[argparse.ArgumentParser], An
     except UsageError as err:
         print(f"bus {name}: error: {err}", file=sys.stderr)
         return 2
+    except (RunError, DataError) as err:  # the run cannot go on: say why in one line, no traceback
+        print(f"bus {name}: error: {err}", file=sys.stderr)
+        return 1

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ from .grads import average_replicated_grads, clip_gradients
 from .metrics import METRICS_FILE, MetricsLogger, progress_bar, truncate_metrics
 from .model_setup import model_config_dict, setup_model, setup_tokenizer
 from .optim import setup_optimizer, setup_scheduler
+from .preemption import StopRequest, exit_status
 from .state import find_resume_point, full_training_state, restore_training_state
 
 SUMMARY_FILE = "summary.json"
@@ -50,7 +52,7 @@ SUMMARY_FILE = "summary.json"
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``args.steps`` optimizer steps (from the latest checkpoint with ``--resume``); returns the
     summary that rank 0 also writes to ``OUT/summary.json``."""
-    from ..data import Collator, save_tokenizer
+    from ..data import Collator, SkipReport, save_tokenizer
 
     # ---- setup: process group, model, data, optimizer; then the resume point
     check_args(args)
@@ -63,7 +65,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     dataset = setup_dataset(args, config, info)
     collator = Collator(tokenizer, image_size=config.vision.image_size, patch_size=config.vision.patch_size,
                         max_length=config.max_text_len)
-    stream = BatchStream(dataset, collator, batch_size=args.batch_size, seed=args.seed, info=info, workers=args.workers)
+    stream = BatchStream(dataset, collator, batch_size=args.batch_size, seed=args.seed, info=info, workers=args.workers,
+                         max_skip_share=args.max_skip_share, timeout=args.data_timeout, source=f"--data {args.data}")
     start = 0
     latest, loaded = find_resume_point(out, args, info)
     if loaded is not None:
@@ -112,42 +115,49 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     images_trained = 0
     last_saved = start
     end = args.steps if args.stop_at is None else max(start, args.stop_at)
-    for step in range(start, end):
-        # ---- one optimizer step: accumulate gradients over micro-batches
-        for micro in range(args.accum_steps):
-            inputs = to_model_inputs(stream.next(), info.device)
-            last = micro == args.accum_steps - 1
-            if args.fsdp:  # FSDP reduce-scatters gradients only on the last micro-batch
-                model.set_requires_gradient_sync(last)
-            sync = contextlib.nullcontext() if last or args.fsdp or not info.enabled else ddp_model.no_sync()
-            with sync:
-                with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=amp):
-                    output = ddp_model(**inputs)
-                (output.loss / args.accum_steps).backward()
-            logger.add(output, inputs)
-            images_trained += inputs["images"].shape[0]
-        grad_norm = None
-        if args.fsdp:
-            average_replicated_grads(model, info)
-            if args.grad_clip > 0:
-                grad_norm = clip_gradients(model, args.grad_clip)
-        elif args.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
+    stopped_by = None
+    # preemption.py: on SIGTERM/SIGUSR1 finish the step, checkpoint, exit 128 + signal; an error closes the bar first
+    with StopRequest(info) as stop, contextlib.closing(bar):
+        for step in range(start, end):
+            # ---- one optimizer step: accumulate gradients over micro-batches
+            for micro in range(args.accum_steps):
+                inputs = to_model_inputs(stream.next(), info.device)
+                last = micro == args.accum_steps - 1
+                if args.fsdp:  # FSDP reduce-scatters gradients only on the last micro-batch
+                    model.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext() if last or args.fsdp or not info.enabled else ddp_model.no_sync()
+                with sync:
+                    with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=amp):
+                        output = ddp_model(**inputs)
+                    (output.loss / args.accum_steps).backward()
+                logger.add(output, inputs)
+                images_trained += inputs["images"].shape[0]
+            grad_norm = None
+            if args.fsdp:
+                average_replicated_grads(model, info)
+                if args.grad_clip > 0:
+                    grad_norm = clip_gradients(model, args.grad_clip)
+            elif args.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
 
-        # ---- log
-        if done % args.log_every == 0 or done == end:
-            logger.write(done, lr=lr, grad_norm=grad_norm, stream=stream)
-        bar.update(1)
+            # ---- log
+            if done % args.log_every == 0 or done == end:
+                logger.write(done, lr=lr, grad_norm=grad_norm, stream=stream)
+            bar.update(1)
 
-        # ---- checkpoint
-        if done % args.save_every == 0 or done == end:
-            save(done)
-            last_saved = done
+            # ---- stop on SIGTERM/SIGUSR1 (every rank after the same step), then checkpoint
+            stopped_by = stop.check() if done < end else None  # at the last step the run is complete anyway
+            if done % args.save_every == 0 or done == end or stopped_by:
+                save(done)
+                last_saved = done
+            if stopped_by:
+                end = done
+                break
     bar.close()
     if last_saved != end:  # nothing left to run (resumed at the end): make sure the last one exists
         save(end)
@@ -155,19 +165,25 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     # ---- summary: every rank's parameter hash (DDP keeps them equal) and skipped samples
     wall = time.perf_counter() - run_start
     hashes = gather_objects(parameter_hash(model), info)
-    skipped = gather_objects(dict(stream.skips.counts), info)
+    skips = SkipReport()  # every rank's unique skipped samples, each counted once over the whole run
+    for rank_skips in gather_objects(stream.skips.state(), info):
+        skips.merge(SkipReport.from_state(rank_skips))
     images = gather_objects(images_trained, info)
     summary = {
         "steps": end, "resumed_from": start, "world_size": info.world_size, "wall_s": wall,
         "images_per_s": sum(images) / wall if wall > 0 else None, "param_sha256": hashes,
-        "skipped": {k: sum(s.get(k, 0) for s in skipped) for k in sorted({k for s in skipped for k in s})},
-        "skipped_examples": [dataclasses.asdict(e) for e in stream.skips.examples],
+        "skipped": dict(sorted(skips.counts.items())),
+        "skipped_files": [dataclasses.asdict(e) for e in skips.records],
         "checkpoint": str(ckpt.latest_checkpoint(out).path) if info.is_main else None,
+        "stopped_by": signal.Signals(stopped_by).name if stopped_by else None,
     }
     if info.is_main:
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
-        print(stream.skips.summary() if info.world_size == 1 else f"skipped samples (all ranks): {summary['skipped']}",
-              file=sys.stderr)
+        print(skips.summary(), file=sys.stderr)
+        print(f"wrote {out / SUMMARY_FILE}, {out / METRICS_FILE}, checkpoint {summary['checkpoint']}", file=sys.stderr)
+        if stopped_by:
+            print(f"stopped by {summary['stopped_by']} after step {end} of {args.steps}: continue with the same command "
+                  f"and --resume (exit status {exit_status(stopped_by)})", file=sys.stderr)
     logger.close()
     if info.enabled:
         dist.barrier()
@@ -180,7 +196,11 @@ add_arguments = add_train_arguments
 
 
 def run(args: argparse.Namespace) -> int:
-    train(args)
+    """0 when the run reached its last step; 128 + signal number when SIGTERM/SIGUSR1 stopped it after a
+    checkpoint (``preemption``): 143 for SIGTERM, 138 for SIGUSR1."""
+    summary = train(args)
+    if summary.get("stopped_by"):
+        return exit_status(signal.Signals[summary["stopped_by"]])
     return 0
 
 
