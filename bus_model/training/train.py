@@ -152,6 +152,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
             # ---- stop on SIGTERM/SIGUSR1 (every rank after the same step), then checkpoint
             stopped_by = stop.check() if done < end else None  # at the last step the run is complete anyway
+            if stopped_by:
+                stream.close()  # DataLoader workers down first: one dying mid-save would abort the checkpoint
             if done % args.save_every == 0 or done == end or stopped_by:
                 save(done)
                 last_saved = done
