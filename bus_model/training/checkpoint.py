@@ -8,6 +8,7 @@ Layout of a run directory ``OUT``::
         training_state.pt              optimizer + scheduler state, torch RNG states (tensors only)
         trainer_state.json             step, data position, Python/NumPy RNG states, run arguments
         tokenizer/                     the run's tokenizer (``save_pretrained``)
+        checksums.json                 size and SHA-256 of every other file, written last
 
 Atomicity: a checkpoint is written into a hidden temporary directory next to the final one; every file
 is flushed and fsync'ed, the temporary directory is renamed to ``step_XXXXXXXX`` (``os.replace``, atomic
@@ -15,17 +16,25 @@ on POSIX) and the parent directory is fsync'ed. A process killed at any point th
 the new complete checkpoint or none at all, and the previous checkpoints stay untouched; leftover
 temporary directories are ignored and swept by the next save.
 
+Integrity: a disk can still hand back a truncated or corrupted file later (a full disk during a copy,
+a bad sector, a partial rsync). ``checksums.json`` records every file's size and SHA-256 at save time;
+``verify_checkpoint`` checks them, and ``--resume`` takes the newest checkpoint that verifies, warning
+about each newer one that does not (``latest_valid_checkpoint``), so garbage is never loaded. Hashing
+costs about a second per GB on save and on resume.
+
 Safety: weights are safetensors; ``training_state.pt`` is read with ``torch.load(weights_only=True)``,
 which accepts tensors and plain containers only; everything else is JSON.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +46,8 @@ CHECKPOINT_DIR = "checkpoints"
 TRAINING_STATE_FILE = "training_state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 TOKENIZER_DIR = "tokenizer"
+CHECKSUMS_FILE = "checksums.json"
+REQUIRED_FILES = ("config.json", "model.safetensors", TRAINING_STATE_FILE, TRAINER_STATE_FILE)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TMP_PREFIX = ".tmp-"
 
@@ -76,19 +87,25 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Checkpoint | None:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from either a checkpoint directory or a run directory (its latest one).
+    """A checkpoint directory from either a checkpoint directory or a run directory (its newest checkpoint
+    that verifies, with a warning for each newer one that does not).
 
     Raises FileNotFoundError naming the path when neither holds a checkpoint."""
     p = Path(path)
     if (p / "model.safetensors").is_file() and (p / "config.json").is_file():
         return p
-    latest = latest_checkpoint(p)
-    if latest is None:
+    if latest_checkpoint(p) is None:
         raise FileNotFoundError(
             f"no checkpoint at {str(p)!r}: expected a checkpoint directory (config.json + model.safetensors) "
             f"or a run directory with {CHECKPOINT_DIR}/step_XXXXXXXX"
         )
-    return latest.path
+    good, bad = latest_valid_checkpoint(p)  # a run directory: never its newest if that one is damaged
+    if good is None:
+        raise FileNotFoundError(f"no valid checkpoint in {str(p)!r}: "
+                                + "; ".join(f"{c.path.name}: {why}" for c, why in bad))
+    for c, why in bad:
+        warnings.warn(f"skipping checkpoint {c.path}: {why}; using {good.path.name}", stacklevel=2)
+    return good.path
 
 
 # --------------------------------------------------------------------------------------------- RNG
@@ -190,6 +207,7 @@ def save_checkpoint(
         (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        (tmp / CHECKSUMS_FILE).write_text(json.dumps(_checksums(tmp), indent=1))
         _fsync_tree(tmp)
         final = root / name
         if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
@@ -203,6 +221,66 @@ def save_checkpoint(
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old.path, ignore_errors=True)
     return final
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _checksums(directory: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size", "sha256"}}`` of every file under ``directory`` (but the checksums file)."""
+    out = {}
+    for root, _dirs, files in os.walk(directory):
+        for name in sorted(files):
+            path = Path(root) / name
+            rel = path.relative_to(directory).as_posix()
+            if rel != CHECKSUMS_FILE:
+                out[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return dict(sorted(out.items()))
+
+
+def verify_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
+    """Why the checkpoint at ``checkpoint_dir`` cannot be trusted, or None when every file it lists in
+    ``checksums.json`` is there with its recorded size and SHA-256 (and the files a resume needs are
+    among them)."""
+    path = Path(checkpoint_dir)
+    try:
+        listed = json.loads((path / CHECKSUMS_FILE).read_text())
+    except FileNotFoundError:
+        return f"no {CHECKSUMS_FILE} (incomplete, or written before checkpoints were checksummed)"
+    except (OSError, ValueError) as err:
+        return f"unreadable {CHECKSUMS_FILE} ({err.__class__.__name__}: {err})"
+    if not isinstance(listed, dict):
+        return f"malformed {CHECKSUMS_FILE}"
+    for name in REQUIRED_FILES:
+        if name not in listed:
+            return f"{CHECKSUMS_FILE} does not list {name}"
+    for name, want in listed.items():
+        f = path / name
+        try:
+            size = f.stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if not isinstance(want, dict) or size != want.get("size"):
+            return f"{name} has {size} bytes, {want.get('size') if isinstance(want, dict) else '?'} were written"
+        if _sha256(f) != want.get("sha256"):
+            return f"{name} is corrupt (SHA-256 differs from the one written)"
+    return None
+
+
+def latest_valid_checkpoint(run_dir: str | os.PathLike) -> tuple[Checkpoint | None, list[tuple[Checkpoint, str]]]:
+    """(the newest checkpoint that ``verify_checkpoint`` accepts or None, [(newer bad checkpoint, why)])."""
+    bad = []
+    for found in reversed(list_checkpoints(run_dir)):
+        reason = verify_checkpoint(found.path)
+        if reason is None:
+            return found, bad
+        bad.append((found, reason))
+    return None, bad
 
 
 def _save_weights(directory: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

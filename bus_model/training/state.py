@@ -4,17 +4,19 @@ the checks and warnings of ``--resume``. The files themselves are written by ``c
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .args import args_record
 from .batches import BatchStream
 from .distributed import DistInfo
-from .errors import UsageError
+from .errors import RunError, UsageError
 from .optim import follow_current_schedule
 
 
@@ -68,6 +70,7 @@ def find_resume_point(out: Path, args: argparse.Namespace, info: DistInfo):
     if not args.resume:
         raise UsageError(f"--out {out} already holds a run (checkpoint at step {latest.step}): pass --resume to "
                          "continue it, or choose another --out")
+    latest = _newest_valid(out, info)
     loaded = ckpt.load_training_state(latest.path)
     if len(loaded.rng) != info.world_size:
         raise UsageError(f"--resume: {latest.path} was written by {len(loaded.rng)} rank(s), this run has "
@@ -76,6 +79,31 @@ def find_resume_point(out: Path, args: argparse.Namespace, info: DistInfo):
         raise UsageError(f"--resume: {latest.path} was written {'with' if args.fsdp is False else 'without'} "
                          "--fsdp; resume with the same setting")
     return latest, loaded
+
+
+def _newest_valid(out: Path, info: DistInfo) -> ckpt.Checkpoint:
+    """The newest checkpoint whose files match their checksums (rank 0 hashes them, every rank gets the
+    answer). Newer bad ones are renamed ``step_XXXXXXXX.corrupt`` (kept, never loaded) with a warning; none
+    valid is a ``RunError``."""
+    choice = [None, []]
+    if info.is_main:
+        good, bad = ckpt.latest_valid_checkpoint(out)
+        choice = [None if good is None else str(good.path), [(str(c.path), why) for c, why in bad]]
+    if info.enabled:
+        dist.broadcast_object_list(choice, src=0)
+    good, bad = choice
+    if good is None:
+        raise RunError(f"--resume: no valid checkpoint in {out / ckpt.CHECKPOINT_DIR}: "
+                       + "; ".join(f"{Path(p).name}: {why}" for p, why in bad)
+                       + ". Nothing was loaded; start a fresh run in another --out (or restore the files)")
+    if info.is_main:
+        for path, why in bad:
+            moved = Path(path).with_name(Path(path).name + ".corrupt")
+            os.replace(path, moved)
+            print(f"warning: --resume: skipping {path}: {why}; kept as {moved.name}; resuming from "
+                  f"{Path(good).name}", file=sys.stderr)
+    step = int(Path(good).name.split("_")[1])
+    return ckpt.Checkpoint(Path(good), step)
 
 
 def restore_training_state(loaded: ckpt.LoadedState, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -38,6 +38,7 @@ from . import checkpoint as ckpt
 from .args import add_train_arguments, args_record, check_args
 from .batches import BatchStream, setup_dataset, to_model_inputs
 from .command import run_command
+from .errors import RunError
 from .distributed import gather_objects, parameter_hash, seed_everything, setup_distributed, wrap_model
 from .grads import average_replicated_grads, clip_gradients
 from .metrics import METRICS_FILE, MetricsLogger, progress_bar, truncate_metrics
@@ -102,10 +103,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if info.is_main:
             state = {"data": data_states, "args": args_record(args), "world_size": info.world_size,
                      "fsdp": args.fsdp}
-            path = ckpt.save_checkpoint(out, step, model=model, model_state=model_state,
-                                        optimizer_state=optimizer_state, scheduler_state=scheduler.state_dict(),
-                                        trainer_state=state, rank_rng=rank_rng, tokenizer=tokenizer,
-                                        keep=args.keep_checkpoints)
+            try:
+                path = ckpt.save_checkpoint(out, step, model=model, model_state=model_state,
+                                            optimizer_state=optimizer_state, scheduler_state=scheduler.state_dict(),
+                                            trainer_state=state, rank_rng=rank_rng, tokenizer=tokenizer,
+                                            keep=args.keep_checkpoints)
+            except OSError as err:  # a full disk, a quota, a vanished mount: the previous checkpoint is untouched
+                previous = ckpt.latest_checkpoint(out)
+                raise RunError(f"could not write the checkpoint of step {step} in {out / ckpt.CHECKPOINT_DIR}: {err}. "
+                               f"The previous checkpoint ({previous.path if previous else 'none'}) is intact; free "
+                               "space (or fix the directory) and rerun with --resume") from err
         if info.enabled:
             dist.barrier()
         return path
