@@ -21,7 +21,9 @@ import torch
 from . import _native_paths as _build
 from .backends import PRUNING_OPS, Backend, add_preference, register_backend, register_impl
 
-_state: dict = {"path": None, "reason": "not looked for yet"}
+# "cuda_kernels" is read from the dispatcher once, in load(): select_backend runs inside torch.compile'd
+# code, and dynamo cannot trace torch._C._dispatch_has_kernel_for_dispatch_key (a plain bool it can).
+_state: dict = {"path": None, "reason": "not looked for yet", "cuda_kernels": False}
 
 
 def _package_libraries() -> list[Path]:
@@ -71,7 +73,7 @@ def library_path() -> Path | None:
 
 def has_cuda_kernels() -> bool:
     """Whether the loaded library was built with its CUDA kernels."""
-    return is_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key("bus::topk_gather", "CUDA")
+    return _state["cuda_kernels"]
 
 
 def load(path: str | Path | None = None) -> bool:
@@ -91,6 +93,7 @@ def load(path: str | Path | None = None) -> bool:
         _state["reason"] = f"failed to load {path}: {e}"
         return False
     _register_python_side()
+    _state["cuda_kernels"] = bool(torch._C._dispatch_has_kernel_for_dispatch_key("bus::topk_gather", "CUDA"))
     _state["path"] = path
     _state["reason"] = None
     return True

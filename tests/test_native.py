@@ -146,6 +146,24 @@ def test_cpu_benchmark_quick(tmp_path):
     assert "| torch / native |" in md.read_text()
 
 
+@needs_native
+def test_backend_selection_traces_under_compile_fullgraph():
+    # On the GPU, select_backend(..., "cuda") asked the dispatcher whether CUDA kernels exist (a C
+    # call dynamo cannot trace): a graph break under fullgraph=True. The cuda availability path runs
+    # here on CPU too (it says "no CUDA device" or None), so a CPU run catches an untraceable call.
+    torch._dynamo.reset()
+
+    def pick(x):
+        cuda_ok = native._availability("cuda") is None and native.has_cuda_kernels()
+        name = select_backend("topk_gather", x.device, x.dtype, True, backend="native")
+        return x * 2 if (cuda_ok or name == "native") else x * 3
+
+    x = torch.randn(5)
+    compiled = torch.compile(pick, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), x * 2)
+    assert native.has_cuda_kernels() == torch._C._dispatch_has_kernel_for_dispatch_key("bus::topk_gather", "CUDA")
+
+
 # ---------------------------------------------------------------------------------------------
 # Availability and the build helper
 

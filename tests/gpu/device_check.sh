@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check (issue 14): the first run of this project on a GPU, in one command.
 #   bash tests/gpu/device_check.sh
-# 1. environment  2. `bus selftest` (budget SELFTEST_BUDGET s)  3. the op tests on CUDA
+# 1. environment  2. native build + C++ exception repro  3. `bus selftest` (budget SELFTEST_BUDGET s)
+# 4. the op tests on CUDA
 # (tests/gpu/run_gpu_tests.sh: native build, fp32/fp16/bf16 vs the float64 CPU reference, large offsets).
 # Everything goes to a work folder; $OUT (set by the device tool; else ./gpu-check-out) receives
 # summary.txt, the selftest's JSON + Markdown and one gpu-check.tgz with all logs (few files: the tool
@@ -19,6 +20,14 @@ $PY -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.
 git log --oneline -1 2>/dev/null || true
 # no network there: install the package alone (its dependencies are in the image)
 $PY -m pip install -q --no-deps --no-build-isolation -e . > "$W/pip.log" 2>&1 || { echo "pip install failed:"; tail -5 "$W/pip.log"; }
+# the native extension before the selftest (else the selftest reports native "not built"); the test
+# shards below only load it (run_gpu_tests.sh's own build step is then a cache hit)
+echo "== native build"
+timeout ${BUILD_TIMEOUT:-240} $PY -m bus_kernels.build > "$W/native_build.log" 2>&1
+echo "native build exit $? ($(tail -1 "$W/native_build.log"))"
+export BUS_SKIP_NATIVE_BUILD=1
+# C++ input checks raising through the CUDA build, each case in its own child process (seconds)
+timeout 120 $PY tests/gpu/native_exception_repro.py 2>&1 | tail -20
 echo "== selftest"
 timeout ${SELFTEST_TIMEOUT:-330} $PY benchmarks/selftest.py --out "$W/selftest" --budget ${SELFTEST_BUDGET:-240} > "$W/selftest.log" 2>&1
 echo "selftest exit $?"; grep -E "FAILED|bus selftest:" "$W/selftest.log" | head -40
