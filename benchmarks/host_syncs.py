@@ -134,8 +134,10 @@ def fwd_bwd(model: torch.nn.Module, batch: tuple, amp: bool = False) -> Callable
     device_type = batch[0].device.type
 
     def run() -> None:
+        # fresh tensors every step, as a data loader gives: nothing cached on the batch objects carries over
+        fresh = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in batch)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
-            out = model(*batch)
+            out = model(*fresh)
         out.loss.backward()
         model.zero_grad(set_to_none=True)
 

@@ -148,11 +148,11 @@ def _topk_gather_native_impl(x: torch.Tensor, scores: torch.Tensor, k: int, fuse
 
 
 def _topk_gather_varlen_native_impl(x: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, fuse: bool):
-    from .ops.topk_gather import _cu_seqlens, _max_seqlen
+    from .ops.topk_gather import _cu_seqlens, kept_totals
 
-    total_kept = int(k.sum()) if k.numel() > 0 else 0
+    total_kept, max_seqlen = kept_totals(k, fuse)  # one host read
     tokens, index, *_ = torch.ops.bus.topk_gather(x, scores, k, total_kept, fuse)
-    return tokens, index, _cu_seqlens(k, fuse), _max_seqlen(k, fuse)
+    return tokens, index, _cu_seqlens(k, fuse), max_seqlen
 
 
 register_backend(

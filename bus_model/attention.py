@@ -14,34 +14,12 @@ import torch.nn.functional as F
 import bus_kernels
 
 from .config import ATTN_IMPLS
-
-
-def is_concrete(t: torch.Tensor) -> bool:
-    """False for meta and fake tensors (FLOP counting, tracing), whose values cannot be read."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return t.device.type != "meta" and not is_fake(t)
+from .packing import gather_rows, is_concrete, packing, register_host_lengths, scatter_rows  # noqa: F401  (re-exported)
 
 
 def varlen_available() -> bool:
     """Whether ``bus_kernels`` provides ``varlen_attention`` (needed by ``attn_impl="varlen"``)."""
     return hasattr(bus_kernels, "varlen_attention")
-
-
-def packing(mask: torch.Tensor | None, batch: int, seqlen: int, device: torch.device):
-    """mask (B, S) bool, valid tokens left-aligned (None: all valid) -> (flat indices (total,) int64 of the
-    valid tokens in the (B * S) rows, cu_seqlens (B + 1,) int32, max_seqlen int)."""
-    if mask is None:
-        lengths = torch.full((batch,), seqlen, dtype=torch.int32, device=device)
-        flat = torch.arange(batch * seqlen, device=device)
-        max_len = seqlen
-    else:
-        lengths = mask.sum(dim=1, dtype=torch.int32)
-        flat = mask.reshape(-1).nonzero().squeeze(1)
-        max_len = int(lengths.max()) if batch else 0
-    cu = torch.zeros(batch + 1, dtype=torch.int32, device=device)
-    cu[1:] = lengths.cumsum(0)
-    return flat, cu, max_len
 
 
 def multi_head_attention(
@@ -102,22 +80,26 @@ def multi_head_attention(
         )
     q_idx, cu_q, max_q = packing(query_mask, B, Sq, q.device)
     k_idx, cu_k, max_k = packing(key_mask, B, Sk, q.device)
-    q_packed = q.reshape(B * Sq, H, D).index_select(0, q_idx)  # (total_q, H, D)
-    k_packed = k.reshape(B * Sk, H, D).index_select(0, k_idx)
-    v_packed = v.reshape(B * Sk, H, D).index_select(0, k_idx)
-    bias_packed = None if key_bias is None else key_bias.reshape(B * Sk).index_select(0, k_idx).float()
+    q_packed = gather_rows(q.reshape(B * Sq, H, D), q_idx)  # (total_q, H, D)
+    k_packed = gather_rows(k.reshape(B * Sk, H, D), k_idx)
+    v_packed = gather_rows(v.reshape(B * Sk, H, D), k_idx)
+    bias_packed = None if key_bias is None else gather_rows(key_bias.reshape(B * Sk), k_idx).float()
     out_packed = packed_attention(q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, causal=causal, key_bias=bias_packed)
-    out = q.new_zeros(B * Sq, H, D).index_copy(0, q_idx, out_packed.to(q.dtype))
-    return out.view(B, Sq, H, D)
+    return scatter_rows(out_packed.to(q.dtype), q_idx, B * Sq).view(B, Sq, H, D)
 
 
 def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, key_bias=None):
     """``bus_kernels.varlen_attention`` on packed tokens: q (total_q, H, D), k/v (total_k, H, D),
-    cu_seqlens (B + 1,) int32, key_bias (total_k,) float32 or None -> (total_q, H, D)."""
+    cu_seqlens (B + 1,) int32, key_bias (total_k,) float32 or None -> (total_q, H, D).
+
+    The offsets come from ``packing`` (built by the model, right by construction), so their host-side
+    value check is skipped: it would cost a device sync per attention call."""
     if not varlen_available():
         raise RuntimeError("packed attention needs bus_kernels.varlen_attention, which this bus_kernels lacks")
     if key_bias is None:
-        return bus_kernels.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal)
+        return bus_kernels.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                            check_seqlens=False)
     return bus_kernels.varlen_attention(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal, key_bias=key_bias
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal, key_bias=key_bias,
+        check_seqlens=False,
     )

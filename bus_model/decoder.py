@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .config import TextConfig
 from .losses import masked_mean_cross_entropy
-from .text import BertEmbeddings, BertEncoderLayers, padding_mask, run_layers
+from .text import BertEmbeddings, BertEncoderLayers, run_layers, shifted_padding_mask
 
 
 class LMHeadTransform(nn.Module):
@@ -65,7 +65,7 @@ class TextDecoder(nn.Module):
         """
         inputs, targets = input_ids[:, :-1], input_ids[:, 1:]
         targets = targets.masked_fill(~attention_mask[:, 1:].bool(), -100)
-        h = self.hidden_states(inputs, padding_mask(attention_mask[:, :-1]), memory, memory_mask)  # (B, L-1, C)
+        h = self.hidden_states(inputs, shifted_padding_mask(attention_mask), memory, memory_mask)  # (B, L-1, C)
         logits = self.lm_head(h, self.embeddings.word_embeddings.weight)  # (B, L-1, V)
         return masked_mean_cross_entropy(logits.flatten(0, 1), targets.flatten())
 

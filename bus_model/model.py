@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import is_concrete, varlen_available
+from .packing import prepack
 from .config import BusConfig
 from .decoder import LMHead, TextDecoder
 from .fusion import FusionEncoder
@@ -39,7 +40,7 @@ from .losses import (
 from .momentum import FeatureQueue, MomentumModel, distilled_mlm_loss, ramped_alpha, soft_itc_loss
 from .pad import PatchAbstractionDecoder
 from .selection import POLICY_INFO, SelectionRecord
-from .text import TextEncoder, padding_mask, read_hf_state_dict
+from .text import TextEncoder, padding_mask, read_hf_state_dict, shifted_padding_mask
 from .vision import BusViT, VisionFeatures
 
 CONFIG_FILE = "config.json"
@@ -83,6 +84,11 @@ class TextEncoding:
 
 
 class BusModel(nn.Module):
+    # True: also check the values of input_ids (within the vocabulary) and attention_mask (0/1, [CLS] kept)
+    # on every call, at the cost of one host read (a GPU sync) each. Off by default: a training step then
+    # never waits for the GPU; the data pipeline's tokenizer produces valid ids and masks.
+    check_input_values: bool = False
+
     def __init__(self, config: BusConfig):
         super().__init__()
         if not isinstance(config, BusConfig):
@@ -143,14 +149,17 @@ class BusModel(nn.Module):
             raise ValueError(f"input_ids length {input_ids.shape[1]} exceeds max_position_embeddings {t.max_position_embeddings}")
         if input_ids.shape[1] < 2:
             raise ValueError("input_ids needs at least 2 tokens ([CLS] and one more)")
-        if is_concrete(input_ids) and input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+        # Value checks read the device (a host sync that stalls the GPU queue): opt-in, see check_input_values.
+        if self.check_input_values and is_concrete(input_ids) and is_concrete(attention_mask) and input_ids.numel():
+            stats = torch.stack([input_ids.min().long(), input_ids.max().long(),
+                                 ((attention_mask != 0) & (attention_mask != 1)).any().long(),
+                                 (attention_mask[:, 0] == 0).any().long()])
+            lo, hi, not_binary, no_cls = stats.tolist()  # one host read
             if lo < 0 or hi >= t.vocab_size:
                 raise ValueError(f"input_ids must be in [0, {t.vocab_size}) (vocab_size), got values in [{lo}, {hi}]")
-        if is_concrete(attention_mask) and attention_mask.numel():
-            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            if not_binary:
                 raise ValueError("attention_mask must contain only 0 and 1")
-            if not bool(attention_mask[:, 0].bool().all()):
+            if no_cls:
                 raise ValueError("attention_mask must be 1 at position 0 ([CLS]) of every row (right padding)")
 
     # -------------------------------------------------------------------------------------- encoders
@@ -254,6 +263,8 @@ class BusModel(nn.Module):
             raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
         B = images.shape[0] if images.dim() == 4 else None
         self._check_text(input_ids, attention_mask, B)
+        if self.config.attn_impl == "varlen":  # the text masks' packed sizes in one host read (packing.py)
+            prepack(padding_mask(attention_mask), shifted_padding_mask(attention_mask))
         if patch_labels is not None:
             n = self.vision.num_patches
             if not isinstance(patch_labels, torch.Tensor) or tuple(patch_labels.shape) != (input_ids.shape[0], n):
@@ -313,7 +324,7 @@ class BusModel(nn.Module):
         if lc.prefix_lm and lc.prefix_split == "random":
             # SimVLM/mPLUG PrefixLM: a random prefix is decoder context, the loss is on the remainder
             targets = prefix_lm_targets(input_ids, attention_mask, random_prefix_lengths(attention_mask))
-            logits = self.decoder(input_ids[:, :-1], padding_mask(attention_mask[:, :-1]), memory, memory_mask)
+            logits = self.decoder(input_ids[:, :-1], shifted_padding_mask(attention_mask), memory, memory_mask)
             losses["prefix_lm"] = masked_mean_cross_entropy(logits.flatten(0, 1), targets.flatten())
         elif lc.prefix_lm:
             losses["prefix_lm"] = self.decoder.loss(input_ids, attention_mask, memory, memory_mask)

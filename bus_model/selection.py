@@ -22,6 +22,8 @@ import torch
 
 import bus_kernels
 
+from .packing import register_host_lengths
+
 
 @dataclass(frozen=True)
 class PolicyInfo:
@@ -118,7 +120,7 @@ def keep_count(ratio: float, num_candidates: int, num_original: int, ratio_of: s
 def _repad(packed: torch.Tensor, lengths: torch.Tensor, width: int, fill: float | int) -> tuple[torch.Tensor, torch.Tensor]:
     """packed (total, *F) rows of ``lengths`` (B,) -> (B, width, *F) left-aligned with ``fill``, and (rows, cols)."""
     B = lengths.shape[0]
-    rows = torch.repeat_interleave(torch.arange(B, device=packed.device), lengths)
+    rows = torch.repeat_interleave(torch.arange(B, device=packed.device), lengths, output_size=packed.shape[0])
     starts = torch.cumsum(lengths, 0) - lengths
     cols = torch.arange(packed.shape[0], device=packed.device) - starts[rows]
     out = packed.new_full((B, width, *packed.shape[1:]), fill)
@@ -161,16 +163,19 @@ def apply_selection(
     if mask is not None:
         keep = torch.minimum(keep, mask[:, 1:].sum(1))  # never keep padding
     keep = keep.clamp(min=1)
-    out = bus_kernels.topk_gather_varlen(cand, scores, keep, fuse=fuse, backend=backend)
+    # keep is in [1, N - 1] by construction: no host check of its range; the output sizes are the one host read
+    out = bus_kernels.topk_gather_varlen(cand, scores, keep, fuse=fuse, backend=backend, check_k=False)
     lengths = keep + int(fuse)
     width = out.max_seqlen
     new_cand, _ = _repad(out.tokens, lengths, width, 0.0)  # (B, width, C)
-    kept_pos_packed = positions[torch.repeat_interleave(torch.arange(B, device=x.device), keep), out.index]
-    kept_pos, _ = _repad(kept_pos_packed, keep, int(keep.max()), -1)  # (B, k_max)
+    row_of = torch.repeat_interleave(torch.arange(B, device=x.device), keep, output_size=out.index.shape[0])
+    kept_pos_packed = positions[row_of, out.index]
+    kept_pos, _ = _repad(kept_pos_packed, keep, width - int(fuse), -1)  # (B, k_max)
     new_pos = torch.full((B, width), -1, dtype=torch.int64, device=x.device)
     new_pos[:, : kept_pos.shape[1]] = kept_pos
     cand_mask = torch.arange(width, device=x.device)[None, :] < lengths[:, None]  # (B, width)
     new_mask = torch.cat([cand_mask.new_ones(B, 1), cand_mask], dim=1)
+    register_host_lengths(new_mask, out.tokens.shape[0] + B, width + 1)  # varlen packs it without a host read
     record = SelectionRecord(layer, scores, positions, kept_pos, keep)
     return torch.cat([cls, new_cand], dim=1), new_mask, new_pos, record
 

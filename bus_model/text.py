@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import is_concrete, multi_head_attention, packed_attention, packing
+from .attention import multi_head_attention, packed_attention
+from .packing import gather_rows, memo, packing, scatter_rows
 from .config import TextConfig
 
 
@@ -133,15 +134,15 @@ def run_layers(layers, hidden, mask, impl, memory=None, memory_mask=None, causal
         return hidden
     B, L, C = hidden.shape
     seqs = packing(mask, B, L, hidden.device)
-    x = hidden.reshape(B * L, C).index_select(0, seqs[0])  # (T, C)
+    x = gather_rows(hidden.reshape(B * L, C), seqs[0])  # (T, C)
     mem, mem_seqs = None, None
     if memory is not None:
         M = memory.shape[1]
         mem_seqs = packing(memory_mask, B, M, memory.device)
-        mem = memory.reshape(B * M, -1).index_select(0, mem_seqs[0])  # (Tm, Cm)
+        mem = gather_rows(memory.reshape(B * M, -1), mem_seqs[0])  # (Tm, Cm)
     for layer in layers:
         x = layer.forward_packed(x, seqs, mem, mem_seqs, causal)
-    return x.new_zeros(B * L, C).index_copy(0, seqs[0], x).view(B, L, C)
+    return scatter_rows(x, seqs[0], B * L).view(B, L, C)
 
 
 class BertEmbeddings(nn.Module):
@@ -168,12 +169,21 @@ class BertEncoderLayers(nn.Module):
         self.layer = nn.ModuleList(BertLayer(cfg, cross_width) for _ in range(num_layers))
 
 
-def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """(B, L) 0/1 HF attention mask -> (B, L) bool key mask (None when nothing is padded, cheaper)."""
-    mask = attention_mask.bool()
-    if is_concrete(mask) and bool(mask.all()):
-        return None
-    return mask
+def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) 0/1 HF attention mask -> (B, L) bool key mask.
+
+    Always a mask (finding out that nothing is padded would read the device: a host sync per call), and
+    the same mask object for the same ``attention_mask`` while it lives, so every stack that packs it
+    (``attn_impl="varlen"``) reuses one packing."""
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    return memo(attention_mask, "padding_mask", attention_mask.bool)
+
+
+def shifted_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) 0/1 mask -> (B, L - 1) bool mask of the tokens before the last (a decoder's inputs);
+    the same object for the same ``attention_mask`` while it lives (as ``padding_mask``)."""
+    return memo(attention_mask, "shifted_padding_mask", lambda: attention_mask[:, :-1].to(torch.bool, copy=True))
 
 
 class TextEncoder(nn.Module):

@@ -105,7 +105,7 @@ class Block(nn.Module):
         """x (B, N, C) -> x + MLP(norm2(x)); packed over the valid tokens for ragged rows with varlen."""
         if impl == "varlen" and mask is not None:
             B, N, C = x.shape
-            rows = mask.reshape(-1).nonzero().squeeze(1)
+            rows = packing(mask, B, N, x.device)[0]  # the stage's packing, shared with attend (no host read)
             xs = x.reshape(B * N, C).index_select(0, rows)
             xs = xs + self.mlp(self.norm2(xs))
             return _unpack(xs, rows, B, N)

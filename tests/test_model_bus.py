@@ -237,8 +237,9 @@ def test_beam_search_is_exact_when_beams_cover_the_vocabulary(tiny):
             assert got == pytest.approx(best, abs=1e-5)
 
 
-def test_bad_inputs_raise_clear_errors(tiny):
+def test_bad_inputs_raise_clear_errors(tiny, monkeypatch):
     images, ids, mask, labels = _batch()
+    monkeypatch.setattr(tiny, "check_input_values", True)  # value checks read the device: opt-in
     with pytest.raises(ValueError, match="px"):
         tiny(torch.randn(3, 3, 48, 48), ids, mask)
     with pytest.raises(ValueError, match="channels"):

@@ -312,10 +312,9 @@ def _topk_gather_triton_impl(x, scores, k: int, fuse: bool):
 
 def _topk_gather_varlen_triton_impl(x, scores, k: torch.Tensor, fuse: bool):
     x, scores = _prepare_triton(x, scores)
-    B = x.shape[0]
-    total_kept = int(k.sum()) if B > 0 else 0
+    total_kept, max_seqlen = kept_totals(k, fuse)
     tokens, index, *_ = _topk_gather_triton(x, scores, k, total_kept, fuse)
-    return tokens, index, _cu_seqlens(k, fuse), _max_seqlen(k, fuse)
+    return tokens, index, _cu_seqlens(k, fuse), max_seqlen
 
 
 def _cu_seqlens(k: torch.Tensor, fuse: bool) -> torch.Tensor:
@@ -324,8 +323,10 @@ def _cu_seqlens(k: torch.Tensor, fuse: bool) -> torch.Tensor:
     return cu
 
 
-def _max_seqlen(k: torch.Tensor, fuse: bool) -> int:
-    return int(k.max()) + int(fuse) if k.numel() > 0 else 0
+def kept_totals(k: torch.Tensor, fuse: bool) -> tuple[int, int]:
+    """(sum k, longest row = max k + fuse): the output sizes, in one host read (one sync on CUDA)."""
+    total, longest = torch.stack([k.sum(), k.max()]).tolist() if k.numel() else (0, -int(fuse))
+    return total, longest + int(fuse)
 
 
 register_impl("topk_gather", "torch", reference.topk_gather)
@@ -399,7 +400,8 @@ def topk_gather(
 
 
 def topk_gather_varlen(
-    x: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, *, fuse: bool = True, backend: str | None = None
+    x: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, *, fuse: bool = True, backend: str | None = None,
+    check_k: bool = True,
 ) -> TopkGatherVarlenOutput:
     """``topk_gather`` with a different ``k`` per row; the result is packed (flash-attn varlen layout).
 
@@ -407,6 +409,8 @@ def topk_gather_varlen(
         x: ``(B, N, C)`` floating tokens. scores: ``(B, N)`` floating.
         k: ``(B,)`` integer tensor on x's device, ``0 <= k[b] <= N`` (e.g. from ``keep_by_mass``).
         fuse, backend: as in ``topk_gather`` (so is the ranking of NaN and infinite scores).
+        check_k: read ``k`` on the host to check its range (a device sync on CUDA); pass False for
+            counts valid by construction (e.g. ``keep_by_mass``). The output sizes are read once anyway.
 
     Returns:
         ``TopkGatherVarlenOutput(tokens (total, C), index (sum k,) int64, cu_seqlens (B + 1,) int32,
@@ -422,9 +426,11 @@ def topk_gather_varlen(
     check_same_device([("x", x), ("k", k)])
     if not isinstance(fuse, bool):
         raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
+    if not isinstance(check_k, bool):
+        raise TypeError(f"check_k must be a bool, got {type(check_k).__name__}")
     k = k.to(torch.int64)
-    if B > 0:
-        k_min, k_max = int(k.min()), int(k.max())
+    if check_k and B > 0:
+        k_min, k_max = torch.stack([k.min(), k.max()]).tolist()  # one host read (a sync on CUDA)
         if k_min < 0 or k_max > N:
             raise ValueError(f"k must be in [0, N={N}] for every row, got values in [{k_min}, {k_max}]")
     name = _pick_backend(x, scores, backend)
