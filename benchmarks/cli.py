@@ -1,4 +1,6 @@
-"""``bus bench <name>``: the benchmark subcommands (``bus`` is bus_model.training.cli; this is its bench group).
+"""bus bench <name>: speed, memory and FLOPs benchmarks of BUS against its baseline twin, and of the kernels.
+
+``bus`` is bus_model.training.cli; this is its bench group.
 
 The benchmarks are listed in ``registry.BENCHMARKS``; adding one there adds its subcommand here.
 """
@@ -15,7 +17,9 @@ __all__ = ["BENCHMARKS", "build_parser", "main", "run_args"]
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="bus bench", description=__doc__.splitlines()[0])
+    from bus_model.training.command import CommandParser  # one-line errors, like the other bus commands
+
+    parser = parser or CommandParser(prog="bus bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="{" + ",".join(BENCHMARKS) + "}")
     for name, module in BENCHMARKS.items():
         p = sub.add_parser(name, help=module.__doc__.splitlines()[0].split(": ", 1)[-1])

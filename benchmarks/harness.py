@@ -187,16 +187,20 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]
 
 
 def publish(result: dict, text: str, json_path: str | None, plot_message: str | None = None) -> int:
-    """The end of every benchmark: the table on stdout, the JSON to ``json_path``, a plot note on stderr."""
+    """The end of every benchmark: the table on stdout, the JSON to ``json_path``; on stderr a line for each
+    file written (the plot's line is ``plot_message``, from ``save_plot``)."""
     print(text)
     write_json(json_path, result)
+    if json_path:
+        print(f"wrote {json_path}", file=sys.stderr)
     if plot_message:
         print(plot_message, file=sys.stderr)
     return 0
 
 
 def save_plot(path: str | None, draw: Callable[[object], None]) -> str | None:
-    """Draw with matplotlib into ``path`` (PNG). Returns a message instead when matplotlib is absent."""
+    """Draw with matplotlib into ``path`` (PNG). Returns the line to print: ``wrote PATH``, or why there is
+    no plot (matplotlib absent); None without a path."""
     if not path:
         return None
     try:
@@ -212,7 +216,7 @@ def save_plot(path: str | None, draw: Callable[[object], None]) -> str | None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return None
+    return f"wrote {path}"
 
 
 def plot_by_model(result: dict, path: str | None, y_key: str, ylabel: str) -> str | None:

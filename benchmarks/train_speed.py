@@ -197,17 +197,21 @@ def run(settings: TrainBenchSettings, device: torch.device | None = None, log=pr
     losses: dict[str, list[float]] = {n: [] for n in names}
     for i in range(n_batches):
         order = names if i % 2 == 0 else names[::-1]
+        now = {}
         for name in order:
             loss = []
-            elapsed = timed(lambda: loss.append(steps[name](batches[i])), device)
+            now[name] = timed(lambda: loss.append(steps[name](batches[i])), device)
             losses[name].append(float(loss[0]))
             if i >= settings.warmup:
-                times[name].append(elapsed)
-        log(f"step {i + 1}/{n_batches}: " + ", ".join(f"{n} {times[n][-1] if times[n] else float('nan'):.3f}s" for n in names))
+                times[name].append(now[name])
+        where = (f"warm-up step {i + 1}/{settings.warmup} (not measured)" if i < settings.warmup
+                 else f"step {i + 1 - settings.warmup}/{settings.steps}")
+        log(f"{where}: " + ", ".join(f"{n} {now[n]:.3f}s" for n in names))
 
     rows = []
     for name in names:
         step_s = median(times[name])
+        log(f"counting the training FLOPs per sample of {name} (one step under a FLOP counter) ...")
         row = {
             "model": name,
             "median_step_s": step_s,
@@ -218,6 +222,7 @@ def run(settings: TrainBenchSettings, device: torch.device | None = None, log=pr
             "overrides": _overrides_for(name, settings),
         }
         if settings.memory:
+            log(f"measuring the peak memory of {name} in a separate process (--no-memory skips this) ...")
             row.update(measure_memory(name, settings))
         rows.append(row)
     bus, base = rows
@@ -244,6 +249,7 @@ def equal_time_retrieval(names: list[str], settings: TrainBenchSettings, device:
     from bus_model.training.evaluate import encode_dataset, retrieval_metrics
 
     amp = _amp(settings, device)
+    log(f"--eval: training each model for {settings.eval_seconds:g} s of step time, then held-out retrieval ...")
     state = {}
     for name in names:
         model, data = build_model_and_data(name, settings.batch_size, settings.seed + 1, settings.image_size, device,
@@ -258,6 +264,9 @@ def equal_time_retrieval(names: list[str], settings: TrainBenchSettings, device:
         batch = s["data"][s["steps"]]  # made outside the timed region
         s["seconds"] += timed(lambda: s["step"](batch), device)
         s["steps"] += 1
+        if s["steps"] % 20 == 0:
+            log("--eval training: " + ", ".join(f"{n} {state[n]['steps']} steps / {state[n]['seconds']:.0f} s"
+                                                for n in names))
     results = {}
     for name in names:
         s = state[name]
@@ -265,6 +274,7 @@ def equal_time_retrieval(names: list[str], settings: TrainBenchSettings, device:
         v = model.config.vision
         held_out = SyntheticDataset(settings.eval_images, seed=settings.seed, split="test", image_size=v.image_size,
                                     patch_size=v.patch_size)
+        log(f"--eval: retrieval of {name} over {settings.eval_images} held-out image-caption pairs ...")
         with torch.no_grad():
             enc = encode_dataset(model, held_out, s["data"].tokenizer, device=device, batch_size=32, captions=False,
                                  max_caption_len=model.config.max_text_len, num_beams=1, amp=amp)
@@ -349,13 +359,13 @@ def settings_from_args(args) -> TrainBenchSettings:
     settings.overrides = _parse_overrides(getattr(args, "override", []), getattr(args, "policy", None))
     if args.eval:
         if args.eval_seconds <= 0:
-            raise SystemExit("error: --eval-seconds must be > 0")
+            raise SystemExit("bus bench train: error: --eval-seconds must be > 0")
         settings.eval_seconds = args.eval_seconds
     for name in ("batch_size", "steps"):
         if getattr(settings, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
+            raise SystemExit(f"bus bench train: error: --{name.replace('_', '-')} must be >= 1")
     if settings.warmup < 0:
-        raise SystemExit("error: --warmup must be >= 0")
+        raise SystemExit("bus bench train: error: --warmup must be >= 0")
     return settings
 
 
@@ -365,7 +375,7 @@ def _parse_overrides(items: list[str], policy: str | None) -> dict:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: --override must be SECTION__FIELD=VALUE, got {item!r}")
+            raise SystemExit(f"bus bench train: error: --override must be SECTION__FIELD=VALUE, got {item!r}")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -380,7 +390,7 @@ def main_from_args(args) -> int:
 
     settings = settings_from_args(args)
     if settings.model not in list_models() or f"{settings.model}-baseline" not in list_models():
-        raise SystemExit(f"error: --model must be a BUS config with a -baseline twin, one of "
+        raise SystemExit(f"bus bench train: error: --model must be a BUS config with a -baseline twin, one of "
                          f"{[m for m in list_models() if not m.endswith('-baseline')]}, got {settings.model!r}")
     if settings.overrides:
         from bus_model import get_config
@@ -388,7 +398,7 @@ def main_from_args(args) -> int:
         try:
             get_config(settings.model, **settings.overrides)
         except (TypeError, ValueError) as err:
-            raise SystemExit(f"error: --policy/--override: {err}") from None
+            raise SystemExit(f"bus bench train: error: --policy/--override: {err}") from None
     result = run(settings, log=lambda msg: print(msg, file=sys.stderr))
     return publish(result, render(result), args.json, plot(result, args.plot))
 

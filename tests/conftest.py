@@ -28,6 +28,35 @@ if os.environ.get("BUS_SKIP_NATIVE_BUILD") != "1":
         warnings.warn(f"native backend not built: {_native_build_error}", stacklevel=1)
 
 
+# set by the user before the session: respected; otherwise the caches go under pytest's tmp dir (below)
+_USER_CACHE_DIRS = {k for k in ("TORCHINDUCTOR_CACHE_DIR", "MPLCONFIGDIR") if k in os.environ}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _scratch_under_pytest_tmp(tmp_path_factory):
+    """Tests leave nothing behind outside pytest's temporary directories (issue 15): temporary files of
+    this process and of its children (torchrun's ``torchelastic_*`` log directories), TorchInductor's
+    cache and matplotlib's font cache go under the session's basetemp. The native build cache
+    (~/.cache/bus_kernels, see above) is kept on purpose."""
+    import tempfile
+
+    root = tmp_path_factory.mktemp("scratch")
+    (root / "tmp").mkdir()
+    wanted = {"TMPDIR": root / "tmp", "TORCHINDUCTOR_CACHE_DIR": root / "inductor", "MPLCONFIGDIR": root / "mpl"}
+    saved = {k: os.environ.get(k) for k in wanted}
+    for key, path in wanted.items():
+        if key not in _USER_CACHE_DIRS:
+            os.environ[key] = str(path)
+    saved_tempdir, tempfile.tempdir = tempfile.tempdir, str(root / "tmp")
+    yield
+    tempfile.tempdir = saved_tempdir
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: runs a kernel on the GPU (only collected where CUDA is available)")
 

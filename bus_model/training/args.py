@@ -15,7 +15,8 @@ from .errors import UsageError
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``bus train`` flags (shared by ``python -m bus_model.training.train``)."""
     g = parser.add_argument_group("run")
-    g.add_argument("--model", required=True, help="config name (see list_models()) or a config .json file")
+    g.add_argument("--model", required=True, help=f"config name ({', '.join(list_config_names())}) or a config "
+                   ".json file")
     g.add_argument("--data", required=True, help="'synthetic', a manifest (.jsonl/.json/.csv), a COCO captions "
                    "file, or webdataset shards (dir, glob or {00000..00009}.tar)")
     g.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, summary.json")

@@ -21,7 +21,7 @@ import importlib
 import sys
 from dataclasses import dataclass
 
-from .command import add_config_flag, parse_with_config, run_command
+from .command import CommandParser, HelpFormatter, add_config_flag, parse_with_config, run_command
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,14 @@ _parse = parse_with_config  # the name the tests use
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``bus`` parser; imports the modules of the subcommands that use it for their flags."""
-    parser = argparse.ArgumentParser(prog="bus", description="BUS vision-language pre-training: train, evaluate, benchmark")
+    parser = CommandParser(prog="bus", description="BUS vision-language pre-training: train, evaluate, benchmark")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, command in SUBCOMMANDS.items():
         if command.own_parser:
             p = sub.add_parser(name, help=command.help, add_help=False)
             p.add_argument("args", nargs=argparse.REMAINDER, help=f"passed to {command.module}")
             continue
-        p = sub.add_parser(name, help=command.help, description=command.help)
+        p = sub.add_parser(name, help=command.help, description=command.help, formatter_class=HelpFormatter)
         add_config_flag(p)
         importlib.import_module(command.module).add_arguments(p)
     return parser

@@ -1,5 +1,6 @@
 """Running one ``bus`` subcommand: its parser (with ``--config FILE``), flag values from a YAML or JSON
-file, and the ``bus <command>: error: ...`` / exit status 2 for a ``UsageError``.
+file, and the one-line ``bus <command>: error: ...`` / exit status 2 for a bad command line (argparse's own
+errors included: ``CommandParser``), ``--help`` with the defaults (``HelpFormatter``).
 
 A ``--config`` file is YAML (``.yaml``/``.yml``, needs PyYAML) or JSON: a mapping from flag names
 (``batch-size`` or ``batch_size``) to values; a flag that takes no value (``--resume``) takes
@@ -17,6 +18,47 @@ from typing import Any, Callable
 
 from ..data.health import DataError
 from .errors import RunError, UsageError
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` keeps the description's layout and shows every flag's default (unless it is None/False or
+    the help text already says it)."""
+
+    def _default_text(self, action: argparse.Action) -> bool:
+        d = action.default
+        return (bool(action.option_strings) and not action.required and d is not None and d is not False
+                and d != [] and d is not argparse.SUPPRESS and "default" not in (action.help or "")
+                and action.nargs != 0)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and self._default_text(action):
+            action.help = "(default: %(default)s)"  # a flag without help text still shows its default
+        return super()._format_action(action)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        # never wrap inside a hyphenated name (bus-base-384-baseline, --max-skip-share)
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if self._default_text(action):
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line, ``bus <command>: error: ... (see bus <command>
+    --help)``, exit status 2, as for every other bad command line (README); no usage block first.
+    Subparsers made from it are of the same class."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _load_config_file(path: str) -> dict[str, Any]:
@@ -69,7 +111,7 @@ def _config_defaults(parser: argparse.ArgumentParser, data: dict[str, Any], path
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Parse ``argv`` with defaults from ``--config FILE`` when given."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = CommandParser(prog=parser.prog, add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if known.config is not None:
@@ -90,7 +132,7 @@ def run_command(name: str, add_arguments: Callable[[argparse.ArgumentParser], An
     """Parse ``argv`` for ``bus <name>`` (a fresh parser unless given one already holding the flags) and
     run it; a ``UsageError`` prints ``bus <name>: error: ...`` and returns 2."""
     if parser is None:
-        parser = argparse.ArgumentParser(prog=f"bus {name}")
+        parser = CommandParser(prog=f"bus {name}")
         add_config_flag(parser)
         add_arguments(parser)
     args = parse_with_config(parser, argv)
