@@ -96,3 +96,51 @@ def test_stop_request_catches_the_signal_and_restores_the_handlers():
             time.sleep(0.01)
         assert stop.check() == signal.SIGUSR1
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    except OSError:
+        return None
+    return int(env[b"RANK"]) if b"RANK" in env else None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the rank processes through /proc")
+def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """SIGTERM reaches only rank 1; rank 0 learns of it through the per-step flag all-reduce, so both stop
+    after the same step, rank 0 writes the checkpoint, and both ranks report the stop."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "bus_model.training.train", *COMMON, "--steps", "20", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=_env(tmp_path), start_new_session=True)
+
+    def signal_rank_1(p):
+        ranks = {_rank_of(c): c for c in _children(p.pid)}
+        os.kill(ranks[1], signal.SIGTERM)
+
+    try:
+        rc, err = _signal_after_rows(proc, out, 2, signal_rank_1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc != 0  # torchrun reports its workers' non-zero status (143) as a failure
+    assert "rank 1: got SIGTERM" in err and "rank 0: got" not in err
+    stopped = ckpt.latest_checkpoint(out)
+    assert stopped is not None and 2 <= stopped.step < 20, err[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == stopped.step
+    assert len(set(summary["param_sha256"])) == 1  # both ranks reached the summary with equal weights
+    state = json.loads((stopped.path / ckpt.TRAINER_STATE_FILE).read_text())
+    assert len(state["data"]) == 2 and state["step"] == stopped.step
+    assert [r["step"] for r in _rows(out)] == list(range(1, stopped.step + 1))
