@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -204,11 +205,49 @@ def build(cpu_only: bool = False, verbose: bool = False) -> Path:
     except (RuntimeError, subprocess.CalledProcessError) as e:
         raise BuildError(f"building the native extension failed: {e}") from e
     path = library_path(variant)
+    unwind_problem = unwind_table_problem(path)
+    if unwind_problem is not None:  # see unwind_table_problem: a C++ input check could crash the process
+        print(f"warning: {path.name}: {unwind_problem}", file=sys.stderr)
     stamp = {"source_hash": source_hash(variant), "torch": torch.__version__, "variant": variant,
-             "cuda_home": cuda_home, "arch_list": cuda_arch_list() if cuda_home else None}
+             "cuda_home": cuda_home, "arch_list": cuda_arch_list() if cuda_home else None,
+             "unwind_table": unwind_problem or "ok"}
     (out_dir / STAMP_NAME).write_text(json.dumps(stamp, indent=1))
     native.load(path)
     return path
+
+
+def unwind_table_problem(path: str | Path) -> str | None:
+    """None if the shared library has a binary-search table of its unwind info, else what is wrong.
+
+    A C++ exception (every TORCH_CHECK of csrc/ops/common/checks.h) unwinds through the library's
+    frames; the unwinder finds their entries through the ``.eh_frame_hdr`` table the linker builds.
+    When the linker cannot parse an object's ``.eh_frame`` (it then warns "no .eh_frame_hdr table will
+    be created") the unwinder falls back to a linear scan of ``.eh_frame``, which a malformed entry can
+    send into a segfault -- one suspect of the crash of the CUDA build on the H200
+    (tests/gpu/native_exception_repro.py tells). ELF64 little-endian only (x86-64, aarch64).
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return f"cannot read it ({e})"
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None  # not an ELF64 little-endian file: nothing to check here
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    for i in range(phnum):
+        p_type, _, p_offset = struct.unpack_from("<IIQ", data, phoff + i * phentsize)
+        if p_type != 0x6474E550:  # PT_GNU_EH_FRAME
+            continue
+        version, _, count_enc, table_enc = data[p_offset:p_offset + 4]
+        if version != 1:
+            return f".eh_frame_hdr has version {version}, not 1"
+        if table_enc == 0xFF or count_enc == 0xFF:  # DW_EH_PE_omit: the linker left the table out
+            return "the linker built no .eh_frame_hdr search table (it could not parse an object's .eh_frame)"
+        if count_enc != 0x03:  # DW_EH_PE_udata4, what GNU ld and lld write
+            return None
+        fde_count, = struct.unpack_from("<I", data, p_offset + 8)
+        return None if fde_count > 0 else "the .eh_frame_hdr search table is empty"
+    return "no PT_GNU_EH_FRAME segment (no .eh_frame_hdr): exceptions unwind by a linear scan"
 
 
 def _build_in_child(cpu_only: bool, verbose: bool) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -66,33 +67,77 @@ def test_cuda_opcheck_fake_kernels_and_autograd(dtype):
     torch.library.opcheck(torch.ops.bus.text_patch_scores.default, (q, keys, 0.25))
 
 
+# Bad inputs of the C++ ops: (code run with D = the device, error, message). The CUDA entry points share
+# the checks of common/checks.h; the k-value checks (in range, summing to total_kept) need the values
+# on the host, so only the CPU kernels make them.
+CPP_CHECK_CASES = [
+    ("torch.ops.bus.topk_gather(torch.randn(3, 4, device=D), torch.rand(3, 4, device=D), torch.ones(3, dtype=torch.long, device=D), 3, True)",
+     "ValueError", r"x must have shape \(B, N, C\) \(3 dims\), got shape \(3, 4\)", True),
+    ("torch.ops.bus.topk_gather(torch.ones(2, 4, 3, dtype=torch.long, device=D), torch.rand(2, 4, device=D), torch.ones(2, dtype=torch.long, device=D), 2, True)",
+     "TypeError", r"x must have a floating dtype \(float16, bfloat16, float32\), got torch.int64", True),
+    ("torch.ops.bus.topk_gather(torch.randn(2, 4, 3, device=D), torch.rand(2, 5, device=D), torch.ones(2, dtype=torch.long, device=D), 2, True)",
+     "ValueError", r"scores has size 5 in dim 1 .* expected 4 \(token count N of x\)", True),
+    ("torch.ops.bus.topk_gather(torch.randn(2, 4, 3, device=D), torch.rand(2, 4, device=D), torch.ones(2, dtype=torch.int32, device=D), 2, True)",
+     "TypeError", r"k must have dtype torch.int64, got torch.int32", True),
+    ("torch.ops.bus.topk_gather(torch.randn(2, 4, 3, device=D), torch.rand(2, 4, device=D), torch.tensor([1, 5], device=D), 6, True)",
+     "ValueError", r"k must be in \[0, N=4\] for every row, got 5 in row 1", False),
+    ("torch.ops.bus.topk_gather(torch.randn(2, 4, 3, device=D), torch.rand(2, 4, device=D), torch.tensor([1, 2], device=D), 4, True)",
+     "ValueError", r"total_kept must equal sum\(k\)=3, got 4", False),
+    ("torch.ops.bus.text_patch_scores(torch.randn(2, 3, 8, device=D), torch.randn(2, 5, 3, 8, device=D).half(), 1.0)",
+     "TypeError", r"keys must have query's dtype torch.float32, got torch.float16", True),
+    ("torch.ops.bus.text_patch_scores(torch.randn(2, 3, 8, device=D), torch.randn(2, 5, 4, 8, device=D), 1.0)",
+     "ValueError", r"keys has size 4 in dim 2 .* expected 3 \(head count H of query\)", True),
+    ("torch.ops.bus.text_patch_scores(torch.randn(2, 3, 8, device=D), torch.randn(2, 0, 3, 8, device=D), 1.0)",
+     "ValueError", r"keys must hold at least one token \(N >= 1\), got N=0", True),
+]
+
+
+def _run_cpp_check_cases(device: str) -> tuple[int, dict[int, str], str]:
+    """Every case of CPP_CHECK_CASES in one child process (a C++ exception that crashes the process --
+    as the CUDA build did on the H200, inside the autograd wrapper -- fails these tests, not the session).
+    Returns (exit code, case index -> 'ExceptionType: first line of the message', child's output)."""
+    lines = ["import torch, bus_kernels", f"D = {device!r}"]
+    for i, (code, error, _, _) in enumerate(CPP_CHECK_CASES):
+        lines += ["try:", f"    {code}", f"    print('CASE {i} NO EXCEPTION', flush=True)",
+                  "except Exception as e:",
+                  f"    print('CASE {i}', type(e).__name__ + ':', str(e).splitlines()[0], flush=True)"]
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", "\n".join(lines)], capture_output=True,
+                          text=True, timeout=600)
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("CASE "):
+            index, _, rest = line[5:].partition(" ")
+            results[int(index)] = rest
+    return proc.returncode, results, (proc.stdout + proc.stderr)[-3000:]
+
+
+@pytest.fixture(scope="module")
+def cpp_check_results():
+    cache = {}
+
+    def get(device):
+        if device not in cache:
+            cache[device] = _run_cpp_check_cases(device)
+        return cache[device]
+
+    return get
+
+
 @needs_native
-@pytest.mark.parametrize(
-    "call, error, match",
-    [
-        (lambda: torch.ops.bus.topk_gather(torch.randn(3, 4), torch.rand(3, 4), torch.ones(3, dtype=torch.long), 3, True),
-         ValueError, r"x must have shape \(B, N, C\) \(3 dims\), got shape \(3, 4\)"),
-        (lambda: torch.ops.bus.topk_gather(torch.ones(2, 4, 3, dtype=torch.long), torch.rand(2, 4), torch.ones(2, dtype=torch.long), 2, True),
-         TypeError, r"x must have a floating dtype \(float16, bfloat16, float32\), got torch.int64"),
-        (lambda: torch.ops.bus.topk_gather(torch.randn(2, 4, 3), torch.rand(2, 5), torch.ones(2, dtype=torch.long), 2, True),
-         ValueError, r"scores has size 5 in dim 1 .* expected 4 \(token count N of x\)"),
-        (lambda: torch.ops.bus.topk_gather(torch.randn(2, 4, 3), torch.rand(2, 4), torch.ones(2, dtype=torch.int32), 2, True),
-         TypeError, r"k must have dtype torch.int64, got torch.int32"),
-        (lambda: torch.ops.bus.topk_gather(torch.randn(2, 4, 3), torch.rand(2, 4), torch.tensor([1, 5]), 6, True),
-         ValueError, r"k must be in \[0, N=4\] for every row, got 5 in row 1"),
-        (lambda: torch.ops.bus.topk_gather(torch.randn(2, 4, 3), torch.rand(2, 4), torch.tensor([1, 2]), 4, True),
-         ValueError, r"total_kept must equal sum\(k\)=3, got 4"),
-        (lambda: torch.ops.bus.text_patch_scores(torch.randn(2, 3, 8), torch.randn(2, 5, 3, 8).half(), 1.0),
-         TypeError, r"keys must have query's dtype torch.float32, got torch.float16"),
-        (lambda: torch.ops.bus.text_patch_scores(torch.randn(2, 3, 8), torch.randn(2, 5, 4, 8), 1.0),
-         ValueError, r"keys has size 4 in dim 2 .* expected 3 \(head count H of query\)"),
-        (lambda: torch.ops.bus.text_patch_scores(torch.randn(2, 3, 8), torch.randn(2, 0, 3, 8), 1.0),
-         ValueError, r"keys must hold at least one token \(N >= 1\), got N=0"),
-    ],
-)
-def test_cpp_checks_name_the_argument(call, error, match):
-    with pytest.raises(error, match=match):
-        call()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("case", range(len(CPP_CHECK_CASES)))
+def test_cpp_checks_name_the_argument(cpp_check_results, device, case):
+    code, error, match, on_cuda = CPP_CHECK_CASES[case]
+    if device == "cuda":
+        why = native._availability("cuda")
+        if why is not None:
+            pytest.skip(f"native CUDA kernels: {why}")
+        if not on_cuda:
+            pytest.skip("checked by the CPU kernels only")
+    rc, results, output = cpp_check_results(device)
+    assert case in results, f"the child process died before this case (exit {rc}):\n{output}"
+    assert rc == 0, f"the child process crashed after raising (exit {rc}):\n{output}"
+    assert re.fullmatch(f"{error}: .*{match}.*", results[case]), results[case]
 
 
 @needs_native
@@ -264,3 +309,32 @@ def test_cuda_home_through_a_symlink_and_from_the_environment(tmp_path, monkeypa
 def test_arch_list_parsing():
     assert build._arch_numbers("8.0;9.0") == ["80", "90"]
     assert build._arch_numbers("8.6 9.0+PTX") == ["86", "90"]
+
+
+@pytest.mark.skipif(build.find_cxx() is None, reason="no C++ compiler")
+def test_unwind_table_check(tmp_path):
+    # A library whose exceptions unwind by a linear scan of .eh_frame (no search table) is reported.
+    src = tmp_path / "throws.cpp"
+    src.write_text("int f(int x) { if (x) throw x; return 1; }\n")
+    ok, none = tmp_path / "ok.so", tmp_path / "none.so"
+    cxx = build.find_cxx()
+    subprocess.run([cxx, "-shared", "-fPIC", str(src), "-o", str(ok)], check=True)
+    subprocess.run([cxx, "-shared", "-fPIC", str(src), "-Wl,--no-eh-frame-hdr", "-o", str(none)], check=True)
+    assert build.unwind_table_problem(ok) is None
+    assert "no PT_GNU_EH_FRAME" in build.unwind_table_problem(none)
+    # the header of ok.so with its table encoding set to DW_EH_PE_omit, as ld writes it when an
+    # object's .eh_frame cannot be parsed
+    import struct
+
+    data = bytearray(ok.read_bytes())
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    headers = [struct.unpack_from("<IIQ", data, phoff + i * phentsize) for i in range(phnum)]
+    hdr = next(offset for p_type, _, offset in headers if p_type == 0x6474E550)  # PT_GNU_EH_FRAME
+    data[hdr + 3] = 0xFF
+    omitted = tmp_path / "omitted.so"
+    omitted.write_bytes(bytes(data))
+    assert "no .eh_frame_hdr search table" in build.unwind_table_problem(omitted)
+    assert build.unwind_table_problem(src) is None  # not ELF: nothing to say
+    if native.is_loaded():
+        assert build.unwind_table_problem(native.library_path()) is None

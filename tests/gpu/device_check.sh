@@ -23,11 +23,12 @@ $PY -m pip install -q --no-deps --no-build-isolation -e . > "$W/pip.log" 2>&1 ||
 # the native extension before the selftest (else the selftest reports native "not built"); the test
 # shards below only load it (run_gpu_tests.sh's own build step is then a cache hit)
 echo "== native build"
-timeout ${BUILD_TIMEOUT:-240} $PY -m bus_kernels.build > "$W/native_build.log" 2>&1
+timeout ${BUILD_TIMEOUT:-240} $PY -m bus_kernels.build --verbose > "$W/native_build.log" 2>&1
 echo "native build exit $? ($(tail -1 "$W/native_build.log"))"
+grep -iE "warning|eh_frame" "$W/native_build.log" | grep -v "^\[" | head -10  # linker/compiler warnings (full log in the tgz)
 export BUS_SKIP_NATIVE_BUILD=1
 # C++ input checks raising through the CUDA build, each case in its own child process (seconds)
-timeout 120 $PY tests/gpu/native_exception_repro.py 2>&1 | tail -20
+timeout 150 $PY tests/gpu/native_exception_repro.py > "$W/native_exception_repro.log" 2>&1; head -80 "$W/native_exception_repro.log"
 echo "== selftest"
 timeout ${SELFTEST_TIMEOUT:-330} $PY benchmarks/selftest.py --out "$W/selftest" --budget ${SELFTEST_BUDGET:-240} > "$W/selftest.log" 2>&1
 echo "selftest exit $?"; grep -E "FAILED|bus selftest:" "$W/selftest.log" | head -40

@@ -86,6 +86,32 @@ def gdb_backtrace(code: str) -> str:
     return "\n".join(lines[-45:])
 
 
+def _first_line(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"({e})"
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+    return lines[0] if cmd[-1] != "--version" or "nvcc" not in cmd[0] else lines[-1]
+
+
+def diagnostics(lib) -> None:
+    """The suspects that differ between machines: toolchain, unwinder libraries, the library's unwind table."""
+    from bus_kernels import build
+
+    print(f"unwind table of {lib.name}: {build.unwind_table_problem(lib) or 'ok'}")
+    print(f"stamp: {build.read_stamp('cuda' if 'cuda' in lib.name else 'cpu')}")
+    for cmd in (["c++", "--version"], ["ld", "--version"], ["nvcc", "--version"]):
+        print(f"{cmd[0]}: {_first_line(cmd)}")
+    try:
+        maps = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        maps = []
+    libs = sorted({ln.split()[-1] for ln in maps if any(k in ln for k in ("libstdc++", "libgcc_s", "libunwind", "libcudart"))})
+    print("loaded unwinder/runtime libraries:", ", ".join(libs) or "(none found)")
+    print("env:", {k: v for k, v in os.environ.items() if k.startswith(("TORCH_SHOW", "TORCH_DISABLE_ADDR2LINE", "LD_"))})
+
+
 def main() -> int:
     import torch
 
@@ -98,6 +124,7 @@ def main() -> int:
     if not native.is_loaded():
         print("nothing to check: build it first (python -m bus_kernels.build)")
         return 1
+    diagnostics(native.library_path())
     bad = 0
     for name, (needs_cuda, code) in cases().items():
         if needs_cuda and not (cuda and native.has_cuda_kernels()):
