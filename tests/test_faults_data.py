@@ -126,7 +126,8 @@ def test_mostly_unreadable_data_stops_before_a_full_pass(tmp_path):
     stream = _stream(_dataset(tmp_path / "d.jsonl"), batch_size=8)
     reads = []
     observe = stream.monitor.observe
-    stream.monitor.observe = lambda good, skipped: (reads.append(good + len(skipped)), observe(good, skipped))
+    stream.monitor.observe = lambda good, skipped, usable: (reads.append(good + len(skipped)),
+                                                            observe(good, skipped, usable))
     with deadline(60), pytest.raises(DataError, match=r"of the last \d+ samples .* --max-skip-share 0.5"):
         for _ in range(100):
             stream.next()

@@ -72,12 +72,13 @@ class ReadMonitor:
         self.pass_reasons: Counter = Counter()
         self.pass_first: list[SkippedSample] = []
 
-    def observe(self, good: int, skipped: list[SkippedSample]) -> None:
-        """One batch: ``good`` samples kept, ``skipped`` the records left out of it."""
+    def observe(self, good: int, skipped: list[SkippedSample], usable: bool | None = None) -> None:
+        """One batch: ``good`` samples kept, ``skipped`` the records left out of it; ``usable`` whether it
+        is trained on (default: ``good >= min_batch``; the partial batch at the end of a pass is not)."""
         bad = len(skipped)
         self.pass_good += good
         self.pass_skipped += bad
-        self.pass_batches += good >= self.min_batch
+        self.pass_batches += bool(good >= self.min_batch if usable is None else usable)
         for s in skipped:
             self.pass_reasons[s.reason] += 1
             if len(self.pass_first) < 3 and all(f.key != s.key for f in self.pass_first):

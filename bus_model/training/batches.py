@@ -156,8 +156,8 @@ class BatchStream:
             self.position += 1
             self.skips.update(batch["skipped"])
             good = batch["images"].shape[0]
-            self.monitor.observe(good, batch["skipped"])
             partial = self.iterable and good + len(batch["skipped"]) < self.batch_size  # the end of a pass
+            self.monitor.observe(good, batch["skipped"], usable=good >= 2 and not partial)
             if good >= 2 and not partial:
                 return batch
 
