@@ -266,10 +266,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     max_len = args.max_caption_len or model.config.max_text_len
     amp = args.amp if args.amp is not None else device.type == "cuda"
     start = time.perf_counter()
+    size = f"{len(dataset)} samples" if hasattr(dataset, "__len__") else "the samples"  # shards: unknown
+    print(f"encoding {size} of --data {args.data}"
+          + ("" if args.no_captions else " and generating their captions") + " ...", file=sys.stderr)
     enc = encode_dataset(model, dataset, tokenizer, device=device, batch_size=args.batch_size,
                          captions=not args.no_captions, max_caption_len=max_len, num_beams=args.num_beams,
                          workers=args.workers, amp=amp)
     encode_s = time.perf_counter() - start
+    print(f"retrieval: ranking by ITC, re-ranking the top {args.rerank_k} by ITM ...", file=sys.stderr)
     retrieval = retrieval_metrics(model, enc, device=device, rerank_k=args.rerank_k, batch_size=args.batch_size,
                                   amp=amp)
     metrics: dict[str, Any] = {"checkpoint": str(path), "data": args.data, "num_images": enc.images.shape[0],
@@ -285,6 +289,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(metrics, indent=1))
+        print(f"wrote {args.json}", file=sys.stderr)
     return metrics
 
 
