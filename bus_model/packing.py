@@ -59,6 +59,7 @@ class _PackingCache:
 
 
 _CACHE = _PackingCache()
+_DENSE_CU: dict[tuple, torch.Tensor] = {}  # (B, S, device) -> (B + 1,) int32 offsets of full rows
 
 
 def memo(owner: torch.Tensor, what: str, make):
@@ -99,8 +100,13 @@ def packing(mask: torch.Tensor | None, batch: int, seqlen: int, device: torch.de
     ``register_host_lengths``). The flat indices come from a stable sort, not ``nonzero``, so their
     count is the only value the host needs.
     """
-    if mask is None:
-        cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)  # (B + 1,)
+    if mask is None:  # dense rows: one offsets tensor per shape, so attention's block table is cached too
+        key = (batch, seqlen, torch.device(device))
+        cu = _DENSE_CU.get(key)
+        if cu is None:
+            cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)  # (B + 1,)
+            if is_concrete(cu) and not torch.compiler.is_compiling():  # never keep a fake or traced tensor
+                _DENSE_CU[key] = cu
         return None, cu, seqlen
     if not is_concrete(mask):  # meta / fake tensors: shapes only
         lengths = mask.sum(dim=1, dtype=torch.int32)

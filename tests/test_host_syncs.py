@@ -175,3 +175,25 @@ def test_topk_gather_varlen_range_check_is_one_read_and_can_be_skipped():
         bus_kernels.topk_gather_varlen(x, scores, torch.tensor([2, -1, 3]))
     with pytest.raises(TypeError, match="check_k"):
         bus_kernels.topk_gather_varlen(x, scores, k, check_k=1)
+
+
+def test_block_table_is_built_once_per_offsets_tensor():
+    from bus_kernels.ops.varlen_attention import tiles
+
+    cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+    first = tiles._block_table(cu, 12, 4)
+    assert tiles._block_table(cu, 12, 4) is first  # cached
+    expected = tiles._build_block_table(cu.clone(), 12, 4)
+    assert all(torch.equal(a, b) for a, b in zip(first, expected))
+    cu[2] = 7  # changed in place: rebuilt
+    rebuilt = tiles._block_table(cu, 12, 4)
+    assert rebuilt is not first and all(torch.equal(a, b) for a, b in zip(rebuilt, tiles._build_block_table(cu, 12, 4)))
+    assert tiles._block_table(cu, 12, 8) is not rebuilt  # another tile size: its own table
+    key = id(cu)
+    del cu, first, rebuilt, expected
+    assert key not in tiles._TABLES  # the entry dies with its offsets
+
+
+def test_dense_offsets_are_shared():
+    a = packing(None, 4, 9, torch.device("cpu"))[1]
+    assert packing(None, 4, 9, torch.device("cpu"))[1] is a and a.tolist() == [0, 9, 18, 27, 36]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -80,7 +81,33 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Block tables by cu_seqlens object: {id: (weak reference, version counter, {(total, block): table})}.
+_TABLES: dict[int, tuple] = {}
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter (and cannot change in place)
+        return -1
+
+
 def _block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_build_block_table``, built once per ``cu_seqlens`` object (while it lives and is not changed in
+    place): a model packs its tokens once and runs every layer's attention, forward and backward, on the
+    same offsets, so the table's small kernels run once per packing instead of three times per layer."""
+    key, version = id(cu_seqlens), _version(cu_seqlens)
+    entry = _TABLES.get(key)
+    if entry is None or entry[0]() is not cu_seqlens or entry[1] != version:
+        entry = (weakref.ref(cu_seqlens, lambda _ref, key=key: _TABLES.pop(key, None)), version, {})
+        _TABLES[key] = entry
+    table = entry[2].get((total, block))
+    if table is None:
+        table = entry[2][(total, block)] = _build_block_table(cu_seqlens, total, block)
+    return table
+
+
+def _build_block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The (sequence, first row) of every ``block``-row tile of every sequence, computed on the device.
 
     Returns two (n,) int32 tensors, ``n = total // block + B`` (an upper bound on
