@@ -14,10 +14,10 @@ W=$(mktemp -d /tmp/gpu-check.XXXX)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export BUS_KERNELS_BUILD_DIR=${BUS_KERNELS_BUILD_DIR:-/tmp/bus_kernels_build}
-exec > >(tee "$W/summary.txt") 2>&1
+exec > >(tee "$OUT/summary.txt") 2>&1  # straight to $OUT: it comes back even if the run is cut short
 date -u; nvidia-smi -L; nvcc --version | tail -1
 $PY -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
-git log --oneline -1 2>/dev/null || true
+{ [ -f COMMIT ] && echo "tree of commit $(cat COMMIT)"; } || git log --oneline -1 2>/dev/null || true
 # no network there: install the package alone (its dependencies are in the image)
 $PY -m pip install -q --no-deps --no-build-isolation -e . > "$W/pip.log" 2>&1 || { echo "pip install failed:"; tail -5 "$W/pip.log"; }
 # the native extension before the selftest (else the selftest reports native "not built"); the test
@@ -37,4 +37,4 @@ echo "== op tests on CUDA"
 OUT="$W/tests" timeout ${TESTS_TIMEOUT:-240} bash tests/gpu/run_gpu_tests.sh 2>&1 | tail -70
 echo "op tests exit ${PIPESTATUS[0]}"
 date -u
-tar czf "$OUT/gpu-check.tgz" -C "$W" . ; cp "$W/summary.txt" "$OUT/"
+tar czf "$OUT/gpu-check.tgz" -C "$W" .
