@@ -92,14 +92,25 @@ class Block(nn.Module):
         if impl == "varlen" and mask is not None:
             rows, cu, max_len = packing(mask, B, N, x.device)
             xs = x.reshape(B * N, C).index_select(0, rows)  # (total, C) valid tokens only
-            q, k, v = self.attn.qkv(self.norm1(xs)).view(-1, 3, H, C // H).unbind(1)  # each (total, H, D)
             bias = None if key_bias is None else key_bias.reshape(B * N).index_select(0, rows).float()
-            xs = xs + self.attn.proj(packed_attention(q, k, v, cu, cu, max_len, max_len, key_bias=bias).reshape(-1, C))
+            xs, q, k = self.attend_packed(xs, cu, max_len, bias)
             return _unpack(xs, rows, B, N), _unpack(q, rows, B, N), _unpack(k, rows, B, N)
         qkv = self.attn.qkv(self.norm1(x)).view(B, N, 3, H, C // H)
         q, k, v = qkv.unbind(2)
         out = multi_head_attention(q, k, v, key_mask=mask, query_mask=mask, impl=impl, key_bias=key_bias)
         return x + self.attn.proj(out.reshape(B, N, C)), q, k
+
+    def attend_packed(self, xs: torch.Tensor, cu: torch.Tensor, max_len: int, key_bias: torch.Tensor | None = None):
+        """The attention residual on packed tokens: xs (total, C), cu (B + 1,) int32 -> (xs, q, k), q and k
+        (total, H, D); key_bias (total,) float32 or None."""
+        C, H = xs.shape[1], self.attn.num_heads
+        q, k, v = self.attn.qkv(self.norm1(xs)).view(-1, 3, H, C // H).unbind(1)  # each (total, H, D)
+        xs = xs + self.attn.proj(packed_attention(q, k, v, cu, cu, max_len, max_len, key_bias=key_bias).reshape(-1, C))
+        return xs, q, k
+
+    def feed_forward_packed(self, xs: torch.Tensor) -> torch.Tensor:
+        """xs (total, C) packed tokens -> xs + MLP(norm2(xs))."""
+        return xs + self.mlp(self.norm2(xs))
 
     def feed_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, impl: str = "sdpa") -> torch.Tensor:
         """x (B, N, C) -> x + MLP(norm2(x)); packed over the valid tokens for ragged rows with varlen."""
@@ -107,8 +118,7 @@ class Block(nn.Module):
             B, N, C = x.shape
             rows = packing(mask, B, N, x.device)[0]  # the stage's packing, shared with attend (no host read)
             xs = x.reshape(B * N, C).index_select(0, rows)
-            xs = xs + self.mlp(self.norm2(xs))
-            return _unpack(xs, rows, B, N)
+            return _unpack(self.feed_forward_packed(xs), rows, B, N)
         return x + self.mlp(self.norm2(x))
 
 
@@ -262,7 +272,17 @@ class BusViT(nn.Module):
         records: list[SelectionRecord] = []
         layers = set(self.selection.layers) if policy != "none" else set()
         fuse, backend = self.selection.fuse, self.kernel_backend
+        packed = None  # (rows, xs (total, C)): x's valid tokens while a ragged stage runs packed
         for i, block in enumerate(self.blocks):
+            if self.attn_impl == "varlen" and mask is not None and size is None and i not in layers:
+                # Ragged rows between two selection steps stay packed: gathered once per stage, not per block.
+                rows, cu, max_len = packing(mask, B, x.shape[1], x.device)  # cached for this mask
+                xs = x.reshape(-1, x.shape[2]).index_select(0, rows) if packed is None else packed[1]
+                xs = block.feed_forward_packed(block.attend_packed(xs, cu, max_len)[0])
+                packed = (rows, xs)
+                continue
+            if packed is not None:  # the stage ends: back to (B, N, C), zeros at padding
+                x, packed = _unpack(packed[1], packed[0], B, x.shape[1]), None
             if i in layers and policy in ("elip", "random"):  # before the block (random at 0: the patch embedding)
                 if policy == "elip":
                     scores = elip_lookahead_scores(
@@ -291,6 +311,8 @@ class BusViT(nn.Module):
                 x, size, positions, rec = merge_step(x, size, positions, k, self._merge_count(i, x.shape[1] - 1), i)
                 records.append(rec)
             x = block.feed_forward(x, mask, self.attn_impl)
+        if packed is not None:
+            x = _unpack(packed[1], packed[0], B, x.shape[1])
         return VisionFeatures(self.norm(x), mask, records, size)
 
     def forward(self, images: torch.Tensor, text_query: torch.Tensor | None = None) -> torch.Tensor:
