@@ -6,7 +6,14 @@ For each kernel variant (dtype, block sizes) and each target (sm_80, sm_90) this
 full pipeline (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin via ptxas) and reads the cubin's resource
 usage with ``cuobjdump``: registers per thread, local memory (spills), shared memory. It catches
 what the CPU interpreter lets pass (type errors, unsupported ops, register pressure). Exits 1 if any
-variant fails to compile or spills.
+variant fails to compile, spills, or needs more shared memory per block than the target has
+(sm_80: 163 KB, sm_90: 227 KB).
+
+What is compiled is what the JIT compiles at run time: every pointer carries the 16-byte alignment
+hint (``tt.divisibility = 16``) the JIT infers for torch's allocations, and so does every integer a
+spec lists in ``divisible`` (strides and head counts that are multiples of 16 in the model); ragged
+sizes (``total_q``, ``total_k``, ``N``) are ``do_not_specialize`` in the kernels, so the JIT never
+specialises them and neither does this compile.
 
 Each op module declares its variants in ``aot_specs() -> list[KernelSpec]``. Must run without
 ``TRITON_INTERPRET=1`` (the interpreter replaces the kernels by Python functions).
@@ -34,9 +41,16 @@ class KernelSpec:
     constexprs: dict[str, object] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int | None = None
+    # integer args the run time sees as multiples of 16 (pointers always get the alignment hint)
+    divisible: tuple[str, ...] = ()
+    # compute capabilities this variant is for (None: every target), e.g. tiles chosen per GPU generation
+    archs: tuple[int, ...] | None = None
 
 
 TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+# Shared memory one block may use (opt-in maximum), per compute capability: A100 163 KB, H100 227 KB.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 @dataclass
@@ -49,6 +63,15 @@ class AotResult:
     static_shared: int | None = None
     dynamic_shared: int | None = None
     error: str | None = None
+
+    @property
+    def shared_bytes(self) -> int:
+        return (self.static_shared or 0) + (self.dynamic_shared or 0)
+
+    @property
+    def over_shared_limit(self) -> bool:
+        limit = SHARED_MEMORY_LIMIT.get(self.arch)
+        return self.ok and limit is not None and self.shared_bytes > limit
 
 
 def _cuobjdump() -> str:
@@ -72,7 +95,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotResult:
     from triton.compiler import ASTSource
 
     try:
-        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=runtime_attrs(spec))
         options = {"num_warps": spec.num_warps}
         if spec.num_stages is not None:
             options["num_stages"] = spec.num_stages
@@ -87,6 +110,17 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotResult:
         )
     except Exception as e:  # report every failure, keep going
         return AotResult(spec.name, arch, False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def runtime_attrs(spec: KernelSpec) -> dict:
+    """Triton's argument attributes as its JIT infers them for aligned tensors: 16-byte divisibility of
+    every pointer and of the integers in ``spec.divisible`` (``{(arg index,): [["tt.divisibility", 16]]}``)."""
+    names = list(spec.fn.arg_names)
+    unknown = [n for n in spec.divisible if n not in spec.signature or spec.signature[n] == "constexpr"]
+    if unknown:
+        raise ValueError(f"{spec.name}: divisible names no integer argument: {unknown}")
+    hinted = [n for n, t in spec.signature.items() if t.startswith("*")] + list(spec.divisible)
+    return {(names.index(n),): [["tt.divisibility", 16]] for n in hinted}
 
 
 def all_specs() -> list[KernelSpec]:
@@ -118,7 +152,7 @@ def compile_all(specs: list[KernelSpec], archs: list[int], jobs: int) -> list[Ao
     """Compile every (spec, arch) pair, ``jobs`` processes at a time (forked: specs need no pickling)."""
     global _SPECS
     _SPECS = specs
-    work = [(i, arch) for i in range(len(specs)) for arch in archs]
+    work = [(i, arch) for i in range(len(specs)) for arch in archs if specs[i].archs is None or arch in specs[i].archs]
     if jobs <= 1 or len(work) <= 1:
         return [_compile_indexed(w) for w in work]
     import multiprocessing
@@ -134,8 +168,9 @@ def format_table(results: list[AotResult]) -> str:
     ]
     for r in results:
         if r.ok:
+            flag = "**OVER LIMIT**" if r.over_shared_limit else "yes"
             lines.append(
-                f"| {r.name} | sm_{r.arch} | yes | {r.registers} | {r.local_bytes} | {r.static_shared} + {r.dynamic_shared} |"
+                f"| {r.name} | sm_{r.arch} | {flag} | {r.registers} | {r.local_bytes} | {r.static_shared} + {r.dynamic_shared} |"
             )
         else:
             lines.append(f"| {r.name} | sm_{r.arch} | **FAILED** | | | {r.error} |")
@@ -157,11 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     failed = [r for r in results if not r.ok]
     spilled = [r for r in results if r.ok and r.local_bytes]
-    print(f"\n{len(results)} variants: {len(results) - len(failed)} compiled, {len(failed)} failed, {len(spilled)} with spills")
+    over = [r for r in results if r.over_shared_limit]
+    print(f"\n{len(results)} variants: {len(results) - len(failed)} compiled, {len(failed)} failed, "
+          f"{len(spilled)} with spills, {len(over)} over the shared-memory limit")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([r.__dict__ for r in results], f, indent=1)
-    return 1 if failed or spilled else 0
+            json.dump([{**r.__dict__, "shared_bytes": r.shared_bytes, "over_shared_limit": r.over_shared_limit}
+                       for r in results], f, indent=1)
+    return 1 if failed or spilled or over else 0
 
 
 if __name__ == "__main__":

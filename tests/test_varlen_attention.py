@@ -238,6 +238,57 @@ def test_check_seqlens_false_skips_the_host_checks():
         _call(max_seqlen_q=1, backend="triton")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA or backend_status("cuda")["triton"] is not None, reason="needs triton on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32] + LOW_DTYPES, ids=str)
+@pytest.mark.parametrize("D", [32, 64])
+def test_cuda_short_sequences_take_the_small_query_tile(dtype, D):
+    """Captions (<= 32 tokens, causal) run on a query tile of next_pow2(max_seqlen_q) rows; an understated
+    max_seqlen_q (check_seqlens=False) only changes the tiles, never the result."""
+    from bus_kernels.ops.varlen_attention.tiles import SHORT_Q, _config
+
+    lens = [32, 17, 1, 0, 32, 9, 30]
+    assert _config("fwd", dtype, D, torch.device("cuda"), 32).block_m == 32 <= SHORT_Q
+    assert _config("fwd", dtype, D, torch.device("cuda"), 9).block_m == 16
+    q, k, v, grad = make_inputs(lens, lens, 6, D, dtype, seed=D)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out, grads = run(("triton", "cuda"), q, k, v, grad, lens, lens, True)
+    if dtype == torch.float32:
+        ref_out, ref_grads = reference(q, k, v, grad, lens, lens, True)
+        assert max_err(out, ref_out) < 2e-5
+        assert all(max_err(g, r) < 5e-5 * max(1.0, r.abs().max().item()) for g, r in zip(grads, ref_grads))
+    else:
+        assert_low_precision_matches(out, grads, q, k, v, grad, lens, lens, True)
+    leaves = [t.to("cuda").requires_grad_(True) for t in (q, k, v)]
+    cu = cu_seqlens(lens).cuda()
+    understated = varlen_attention(*leaves, cu, cu, 8, 8, causal=True, check_seqlens=False, backend="triton")
+    assert torch.equal(understated.detach(), out.detach()) or max_err(understated, out) <= 2 * torch.finfo(dtype).eps
+
+
+def test_autotune_candidates_keep_the_table_tile_and_vary_the_rest():
+    from bus_kernels.ops.varlen_attention import autotune
+    from bus_kernels.ops.varlen_attention.tiles import _Config
+
+    fwd = autotune.candidates("fwd", _Config(128, 64, 8, 3))
+    assert [c.kwargs for c in fwd] == [{"BLOCK_N": 64}, {"BLOCK_N": 64}, {"BLOCK_N": 128}, {"BLOCK_N": 32}, {"BLOCK_N": 64}]
+    assert [(c.num_warps, c.num_stages) for c in fwd] == [(8, 3), (8, 4), (8, 3), (8, 3), (4, 3)]
+    dkdv = autotune.candidates("dkdv", _Config(16, 128, 4, 1))  # 16 // 2 is clamped: no duplicate
+    assert all(set(c.kwargs) == {"BLOCK_M"} for c in dkdv) and len(dkdv) == 4
+    assert not autotune.enabled() or not TRITON_OK  # never under the interpreter
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA or backend_status("cuda")["triton"] is not None, reason="needs triton on CUDA")
+def test_cuda_autotuned_launches_match_float64(monkeypatch):
+    monkeypatch.setenv("BUS_KERNELS_AUTOTUNE", "1")
+    lens_q, lens_k = [100, 37, 0, 200], [90, 37, 5, 260]
+    q, k, v, grad = make_inputs(lens_q, lens_k, 4, 64, torch.bfloat16, seed=31)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    for causal in (False, True):
+        out, grads = run(("triton", "cuda"), q, k, v, grad, lens_q, lens_k, causal)
+        assert_low_precision_matches(out, grads, q, k, v, grad, lens_q, lens_k, causal)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("D", [8, 40])
 def test_strided_views_of_a_fused_qkv(backend, D):

@@ -26,7 +26,9 @@ from ._triton_utils import next_pow2, on_device, tile_rows
 TRITON_MAX_HEAD_DIM = 256
 
 
-@triton.jit
+# N is ragged across pruning stages and batches: not specialised, so a
+# change of its divisibility by 16 never recompiles (see bus_kernels/aot.py).
+@triton.jit(do_not_specialize=["N"])
 def _tps_logits_kernel(
     q_ptr, k_ptr, logits_ptr, lse_ptr,
     N, H, D, stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, scale,
@@ -56,7 +58,7 @@ def _tps_logits_kernel(
     tl.store(lse_ptr + b * H + h, m + tl.log(l))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _tps_combine_kernel(logits_ptr, lse_ptr, out_ptr, N, H, inv_h, BLOCK_N: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -69,7 +71,7 @@ def _tps_combine_kernel(logits_ptr, lse_ptr, out_ptr, N, H, inv_h, BLOCK_N: tl.c
     tl.store(out_ptr + b * N + offs_n, acc * inv_h, mask=nmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _tps_bwd_kernel(
     q_ptr, k_ptr, logits_ptr, lse_ptr, g_ptr, dq_ptr, dk_ptr,
     N, H, D, stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, scale, inv_h,
@@ -263,19 +265,20 @@ def aot_specs():
     strides = {n: "i32" for n in ("N", "H", "D", "stride_qb", "stride_qh", "stride_kb", "stride_kn", "stride_kh")}
     specs = []
     for dt in TRITON_DTYPES.values():
-        for D in (64, 128, 256):
+        for D in (16, 32, 64, 128, 256):  # the model's head dims and the largest
             block_n, block_d = _blocks(D)
             consts = {"BLOCK_N": block_n, "BLOCK_D": block_d}
+            divisible = ("D", "stride_qb", "stride_qh", "stride_kb", "stride_kn", "stride_kh")
             specs.append(KernelSpec(
                 f"tps_logits {dt} D={D}", _tps_logits_kernel,
                 {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "logits_ptr": "*fp32", "lse_ptr": "*fp32", **strides,
-                 "scale": "fp32", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}, consts,
+                 "scale": "fp32", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}, consts, divisible=divisible,
             ))
             specs.append(KernelSpec(
                 f"tps_bwd {dt} D={D}", _tps_bwd_kernel,
                 {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "logits_ptr": "*fp32", "lse_ptr": "*fp32", "g_ptr": "*fp32",
                  "dq_ptr": f"*{dt}", "dk_ptr": f"*{dt}", **strides, "scale": "fp32", "inv_h": "fp32",
-                 "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}, consts,
+                 "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}, consts, divisible=divisible,
             ))
     specs.append(KernelSpec(
         "tps_combine fp32 BLOCK_N=1024", _tps_combine_kernel,

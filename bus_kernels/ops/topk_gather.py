@@ -59,7 +59,9 @@ class TopkGatherVarlenOutput(NamedTuple):
 # Triton kernels
 
 
-@triton.jit
+# N (and the score row stride, = N) is ragged across pruning stages and batches: not specialised, so a
+# change of its divisibility by 16 never recompiles (see bus_kernels/aot.py).
+@triton.jit(do_not_specialize=["N", "stride_sb"])
 def _topk_select_kernel(
     scores_ptr, k_ptr, index_off_ptr, slot_ptr, index_ptr,
     N, stride_sb,
@@ -94,7 +96,7 @@ def _topk_select_kernel(
     tl.store(index_ptr + index_base + slot, offs.to(tl.int64), mask=keep)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "stride_sb"])
 def _topk_gather_fwd_kernel(
     x_ptr, scores_ptr, slot_ptr, k_ptr, out_off_ptr,
     out_ptr, fused_ptr, den_ptr,
@@ -130,7 +132,7 @@ def _topk_gather_fwd_kernel(
         tl.store(den_ptr + b, total, mask=cb == 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "stride_sb"])
 def _topk_gather_bwd_kernel(
     gout_ptr, x_ptr, scores_ptr, slot_ptr, k_ptr, out_off_ptr, fused_ptr, den_ptr,
     gx_ptr, gs_ptr,
@@ -468,32 +470,42 @@ def keep_by_mass(scores: torch.Tensor, mass: float, min_keep: int, max_keep: int
 
 
 def aot_specs():
-    """Kernel variants compiled by ``python -m bus_kernels.aot``."""
+    """Kernel variants compiled by ``python -m bus_kernels.aot``: the selection at every tile size the
+    launcher can pick (NP = next_pow2(N) up to ``TRITON_MAX_N``) for fp32 scores, the model's case (text-patch
+    scores are fp32), and the largest tiles for low-precision scores; the gather with tokens of every dtype
+    and fp32 scores (and scores of the tokens' dtype), at a small and the model's channel counts."""
     from ..aot import TRITON_DTYPES, KernelSpec
 
-    specs = []
+    def select(score_dt: str, NP: int) -> KernelSpec:
+        return KernelSpec(
+            f"topk_select scores={score_dt} NP={NP}", _topk_select_kernel,
+            {"scores_ptr": f"*{score_dt}", "k_ptr": "*i64", "index_off_ptr": "*i64", "slot_ptr": "*i32",
+             "index_ptr": "*i64", "N": "i32", "stride_sb": "i32", "NP": "constexpr"},
+            {"NP": NP}, num_warps=_select_warps(NP),
+        )
+
+    specs = [select("fp32", 2**e) for e in range(15) if 2**e <= TRITON_MAX_N]
+    specs += [select(dt, NP) for dt in ("fp16", "bf16") for NP in (1024, 4096, TRITON_MAX_N)]
+    scalars = {"N": "i32", "C": "i32", "stride_xb": "i32", "stride_xn": "i32", "stride_sb": "i32",
+               "eps": "fp32", "FUSE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_C": "constexpr"}
     for dt in TRITON_DTYPES.values():
-        for NP in (1024, 4096, TRITON_MAX_N):
-            specs.append(KernelSpec(
-                f"topk_select {dt} NP={NP}", _topk_select_kernel,
-                {"scores_ptr": f"*{dt}", "k_ptr": "*i64", "index_off_ptr": "*i64", "slot_ptr": "*i32",
-                 "index_ptr": "*i64", "N": "i32", "stride_sb": "i32", "NP": "constexpr"},
-                {"NP": NP}, num_warps=_select_warps(NP),
-            ))
-        for C in (64, 768):
-            block_n, block_c = _gather_blocks(C)
-            common = {"x_ptr": f"*{dt}", "scores_ptr": f"*{dt}", "slot_ptr": "*i32", "k_ptr": "*i64",
-                      "out_off_ptr": "*i64"}
-            scalars = {"N": "i32", "C": "i32", "stride_xb": "i32", "stride_xn": "i32", "stride_sb": "i32",
-                       "eps": "fp32", "FUSE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_C": "constexpr"}
-            consts = {"FUSE": True, "BLOCK_N": block_n, "BLOCK_C": block_c}
-            specs.append(KernelSpec(
-                f"topk_gather_fwd {dt} C={C}", _topk_gather_fwd_kernel,
-                {**common, "out_ptr": f"*{dt}", "fused_ptr": "*fp32", "den_ptr": "*fp32", **scalars}, consts, num_warps=GATHER_WARPS,
-            ))
-            specs.append(KernelSpec(
-                f"topk_gather_bwd {dt} C={C}", _topk_gather_bwd_kernel,
-                {"gout_ptr": f"*{dt}", **common, "fused_ptr": "*fp32", "den_ptr": "*fp32",
-                 "gx_ptr": f"*{dt}", "gs_ptr": f"*{dt}", **scalars}, consts, num_warps=GATHER_WARPS,
-            ))
+        for score_dt in sorted({"fp32", dt}):
+            for C in (64, 384, 768):
+                block_n, block_c = _gather_blocks(C)
+                common = {"x_ptr": f"*{dt}", "scores_ptr": f"*{score_dt}", "slot_ptr": "*i32", "k_ptr": "*i64",
+                          "out_off_ptr": "*i64"}
+                consts = {"FUSE": True, "BLOCK_N": block_n, "BLOCK_C": block_c}
+                divisible = ("C", "stride_xb", "stride_xn")  # channel counts of the model are multiples of 16
+                tag = f"{dt} scores={score_dt} C={C}"
+                specs.append(KernelSpec(
+                    f"topk_gather_fwd {tag}", _topk_gather_fwd_kernel,
+                    {**common, "out_ptr": f"*{dt}", "fused_ptr": "*fp32", "den_ptr": "*fp32", **scalars}, consts,
+                    num_warps=GATHER_WARPS, divisible=divisible,
+                ))
+                specs.append(KernelSpec(
+                    f"topk_gather_bwd {tag}", _topk_gather_bwd_kernel,
+                    {"gout_ptr": f"*{dt}", **common, "fused_ptr": "*fp32", "den_ptr": "*fp32",
+                     "gx_ptr": f"*{dt}", "gs_ptr": f"*{score_dt}", **scalars}, consts,
+                    num_warps=GATHER_WARPS, divisible=divisible,
+                ))
     return specs

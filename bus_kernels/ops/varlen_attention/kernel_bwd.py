@@ -11,7 +11,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Ragged sizes are not specialised: their divisibility by 16 changes from batch to batch and would
+# compile a second variant mid-run (they only index the (H, total) lse/delta rows). See bus_kernels/aot.py.
+@triton.jit(do_not_specialize=["total_q"])
 def _attn_bwd_delta_kernel(
     out_ptr, dout_ptr, delta_ptr, stride_dot, stride_doh, total_q, H,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -27,7 +29,7 @@ def _attn_bwd_delta_kernel(
     tl.store(delta_ptr + h.to(tl.int64) * total_q + offs_m, delta, mask=offs_m < total_q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total_q", "total_k"])
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dbias_ptr,
     cu_q_ptr, cu_k_ptr, blk_seq_ptr, blk_start_ptr,
@@ -99,7 +101,7 @@ def _attn_bwd_dkdv_kernel(
         tl.store(dbias_ptr + h.to(tl.int64) * total_k + k0 + cols, dbias, mask=nmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total_q"])
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
     cu_q_ptr, cu_k_ptr, blk_seq_ptr, blk_start_ptr,

@@ -9,7 +9,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Ragged sizes are not specialised: their divisibility by 16 changes from batch to batch and would
+# compile a second variant mid-run (they only index the (H, total) lse/delta rows). See bus_kernels/aot.py.
+@triton.jit(do_not_specialize=["total_q"])
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr,
     cu_q_ptr, cu_k_ptr, blk_seq_ptr, blk_start_ptr,

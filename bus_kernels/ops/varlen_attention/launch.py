@@ -12,6 +12,7 @@ from ... import reference
 from ...backends import register_impl
 from .kernel_bwd import _attn_bwd_dkdv_kernel, _attn_bwd_delta_kernel, _attn_bwd_dq_kernel
 from .._triton_utils import on_device
+from . import autotune
 from .kernel_fwd import _attn_fwd_kernel
 from .tiles import _bias_arg, _block_d, _block_table, _config, _delta_rows, _precision
 
@@ -21,31 +22,32 @@ _LOG2E = 1.4426950408889634
 @torch.library.custom_op("bus::varlen_attention_triton", mutates_args=())
 def _varlen_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    key_bias: Optional[torch.Tensor], softmax_scale: float, causal: bool,
+    key_bias: Optional[torch.Tensor], softmax_scale: float, causal: bool, max_seqlen_q: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (total_q, H, D), k/v (total_k, H, D) with unit stride in D, cu_seqlens_* (B + 1,) int32,
-    key_bias (total_k,) fp32 or None -> out (total_q, H, D) q.dtype, lse (H, total_q) fp32 (base 2)."""
+    key_bias (total_k,) fp32 or None -> out (total_q, H, D) q.dtype, lse (H, total_q) fp32 (base 2).
+    ``max_seqlen_q`` only picks the tiles (a small query tile for short sequences): the block table
+    comes from ``cu_seqlens_q``, so an understated value costs speed, never correctness."""
     total_q, H, D = q.shape
     out = torch.empty(total_q, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(H, total_q, dtype=torch.float32, device=q.device)
-    cfg = _config("fwd", q.dtype, D)
+    cfg = _config("fwd", q.dtype, D, q.device, max_seqlen_q)
     blk_seq, blk_start = _block_table(cu_seqlens_q, total_q, cfg.block_m)
     if blk_seq.numel() == 0 or H == 0:
         return out, lse
     with on_device(q):  # launch on the tensors' GPU, not the current one
-        _attn_fwd_kernel[(blk_seq.numel(), H)](
+        autotune.launch(
+            "fwd", _attn_fwd_kernel, (blk_seq.numel(), H), cfg,
             q, k, v, _bias_arg(key_bias, q), out, lse, cu_seqlens_q, cu_seqlens_k, blk_seq, blk_start,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             total_q, H, softmax_scale * _LOG2E,
-            D=D, CAUSAL=causal, HAS_BIAS=key_bias is not None, PRECISION=_precision(q.dtype),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(D),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            D=D, CAUSAL=causal, HAS_BIAS=key_bias is not None, PRECISION=_precision(q.dtype), BLOCK_D=_block_d(D),
         )
     return out, lse
 
 
 @_varlen_attention_triton.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, key_bias, softmax_scale, causal):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, key_bias, softmax_scale, causal, max_seqlen_q):
     total_q, H, D = q.shape
     return q.new_empty(total_q, H, D), q.new_empty(H, total_q, dtype=torch.float32)
 
@@ -54,7 +56,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, key_bias, softmax_scale, causal):
 def _varlen_attention_triton_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, key_bias: Optional[torch.Tensor],
-    softmax_scale: float, causal: bool,
+    softmax_scale: float, causal: bool, max_seqlen_q: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dout (total_q, H, D) -> dq, dk, dv in the inputs' dtypes (contiguous) and dbias (total_k,) fp32
     ((0,) when key_bias is None)."""
@@ -81,51 +83,53 @@ def _varlen_attention_triton_backward(
                    dout.stride(0), dout.stride(1))
         flags = dict(D=D, CAUSAL=causal, HAS_BIAS=has_bias, PRECISION=_precision(q.dtype), BLOCK_D=block_d)
         bias = _bias_arg(key_bias, q)
-        cfg = _config("dkdv", q.dtype, D)
+        cfg = _config("dkdv", q.dtype, D, q.device, max_seqlen_q)
         kv_seq, kv_start = _block_table(cu_seqlens_k, total_k, cfg.block_n)
         if kv_seq.numel() > 0:
-            _attn_bwd_dkdv_kernel[(kv_seq.numel(), H)](
+            autotune.launch(
+                "dkdv", _attn_bwd_dkdv_kernel, (kv_seq.numel(), H), cfg,
                 q, k, v, bias, dout, lse, delta, dk, dv, dbias_heads if has_bias else bias,
                 cu_seqlens_q, cu_seqlens_k, kv_seq, kv_start, *strides,
                 total_q, total_k, H, softmax_scale * _LOG2E, softmax_scale, **flags,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
-        cfg = _config("dq", q.dtype, D)
+        cfg = _config("dq", q.dtype, D, q.device, max_seqlen_q)
         q_seq, q_start = _block_table(cu_seqlens_q, total_q, cfg.block_m)
         if q_seq.numel() > 0:
-            _attn_bwd_dq_kernel[(q_seq.numel(), H)](
+            autotune.launch(
+                "dq", _attn_bwd_dq_kernel, (q_seq.numel(), H), cfg,
                 q, k, v, bias, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, q_seq, q_start, *strides,
                 total_q, H, softmax_scale * _LOG2E, softmax_scale, **flags,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
     return dq, dk, dv, dbias_heads.sum(0)
 
 
 @_varlen_attention_triton_backward.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_bias, softmax_scale, causal):
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_bias, softmax_scale, causal, max_seqlen_q):
     total_k = k.shape[0] if key_bias is not None else 0
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             q.new_empty(total_k, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, key_bias, softmax_scale, causal = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, key_bias, softmax_scale, causal, max_seqlen_q = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_bias)
     ctx.softmax_scale = softmax_scale
     ctx.causal = causal
+    ctx.max_seqlen_q = max_seqlen_q
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_bias = ctx.saved_tensors
     if dout is None:
-        return (None,) * 8
+        return (None,) * 9
     dq, dk, dv, dbias = _varlen_attention_triton_backward(
-        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_bias, ctx.softmax_scale, ctx.causal
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_bias, ctx.softmax_scale, ctx.causal,
+        ctx.max_seqlen_q,
     )
     if key_bias is None:
         dbias = None
-    return dq, dk, dv, None, None, dbias, None, None
+    return dq, dk, dv, None, None, dbias, None, None, None
 
 
 torch.library.register_autograd("bus::varlen_attention_triton", _backward, setup_context=_setup_context)
@@ -133,11 +137,12 @@ torch.library.register_autograd("bus::varlen_attention_triton", _backward, setup
 
 def _varlen_attention_triton_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   softmax_scale, causal, key_bias=None):
-    # max_seqlen_* are not needed: the block table is sized from the token counts.
+    # the block table is sized from the token counts; max_seqlen_q only picks the tiles
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if key_bias is not None and not key_bias.is_contiguous():
         key_bias = key_bias.contiguous()
-    return _varlen_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, key_bias, softmax_scale, causal)[0]
+    return _varlen_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, key_bias, softmax_scale, causal,
+                                    max_seqlen_q)[0]
 
 
 register_impl("varlen_attention", "torch", reference.varlen_attention)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import NamedTuple, Optional
 
@@ -21,10 +22,10 @@ class _Config(NamedTuple):
     num_stages: int
 
 
-# (kernel, fp32 inputs?, BLOCK_D) -> tiles (BLOCK_M query rows, BLOCK_N key rows, warps, stages).
-# Picked per head dim as the largest candidate that neither spills nor overflows shared memory on
-# sm_80 and sm_90, both as `python -m bus_kernels.aot` compiles it (no alignment facts) and with the
-# 16-byte divisibility the JIT infers for aligned tensors at run time. GPU timings not measured yet.
+# (kernel, fp32 inputs?, BLOCK_D) -> tiles (BLOCK_M query rows, BLOCK_N key rows, warps, stages): the
+# sm_80 table (and the default), sm_90 overrides below. Picked per head dim as the largest candidate that
+# neither spills nor overflows shared memory, as `python -m bus_kernels.aot` compiles it: with the 16-byte
+# divisibility the JIT infers for aligned tensors at run time. GPU timings not measured yet.
 _GPU_CONFIGS = {
     ("fwd", False, 16): _Config(128, 64, 8, 3),
     ("fwd", False, 32): _Config(128, 64, 8, 3),
@@ -34,7 +35,7 @@ _GPU_CONFIGS = {
     ("dkdv", False, 16): _Config(64, 128, 8, 2),
     ("dkdv", False, 32): _Config(32, 64, 4, 2),
     ("dkdv", False, 64): _Config(64, 32, 4, 2),
-    ("dkdv", False, 128): _Config(32, 32, 4, 1),
+    ("dkdv", False, 128): _Config(32, 32, 8, 1),  # 4 warps spilled 8 bytes at D=80 with alignment hints
     ("dkdv", False, 256): _Config(16, 32, 8, 1),
     ("dq", False, 16): _Config(128, 64, 8, 2),
     ("dq", False, 32): _Config(128, 64, 8, 2),
@@ -48,7 +49,7 @@ _GPU_CONFIGS = {
     ("fwd", True, 256): _Config(32, 16, 8, 1),
     ("dkdv", True, 16): _Config(64, 64, 8, 2),
     ("dkdv", True, 32): _Config(32, 32, 4, 1),
-    ("dkdv", True, 64): _Config(32, 32, 4, 1),
+    ("dkdv", True, 64): _Config(32, 32, 8, 1),  # 4 warps spilled 16 bytes on sm_80 with alignment hints
     ("dkdv", True, 128): _Config(16, 16, 8, 1),
     ("dkdv", True, 256): _Config(16, 16, 8, 1),
     ("dq", True, 16): _Config(64, 64, 8, 2),
@@ -56,6 +57,23 @@ _GPU_CONFIGS = {
     ("dq", True, 64): _Config(32, 32, 4, 1),
     ("dq", True, 128): _Config(16, 32, 8, 1),
     ("dq", True, 256): _Config(16, 16, 4, 1),
+}
+# sm_90 (H100/H200: 227 KB of shared memory, wgmma) overrides for fp16/bf16 at the common head dims,
+# shaped as Triton's and FlashAttention-2's Hopper kernels are: 128-row query tiles over 64-128-key tiles
+# in the forward; the backward with more pipeline stages, the dK/dV program owning a 128-key tile and
+# stepping 32-64 query rows, the dQ program the other way round. Checked by `python -m bus_kernels.aot`
+# (no spills, shared memory under the limit); GPU timings not measured yet.
+# Candidates compiled for sm_90 with causal+bias at fp16 (registers / spill bytes / shared KB):
+#   fwd  D=64: 128x128 w8 s2 202/0/83   D=128: 128x64 w8 s3 240/0/133 (128x64 w4 s3 spills at both)
+#   dkdv D=64: 32x128 w8 s3 168/0/59    D=128: 32x128 w8 s3 239/0/116 (w4 spills 56 / 984 bytes)
+#   dq   D=64: 128x32 w8 s4 123/0/67    D=128: 128x32 w8 s4 188/0/132 (w4 s3 spills 104 bytes at D=128)
+_SM90_CONFIGS: dict = {
+    ("fwd", False, 64): _Config(128, 128, 8, 2),
+    ("fwd", False, 128): _Config(128, 64, 8, 3),
+    ("dkdv", False, 64): _Config(32, 128, 8, 3),
+    ("dkdv", False, 128): _Config(32, 128, 8, 3),
+    ("dq", False, 64): _Config(128, 32, 8, 4),
+    ("dq", False, 128): _Config(128, 32, 8, 4),
 }
 # The CPU interpreter runs one program at a time: small tiles keep the tests quick and make
 # modest sequences span several blocks.
@@ -66,10 +84,42 @@ def _block_d(D: int) -> int:
     return max(16, next_pow2(D))  # tl.dot needs every block dim >= 16
 
 
-def _config(kind: str, dtype: torch.dtype, D: int) -> _Config:
+# Sequences of at most this many queries (captions: 32 tokens in BUS) get a query tile of
+# next_pow2(max_seqlen_q) rows (>= 16) instead of the table's 64-128: a 128-row tile over a 32-token
+# caption computes 4x the rows it keeps.
+SHORT_Q = 32
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def target_configs(major: int) -> dict:
+    """The tile table for a GPU of compute capability ``major``: sm_90's entries over the sm_80 table."""
+    return {**_GPU_CONFIGS, **_SM90_CONFIGS} if major >= 9 else dict(_GPU_CONFIGS)
+
+
+def _config(kind: str, dtype: torch.dtype, D: int, device: torch.device | None = None,
+            max_seqlen_q: int | None = None) -> _Config:
+    """Tiles of ``kind`` ("fwd", "dkdv", "dq") for this dtype and head dim on ``device``'s GPU generation;
+    a small query tile when every sequence has at most ``SHORT_Q`` queries."""
     if TRITON_INTERPRET:
         return _INTERPRET_CONFIG
-    return _GPU_CONFIGS[(kind, dtype == torch.float32, _block_d(D))]
+    major = _capability(device.index if device.index is not None else torch.cuda.current_device())[0] \
+        if device is not None and device.type == "cuda" else 8
+    return config_for(kind, dtype, D, major, max_seqlen_q)
+
+
+def config_for(kind: str, dtype: torch.dtype, D: int, major: int, max_seqlen_q: int | None = None) -> _Config:
+    """The GPU tiles of ``kind`` on compute capability ``major`` (what ``_config`` picks, and what
+    ``python -m bus_kernels.aot`` compiles)."""
+    cfg = target_configs(major)[(kind, dtype == torch.float32, _block_d(D))]
+    if max_seqlen_q is not None and max_seqlen_q <= SHORT_Q:
+        block_m = max(16, next_pow2(max_seqlen_q))
+        if block_m < cfg.block_m:  # fewer rows: fewer warps, and the key tile at most 64
+            cfg = _Config(block_m, min(cfg.block_n, 64), min(cfg.num_warps, 4), cfg.num_stages)
+    return cfg
 
 
 def _delta_rows(block_d: int) -> int:
