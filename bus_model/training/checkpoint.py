@@ -20,7 +20,8 @@ Integrity: a disk can still hand back a truncated or corrupted file later (a ful
 a bad sector, a partial rsync). ``checksums.json`` records every file's size and SHA-256 at save time;
 ``verify_checkpoint`` checks them, and ``--resume`` takes the newest checkpoint that verifies, warning
 about each newer one that does not (``latest_valid_checkpoint``), so garbage is never loaded. Hashing
-costs about a second per GB on save and on resume.
+reads every file once more on save and on resume: SHA-256 ran at 435 MiB/s on the project's 2-core CPU
+(hashlib, 256 MiB buffer, shared machine), about 2.4 s per GB.
 
 Safety: weights are safetensors; ``training_state.pt`` is read with ``torch.load(weights_only=True)``,
 which accepts tensors and plain containers only; everything else is JSON.
