@@ -118,6 +118,10 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(run, damage, c
     assert (run / "checkpoints" / "step_00000004.corrupt").is_dir()  # kept for inspection, never listed
     assert [c.step for c in ckpt.list_checkpoints(run)] == [2, 4]
     assert ckpt.verify_checkpoint(run / "checkpoints" / "step_00000004") is None
+    if damage == "flipped_weight_byte":  # the same fault again: the second copy is kept beside the first
+        DAMAGE[damage](newest)
+        assert _train(run, "--steps", "4", "--resume") == 0
+        assert (run / "checkpoints" / "step_00000004.corrupt-1").is_dir()
 
 
 def test_no_valid_checkpoint_fails_clearly_and_loads_nothing(run, capsys):

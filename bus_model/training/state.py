@@ -98,7 +98,10 @@ def _newest_valid(out: Path, info: DistInfo) -> ckpt.Checkpoint:
                        + ". Nothing was loaded; start a fresh run in another --out (or restore the files)")
     if info.is_main:
         for path, why in bad:
-            moved = Path(path).with_name(Path(path).name + ".corrupt")
+            moved, n = Path(path).with_name(Path(path).name + ".corrupt"), 0
+            while moved.exists():  # an earlier fallback left one of the same step
+                n += 1
+                moved = Path(path).with_name(f"{Path(path).name}.corrupt-{n}")
             os.replace(path, moved)
             print(f"warning: --resume: skipping {path}: {why}; kept as {moved.name}; resuming from "
                   f"{Path(good).name}", file=sys.stderr)
