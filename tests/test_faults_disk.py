@@ -81,6 +81,25 @@ def test_enospc_while_writing_a_checkpoint_keeps_the_previous_one_and_stops_clea
     assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
 
 
+def test_enospc_on_the_summary_is_one_error_line_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    original = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.name == "summary.json":
+            _no_space()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    out = tmp_path / "run"
+    assert _train(out, "--steps", "2") == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("bus train: error: [Errno 28] No space left on device")
+    assert ckpt.verify_checkpoint(ckpt.latest_checkpoint(out).path) is None
+    assert [r["step"] for r in _rows(out)] == [1, 2]
+
+
 def _flip_byte(path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -11,6 +11,7 @@ own ``main`` (``python -m bus_model.training.train``), which therefore never imp
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -18,6 +19,9 @@ from typing import Any, Callable
 
 from ..data.health import DataError
 from .errors import RunError, UsageError
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -143,4 +147,12 @@ def run_command(name: str, add_arguments: Callable[[argparse.ArgumentParser], An
         return 2
     except (RunError, DataError) as err:  # the run cannot go on: say why in one line, no traceback
         print(f"bus {name}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if err.errno not in _DISK_ERRNOS:
+            raise
+        # a write that failed outside a checkpoint (metrics, summary, tokenizer): files written before stay
+        print(f"bus {name}: error: {err} (the disk is full, over quota, read-only or failing); what was written "
+              "before is intact: free space or fix the directory, then run the command again (bus train: with "
+              "--resume)", file=sys.stderr)
         return 1
