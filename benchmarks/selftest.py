@@ -228,6 +228,10 @@ def failures(report: dict) -> list[str]:
         for row in section.get("rows", []) if name == "kernels" else []:
             if row.get("status") == "FAILED":
                 lines.append("FAILED " + _row_line(row)[len("FAILED  "):])
+        for row in section.get("rows", []) if name == "syncs" else []:
+            if row.get("status") == "over budget":
+                lines.append(f"FAILED syncs: {row['variant']}: {row['total']} host syncs > budget {row['budget']} "
+                             f"({json.dumps(row.get('by_op'))})")
         for row in section.get("rows", []) if name in ("training", "syncs", "timing") else []:
             if row.get("status") == "error":
                 what = row.get("variant") or f"{row.get('op')} {row.get('backend')} {row.get('shape', '')}"
@@ -266,7 +270,7 @@ def render_markdown(report: dict) -> str:
                                         ("backend", "backend", ""), ("dtype", "dtype", ""), ("result", "worst / reason", "")]), ""]
     for name, title, columns in (
         ("syncs", "Host syncs of one forward + backward (batch 2)",
-         [("variant", "variant", ""), ("status", "status", ""), ("total", "syncs (op counter)", ""),
+         [("variant", "variant", ""), ("status", "status", ""), ("total", "syncs (op counter)", ""), ("budget", "budget", ""),
           ("issue_metric", "_local_scalar_dense + nonzero", ""), ("cuda_sync_warnings", "CUDA sync warnings", ""),
           ("by_op", "by op", "")]),
         ("training", "One training step (forward, backward, AdamW)",

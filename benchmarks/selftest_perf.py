@@ -259,22 +259,40 @@ def training_rows(device: torch.device, quick: bool, deadline: float, on_row: Ca
     return rows
 
 
+def sync_budgets(model: str, device: torch.device) -> dict[str, int | None]:
+    """Host syncs a forward + backward may make (tests/test_host_syncs.py holds them on CPU): none with
+    sdpa, 2 with varlen (the text masks' packed sizes), one per selection layer with keep_mode="mass" (the
+    ragged kept counts), when the ragged pruning op runs compiled (not the torch reference)."""
+    from bus_model import get_config
+
+    layers = len(get_config(model).selection.layers)
+    compiled = select_backend("topk_gather", device, torch.float32, True) != "torch"
+    return {"sdpa": 0, "varlen": 2, "mass": layers if compiled else None,
+            "mass+varlen": layers + 2 if compiled else None, "baseline": 0}
+
+
 def sync_rows(device: torch.device, quick: bool, deadline: float, on_row: Callable[[dict], None]) -> list[dict]:
-    """Host syncs of one forward + backward (batch 2, after a warm-up step) per model variant."""
+    """Host syncs of one forward + backward (batch 2, after a warm-up step) per model variant, against
+    ``sync_budgets`` (op counter; on CUDA the sync-debug-mode count is reported beside it)."""
     rows = []
     model = "bus-tiny" if quick and device.type == "cpu" else "bus-small"
-    variants = [(f"{model} attn_impl=sdpa", model, {}), (f"{model} attn_impl=varlen", model, {"attn_impl": "varlen"}),
-                (f"{model} keep_mode=mass", model, {"selection": {"keep_mode": "mass"}}),
-                (f"{model} keep_mode=mass attn_impl=varlen", model, {"attn_impl": "varlen", "selection": {"keep_mode": "mass"}}),
-                (f"{model}-baseline", f"{model}-baseline", {})]
-    for label, name, overrides in variants:
-        row = {"variant": label}
+    budgets = sync_budgets(model, device)
+    variants = [("sdpa", f"{model} attn_impl=sdpa", model, {}),
+                ("varlen", f"{model} attn_impl=varlen", model, {"attn_impl": "varlen"}),
+                ("mass", f"{model} keep_mode=mass", model, {"selection": {"keep_mode": "mass"}}),
+                ("mass+varlen", f"{model} keep_mode=mass attn_impl=varlen", model,
+                 {"attn_impl": "varlen", "selection": {"keep_mode": "mass"}}),
+                ("baseline", f"{model}-baseline", f"{model}-baseline", {})]
+    for kind, label, name, overrides in variants:
+        row = {"variant": label, "budget": budgets[kind]}
         if time.time() > deadline:
             row.update(status="skipped", reason="time budget spent")
         else:
             try:
                 model_obj, data = _build(name, overrides, 2, device)
                 row.update(status="ok", **step_sync_counts(model_obj, data[0], amp=device.type == "cuda"))
+                if row["budget"] is not None and row["total"] > row["budget"]:
+                    row["status"] = "over budget"
                 del model_obj
             except Exception as e:
                 row.update(status="error", **_error(e))

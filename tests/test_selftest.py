@@ -60,6 +60,8 @@ def test_quick_run_writes_documented_report(quick_run):
 
     syncs = {r["variant"]: r for r in report["sections"]["syncs"]["rows"]}
     assert all(r["status"] == "ok" and isinstance(r["total"], int) for r in syncs.values())
+    assert all(r["total"] <= r["budget"] for r in syncs.values() if r["budget"] is not None)
+    assert syncs["bus-tiny attn_impl=sdpa"]["budget"] == 0 and syncs["bus-tiny attn_impl=varlen"]["budget"] == 2
     training = report["sections"]["training"]["rows"]
     assert any(r["variant"].endswith("-baseline") for r in training)
     assert all(r["status"] == "ok" and r["step_ms"] > 0 for r in training)
@@ -136,3 +138,12 @@ def test_time_budget_skips_with_a_reason(tmp_path):
         assert section["status"] == "skipped" and "budget" in section["reason"]
     assert "sections skipped (time budget): timing, training" in report["summary"]
     assert not selftest.failures(report)
+
+
+def test_syncs_over_budget_is_a_failed_line():
+    report = {"sections": {"syncs": {"status": "ok", "rows": [
+        {"variant": "bus-small attn_impl=sdpa", "status": "over budget", "total": 3, "budget": 0,
+         "by_op": {"Tensor.tolist": 3}},
+        {"variant": "bus-small-baseline", "status": "ok", "total": 0, "budget": 0}]}}}
+    lines = selftest.failures(report)
+    assert len(lines) == 1 and lines[0].startswith("FAILED syncs: bus-small attn_impl=sdpa: 3 host syncs > budget 0")
