@@ -191,8 +191,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         print(skips.summary(), file=sys.stderr)
         print(f"wrote {out / SUMMARY_FILE}, {out / METRICS_FILE}, checkpoint {summary['checkpoint']}", file=sys.stderr)
         if stopped_by:
-            print(f"stopped by {summary['stopped_by']} after step {end} of {args.steps}: continue with the same command "
-                  f"and --resume (exit status {exit_status(stopped_by)})", file=sys.stderr)
+            print(f"stopped by {summary['stopped_by']} after step {end} of {args.steps}: continue with the same "
+                  f"command and --resume (exit status {exit_status(stopped_by)})", file=sys.stderr)
     logger.close()
     if info.enabled:
         dist.barrier()
