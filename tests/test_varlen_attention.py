@@ -262,7 +262,8 @@ def test_cuda_short_sequences_take_the_small_query_tile(dtype, D):
     leaves = [t.to("cuda").requires_grad_(True) for t in (q, k, v)]
     cu = cu_seqlens(lens).cuda()
     understated = varlen_attention(*leaves, cu, cu, 8, 8, causal=True, check_seqlens=False, backend="triton")
-    assert torch.equal(understated.detach(), out.detach()) or max_err(understated, out) <= 2 * torch.finfo(dtype).eps
+    # same rows, same key tiles: equal up to the rounding of a different tile shape
+    assert max_err(understated, out) <= 4 * torch.finfo(dtype).eps * max(1.0, out.abs().max().item())
 
 
 def test_autotune_candidates_keep_the_table_tile_and_vary_the_rest():
