@@ -6,7 +6,7 @@
 #   ONLY_CUDA=1 bash tests/gpu/run_gpu_tests.sh  # only the tests marked cuda
 # Writes junit XML and logs to $OUT (default ./gpu-tests-out) and prints a summary per shard.
 # Triton compiles every kernel variant on first use (~160 attention variants; one process compiles
-# serially), so the tests run as six pytest processes in parallel, sharing Triton's on-disk cache.
+# serially), so the tests run as seven pytest processes in parallel, sharing Triton's on-disk cache.
 # The same tests in one process (slower on a cold Triton cache):
 #   python -m pytest -q -m "not slow" tests/test_pruning_ops.py tests/test_pruning_validation.py \
 #     tests/test_varlen_attention.py tests/test_padding.py tests/test_native.py tests/test_cuda_large.py tests/test_backends.py
@@ -36,7 +36,8 @@ run_shard attn_bf16 tests/test_varlen_attention.py -k "cuda_every_head_dim and b
 run_shard attn_fp32 tests/test_varlen_attention.py -k "fp32_matches" &
 run_shard attn_rest tests/test_varlen_attention.py tests/test_padding.py -k "not cuda_every_head_dim and not fp32_matches" &
 run_shard pruning tests/test_pruning_ops.py tests/test_pruning_validation.py &
-run_shard native_large tests/test_native.py tests/test_cuda_large.py tests/test_backends.py &
+run_shard native tests/test_native.py tests/test_backends.py &
+run_shard large tests/test_cuda_large.py &  # alone: a crash elsewhere must not take these with it
 wait
 echo "== failures and skips (first 60 lines)"
 grep -h -E "^(FAILED|ERROR|SKIPPED)" "$OUT"/pytest_*.log | head -60
