@@ -115,7 +115,8 @@ class SyncCounter(TorchDispatchMode):
 def count_cuda_syncs():
     """CUDA only: collect one entry per synchronising CUDA call made inside (sync debug mode "warn").
 
-    Yields a list that is filled with the warning messages when the block exits.
+    Yields a list that is filled, when the block exits, with the Python location (``dir/file.py:line``)
+    that issued each one.
     """
     found: list[str] = []
     previous = torch.cuda.get_sync_debug_mode()
@@ -126,7 +127,9 @@ def count_cuda_syncs():
             yield found
         finally:
             torch.cuda.set_sync_debug_mode(previous)
-    found.extend(str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower())
+    # where in Python each sync was issued (a sync inside backward points at the backward() call)
+    found.extend(f"{'/'.join(w.filename.split('/')[-2:])}:{w.lineno}" for w in caught
+                 if "synchroniz" in str(w.message).lower())
 
 
 def fwd_bwd(model: torch.nn.Module, batch: tuple, amp: bool = False) -> Callable[[], None]:
@@ -162,5 +165,5 @@ def step_sync_counts(model: torch.nn.Module, batch: tuple, amp: bool = False, wa
             step()
         torch.cuda.synchronize()
         result["cuda_sync_warnings"] = len(found)
-        result["cuda_sync_examples"] = sorted(collections.Counter(found).items(), key=lambda kv: -kv[1])[:5]
+        result["cuda_sync_sites"] = sorted(collections.Counter(found).items(), key=lambda kv: -kv[1])[:10]
     return result
