@@ -46,7 +46,7 @@ class BatchStream:
     ``r`` takes positions ``r, r + W, ...`` (cut to the same length on every rank) and batches of
     ``batch_size`` (the last partial batch is dropped). Iterable data (webdataset) splits itself across
     ranks and workers; the stream calls ``set_epoch`` and, on resume, skips the batches already read.
-    ``state()`` is ``{"epoch", "position"}`` (micro-batches drawn in the epoch) plus the skip counts.
+    ``state()`` is ``{"epoch", "position"}`` (DataLoader batches drawn in the epoch) plus the skipped samples.
 
     Batches with fewer than 2 usable samples (broken images) are skipped: ITC/ITM need negatives. Each
     skipped sample is counted once per run (``skips``, a ``SkipReport`` kept in the checkpoint); a pass that
