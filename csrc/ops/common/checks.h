@@ -3,25 +3,53 @@
 // The messages match the Python layer (bus_kernels/_validation.py): they start with the argument's
 // name, shapes print as Python tuples and dtypes as torch.<name>. TORCH_CHECK_TYPE raises TypeError
 // and TORCH_CHECK_VALUE raises ValueError in Python, as the Python checks do.
+//
+// Every message is built here as one std::string (bus::msg: integers through std::to_string, devices
+// through Device::str) and handed to the TORCH_CHECK_* macro whole, so c10::str never streams an
+// integer through std::ostringstream. Why: the CUDA build on the H200 image (g++ 13.3, torch 2.11)
+// died with SIGSEGV in every check whose message streamed integers, while checks streaming only
+// strings raised fine (benchmarks/results/gpu_tests_h200.md, run 2); the num_put/locale path of that
+// build is the suspect. A mitigation, not a verified cause.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 #include <c10/util/Exception.h>
 
-#include <sstream>
 #include <string>
+#include <type_traits>
 
 namespace bus {
 
+namespace detail {
+
+inline void append(std::string& out, const char* s) { out += s; }
+inline void append(std::string& out, const std::string& s) { out += s; }
+inline void append(std::string& out, const c10::Device& d) { out += d.str(); }
+
+template <typename T, typename = std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>>>
+inline void append(std::string& out, T v) {
+  out += std::to_string(v);
+}
+
+}  // namespace detail
+
+// The concatenation of ``parts`` (strings, integers, devices) as one std::string.
+template <typename... Parts>
+inline std::string msg(const Parts&... parts) {
+  std::string out;
+  (detail::append(out, parts), ...);
+  return out;
+}
+
 inline std::string shape_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << "(";
+  std::string out = "(";
   for (int64_t i = 0; i < t.dim(); ++i) {
-    if (i > 0) os << ", ";
-    os << t.size(i);
+    if (i > 0) out += ", ";
+    out += std::to_string(t.size(i));
   }
-  os << (t.dim() == 1 ? ",)" : ")");
-  return os.str();
+  out += t.dim() == 1 ? ",)" : ")";
+  return out;
 }
 
 inline std::string dtype_str(at::ScalarType t) {
@@ -41,35 +69,36 @@ inline std::string dtype_str(at::ScalarType t) {
 }
 
 inline void check_rank(const char* name, const at::Tensor& t, int64_t rank, const char* layout) {
-  TORCH_CHECK_VALUE(t.dim() == rank, name, " must have shape ", layout, " (", rank, " dims), got shape ",
-                    shape_str(t));
+  TORCH_CHECK_VALUE(t.dim() == rank,
+                    msg(name, " must have shape ", layout, " (", rank, " dims), got shape ", shape_str(t)));
 }
 
 // The dtypes the native kernels take (fp32 accumulation inside).
 inline void check_kernel_float(const char* name, const at::Tensor& t) {
   const auto d = t.scalar_type();
-  TORCH_CHECK_TYPE(d == at::kHalf || d == at::kBFloat16 || d == at::kFloat, name,
-                   " must have a floating dtype (float16, bfloat16, float32), got ", dtype_str(d));
+  TORCH_CHECK_TYPE(d == at::kHalf || d == at::kBFloat16 || d == at::kFloat,
+                   msg(name, " must have a floating dtype (float16, bfloat16, float32), got ", dtype_str(d)));
 }
 
 inline void check_any_float(const char* name, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name,
-                   " must have a floating dtype (float16, bfloat16, float32, float64), got ", dtype_str(t.scalar_type()));
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()),
+                   msg(name, " must have a floating dtype (float16, bfloat16, float32, float64), got ",
+                       dtype_str(t.scalar_type())));
 }
 
 inline void check_dtype(const char* name, const at::Tensor& t, at::ScalarType want) {
-  TORCH_CHECK_TYPE(t.scalar_type() == want, name, " must have dtype ", dtype_str(want), ", got ",
-                   dtype_str(t.scalar_type()));
+  TORCH_CHECK_TYPE(t.scalar_type() == want, msg(name, " must have dtype ", dtype_str(want), ", got ",
+                   dtype_str(t.scalar_type())));
 }
 
 inline void check_dim_size(const char* name, const at::Tensor& t, int64_t dim, int64_t size, const char* what) {
-  TORCH_CHECK_VALUE(t.size(dim) == size, name, " has size ", t.size(dim), " in dim ", dim, " (shape ", shape_str(t),
-                    "), expected ", size, " (", what, ")");
+  TORCH_CHECK_VALUE(t.size(dim) == size, msg(name, " has size ", t.size(dim), " in dim ", dim, " (shape ",
+                                             shape_str(t), "), expected ", size, " (", what, ")"));
 }
 
 inline void check_same_device(const char* name, const at::Tensor& t, const char* first_name, const at::Tensor& first) {
-  TORCH_CHECK_VALUE(t.device() == first.device(), name, " is on ", t.device(), " but ", first_name, " is on ",
-                    first.device(), "; all inputs must be on one device");
+  TORCH_CHECK_VALUE(t.device() == first.device(), msg(name, " is on ", t.device(), " but ", first_name, " is on ",
+                                                      first.device(), "; all inputs must be on one device"));
 }
 
 // bus::text_patch_scores(query (B, H, D), keys (B, N, H, D), scale)
@@ -78,14 +107,15 @@ inline void check_text_patch_scores(const at::Tensor& query, const at::Tensor& k
   check_rank("keys", keys, 4, "(B, N, H, D)");
   check_kernel_float("query", query);
   check_kernel_float("keys", keys);
-  TORCH_CHECK_TYPE(query.scalar_type() == keys.scalar_type(), "keys must have query's dtype ",
-                   dtype_str(query.scalar_type()), ", got ", dtype_str(keys.scalar_type()));
+  TORCH_CHECK_TYPE(query.scalar_type() == keys.scalar_type(),
+                   msg("keys must have query's dtype ", dtype_str(query.scalar_type()), ", got ",
+                       dtype_str(keys.scalar_type())));
   check_dim_size("keys", keys, 0, query.size(0), "batch size B of query");
   check_dim_size("keys", keys, 2, query.size(1), "head count H of query");
   check_dim_size("keys", keys, 3, query.size(2), "head dim D of query");
-  TORCH_CHECK_VALUE(keys.size(1) >= 1, "keys must hold at least one token (N >= 1), got N=0");
-  TORCH_CHECK_VALUE(query.size(1) >= 1 && query.size(2) >= 1, "query must have H >= 1 heads of D >= 1 dims, got shape ",
-                    shape_str(query));
+  TORCH_CHECK_VALUE(keys.size(1) >= 1, msg("keys must hold at least one token (N >= 1), got N=0"));
+  TORCH_CHECK_VALUE(query.size(1) >= 1 && query.size(2) >= 1,
+                    msg("query must have H >= 1 heads of D >= 1 dims, got shape ", shape_str(query)));
   check_same_device("keys", keys, "query", query);
 }
 
@@ -124,7 +154,7 @@ inline void check_topk_gather(const at::Tensor& x, const at::Tensor& scores, con
   check_dim_size("k", k, 0, x.size(0), "batch size B of x");
   check_same_device("scores", scores, "x", x);
   check_same_device("k", k, "x", x);
-  TORCH_CHECK_VALUE(total_kept >= 0, "total_kept must be >= 0, got ", total_kept);
+  TORCH_CHECK_VALUE(total_kept >= 0, msg("total_kept must be >= 0, got ", total_kept));
 }
 
 inline void check_topk_gather_backward(const at::Tensor& grad_tokens, const at::Tensor& x, const at::Tensor& scores,

@@ -156,10 +156,11 @@ void backward_rows(const at::Tensor& g, const at::Tensor& x, const at::Tensor& s
 void check_k_values(const int64_t* k, int64_t B, int64_t N, int64_t total_kept) {
   int64_t sum = 0;
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK_VALUE(k[b] >= 0 && k[b] <= N, "k must be in [0, N=", N, "] for every row, got ", k[b], " in row ", b);
+    TORCH_CHECK_VALUE(k[b] >= 0 && k[b] <= N,
+                      bus::msg("k must be in [0, N=", N, "] for every row, got ", k[b], " in row ", b));
     sum += k[b];
   }
-  TORCH_CHECK_VALUE(sum == total_kept, "total_kept must equal sum(k)=", sum, ", got ", total_kept);
+  TORCH_CHECK_VALUE(sum == total_kept, bus::msg("total_kept must equal sum(k)=", sum, ", got ", total_kept));
 }
 
 }  // namespace

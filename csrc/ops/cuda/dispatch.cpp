@@ -22,7 +22,8 @@ Dtype kernel_dtype(const at::Tensor& t) {
   }
 }
 
-void raise_if(const char* err) { TORCH_CHECK(err == nullptr, "bus native CUDA kernel: ", err); }
+// The message is built only when the check fails (err != nullptr); one string, as in checks.h.
+void raise_if(const char* err) { TORCH_CHECK(err == nullptr, bus::msg("bus native CUDA kernel: ", err)); }
 
 void* current_stream() { return static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()); }
 
