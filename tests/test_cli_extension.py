@@ -119,7 +119,7 @@ def test_training_module_main_runs_without_the_cli(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv, expect", [
-    (["-m", "bus_model.training", "--help"], "{train,eval,bench}"),
+    (["-m", "bus_model.training", "--help"], "{train,eval,bench,selftest}"),
     (["-m", "bus_model.training", "bench", "--help"], "usage: bus bench"),
     (["-m", "bus_model.training.train", "--help"], "usage: bus train"),
     (["-m", "bus_benchmarks.kernels", "--help"], "usage: bus bench kernels"),
