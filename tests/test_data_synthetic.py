@@ -189,3 +189,51 @@ def test_dataset_bad_sizes_and_normalisation():
         SyntheticDataset(4, std=(0.5, 0.0, 0.5))
     with pytest.raises(ValueError, match="index"):
         render_sample(0, -3)
+
+
+def test_difficulty_sets_the_distractors():
+    """easy: 1-2 distractors, none required to echo; standard (the default, unchanged): 2-3 with echoes;
+    hard: 3-4, every one sharing a mentioned object's colour or shape. The mentioned pair stays the same."""
+    counts = {d: [] for d in synthetic.DIFFICULTIES}
+    for index in range(120):
+        default = make_scene(3, index, "val")
+        assert make_scene(3, index, "val", difficulty="standard") == default
+        for level in synthetic.DIFFICULTIES:
+            objects, (ia, ib), relation, caption = make_scene(3, index, "val", difficulty=level)
+            assert relation == default[2] and objects[:2] == default[0][:2]  # same mentioned pair and relation
+            distractors = objects[2:]
+            spec = synthetic.DIFFICULTIES[level]
+            assert len(distractors) <= spec.max_distractors
+            counts[level].append(len(distractors))
+            full = {(o.shape, o.colour, o.size) for o in objects[:2]}
+            assert all((d.shape, d.colour, d.size) not in full for d in distractors)
+            if level == "hard":
+                mentioned = objects[:2]
+                assert all(any(d.colour == m.colour or d.shape == m.shape for m in mentioned) for d in distractors)
+    # placement may fail on a crowded canvas, so a scene can hold fewer than the minimum, but rarely
+    for level, values in counts.items():
+        spec = synthetic.DIFFICULTIES[level]
+        assert np.mean([v >= spec.min_distractors for v in values]) > 0.9, (level, values)
+    assert np.mean(counts["easy"]) < np.mean(counts["standard"]) < np.mean(counts["hard"])
+
+
+def test_relevant_patches_are_a_minority():
+    """The caption-relevant share (what a perfect text-guided selector keeps) is at most 40% of the patches
+    of a 64 px image in 8 px patches, recomputed here from the labels."""
+    for level in synthetic.DIFFICULTIES:
+        share = synthetic.relevant_share(50, seed=1, image_size=64, patch_size=8, difficulty=level)
+        labels = [render_sample(1, i, split="test", image_size=64, patch_size=8, difficulty=level).patch_labels
+                  for i in range(50)]
+        assert share == pytest.approx(float(np.mean([lab.mean() for lab in labels])), rel=1e-6)
+        assert 0.05 < share <= 0.4
+    ds = SyntheticDataset(3, difficulty="hard")
+    assert ds[0]["id"].endswith("-hard") and ds.sample(0).caption == make_scene(0, 0, "train", "hard")[3]
+
+
+def test_bad_difficulty_raises():
+    with pytest.raises(ValueError, match="difficulty"):
+        render_sample(0, 0, difficulty="extreme")
+    with pytest.raises(TypeError, match="difficulty"):
+        SyntheticDataset(4, difficulty=2)
+    with pytest.raises(ValueError, match="num_samples"):
+        synthetic.relevant_share(0)

@@ -10,10 +10,18 @@ files. It exercises everything BUS needs:
   ``image_size / patch_size`` grid that contain at least one pixel of an object the caption mentions.
 * Retrieval: ``split="test"`` draws from a different random stream than ``"train"`` (held out).
 
-Retrieval cannot be solved by colour alone: every scene has distractors that reuse the mentioned
-objects' colours (with another shape or size) and shapes (with another colour); no distractor
-matches a mentioned object in all of size, colour and shape, so the caption names its objects
-unambiguously, and only the combination of attributes plus the relation identifies the image.
+Every scene also holds distractors the caption does not mention, so the caption-relevant patches are
+a minority (``relevant_share``: about 16% of a 64 px image's 8 px patches at ``"standard"``) and text
+guidance has something to select. ``difficulty`` sets them (``DIFFICULTIES``):
+
+* ``"easy"``: 1-2 distractors of random attributes.
+* ``"standard"`` (default): 2-3 distractors; the first reuses a mentioned object's colour (another
+  shape), the second a mentioned object's shape (another colour): retrieval cannot be solved by colour
+  alone, only the combination of attributes plus the relation identifies the image.
+* ``"hard"``: 3-4 distractors, every one echoing a mentioned colour or shape.
+
+No distractor matches a mentioned object in all of size, colour and shape, so the caption names its
+objects unambiguously.
 
 Geometry (normalised units, image side = 1): an object has a centre ``(cx, cy)`` and a radius ``r``.
 A pixel in row ``i``, column ``j`` of an ``S x S`` image is inside the object when its centre
@@ -61,7 +69,25 @@ TEMPLATES = (  # {a}, {b}: "a small red circle"; {rel}: one of RELATIONS
 SPLITS = {"train": 0, "val": 1, "test": 2}
 RELATION_MARGIN = 0.1  # normalised distance between centres along the relation's axis
 GAP = 0.03  # smallest free space between two objects (normalised)
-MAX_DISTRACTORS = 3
+MAX_DISTRACTORS = 3  # at "standard"
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """How a scene's distractors are drawn: between ``min_distractors`` and ``max_distractors`` of them
+    (uniform); ``echo`` of them (the first ones) reuse a mentioned object's colour or shape, the rest
+    have random attributes."""
+
+    min_distractors: int
+    max_distractors: int
+    echo: int
+
+
+DIFFICULTIES = {
+    "easy": Difficulty(1, 2, 0),
+    "standard": Difficulty(2, MAX_DISTRACTORS, 2),
+    "hard": Difficulty(3, 4, 4),
+}
 
 
 @dataclass(frozen=True)
@@ -114,6 +140,14 @@ def _check_geometry(image_size: object, patch_size: object) -> tuple[int, int]:
     if image_size % patch_size != 0:
         raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
     return image_size, patch_size
+
+
+def _check_difficulty(difficulty: object) -> Difficulty:
+    if not isinstance(difficulty, str):
+        raise TypeError(f"difficulty must be a str, got {type(difficulty).__name__}")
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {sorted(DIFFICULTIES)}, got {difficulty!r}")
+    return DIFFICULTIES[difficulty]
 
 
 def _check_index_args(seed: object, index: object, split: object) -> None:
@@ -193,16 +227,18 @@ def _distractor_attributes(draws: _Draws, kind: int, ref: SceneObject) -> tuple[
     return shape, colour, size
 
 
-def make_scene(seed: int, index: int, split: str = "train") -> tuple[list[SceneObject], tuple[int, int], str, str]:
+def make_scene(seed: int, index: int, split: str = "train",
+               difficulty: str = "standard") -> tuple[list[SceneObject], tuple[int, int], str, str]:
     """The resolution-independent part of a sample: (objects, mentioned indices, relation, caption).
 
-    The same ``(seed, split, index)`` gives the same scene at every image size."""
+    The same ``(seed, split, index, difficulty)`` gives the same scene at every image size."""
     _check_index_args(seed, index, split)
+    level = _check_difficulty(difficulty)
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
-    return _make_scene(rng)[:4]
+    return _make_scene(rng, level)[:4]
 
 
-def _make_scene(rng: np.random.Generator):
+def _make_scene(rng: np.random.Generator, level: Difficulty = DIFFICULTIES["standard"]):
     draws = _Draws(rng)
     objects: list[SceneObject] = []
     # The two mentioned objects, with distinct descriptions; an empty canvas always fits two.
@@ -217,14 +253,14 @@ def _make_scene(rng: np.random.Generator):
     relations = _valid_relations(a, b)  # non-empty: centres are >= 0.16 apart, > margin on one axis
     relation = relations[draws.choice(len(relations))]
 
-    # Distractors: the first two echo a mentioned object's colour / shape (hard negatives for a
-    # colour-only or shape-only matcher); none repeats a mentioned object's full description.
+    # Distractors: the first ``level.echo`` echo a mentioned object's colour / shape, alternately (hard
+    # negatives for a colour-only or shape-only matcher); none repeats a mentioned object's full description.
     taken = {(o.shape, o.colour, o.size) for o in objects}
-    n_distractors = 2 + draws.choice(MAX_DISTRACTORS - 1)
+    n_distractors = level.min_distractors + draws.choice(level.max_distractors - level.min_distractors + 1)
     for k in range(n_distractors):
         for _attempt in range(4):  # a crowded canvas may have no room for a large shape: redraw
             ref = objects[draws.choice(2)]
-            shape, colour, size = _distractor_attributes(draws, min(k, 2), ref)
+            shape, colour, size = _distractor_attributes(draws, k % 2 if k < level.echo else 2, ref)
             if (shape, colour, size) in taken:
                 continue
             centre = _place(draws, SIZES[size], objects)
@@ -303,7 +339,7 @@ def patch_grid_labels(mask: np.ndarray, patch_size: int) -> np.ndarray:
 
 
 def render_sample(seed: int, index: int, *, split: str = "train", image_size: int = 64,
-                  patch_size: int = 8) -> SyntheticSample:
+                  patch_size: int = 8, difficulty: str = "standard") -> SyntheticSample:
     """Generate sample ``index`` of ``split`` for ``seed``.
 
     Args:
@@ -312,14 +348,16 @@ def render_sample(seed: int, index: int, *, split: str = "train", image_size: in
         split: ``"train"``, ``"val"`` or ``"test"`` (independent random streams: held-out splits).
         image_size: side S of the square image in pixels (>= 32, a multiple of ``patch_size``).
         patch_size: side p of a ViT patch; labels are on the (S/p) x (S/p) grid.
+        difficulty: ``"easy"``, ``"standard"`` or ``"hard"`` (``DIFFICULTIES``: the distractors).
 
     Returns:
         SyntheticSample with ``image`` (S, S, 3) uint8 and ``patch_labels`` (S/p * S/p,) float32.
     """
     _check_geometry(image_size, patch_size)
     _check_index_args(seed, index, split)
+    level = _check_difficulty(difficulty)
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
-    objects, mentioned, relation, caption, draws = _make_scene(rng)
+    objects, mentioned, relation, caption, draws = _make_scene(rng, level)
 
     image = _background(draws, rng, image_size)  # (S, S, 3) uint8
     relevant = np.zeros((image_size, image_size), dtype=bool)
@@ -336,24 +374,25 @@ class SyntheticDataset(torch.utils.data.Dataset):
     """Map-style dataset of ``num_samples`` synthetic samples (see module docstring).
 
     ``dataset[i]`` is a dict: ``image`` (3, S, S) float32 normalised with ``mean``/``std``, ``caption``
-    str, ``patch_labels`` (S/p * S/p,) float32, ``id`` ``"synthetic-{split}-{seed}-{i}"``. Images are
-    generated at the target size, so no crop or resize is applied (a crop could cut a mentioned object
-    out and make the caption false).
+    str, ``patch_labels`` (S/p * S/p,) float32, ``id`` ``"synthetic-{split}-{seed}-{i}"`` (with
+    ``-{difficulty}`` appended unless it is ``"standard"``). Images are generated at the target size, so no
+    crop or resize is applied (a crop could cut a mentioned object out and make the caption false).
     """
 
     def __init__(self, num_samples: int, *, seed: int = 0, split: str = "train", image_size: int = 64,
                  patch_size: int = 8, mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
-                 std: tuple[float, float, float] = (0.5, 0.5, 0.5)):
+                 std: tuple[float, float, float] = (0.5, 0.5, 0.5), difficulty: str = "standard"):
         if isinstance(num_samples, bool) or not isinstance(num_samples, int):
             raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         _check_geometry(image_size, patch_size)
         _check_index_args(seed, 0, split)
+        _check_difficulty(difficulty)
         from .transforms import check_mean_std
 
         self.num_samples, self.seed, self.split = num_samples, seed, split
-        self.image_size, self.patch_size = image_size, patch_size
+        self.image_size, self.patch_size, self.difficulty = image_size, patch_size, difficulty
         mean_t, std_t = check_mean_std(mean, std)
         self._scale = (1.0 / (255.0 * std_t)).view(3, 1, 1)
         self._shift = (-mean_t / std_t).view(3, 1, 1)
@@ -370,7 +409,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for a dataset of {self.num_samples} samples")
         return render_sample(self.seed, index, split=self.split, image_size=self.image_size,
-                             patch_size=self.patch_size)
+                             patch_size=self.patch_size, difficulty=self.difficulty)
 
     def __getitem__(self, index: int) -> dict:
         s = self.sample(index)
@@ -381,5 +420,16 @@ class SyntheticDataset(torch.utils.data.Dataset):
             "image": image,
             "caption": s.caption,
             "patch_labels": torch.from_numpy(s.patch_labels),
-            "id": f"synthetic-{self.split}-{self.seed}-{index}",
+            "id": f"synthetic-{self.split}-{self.seed}-{index}" + ("" if self.difficulty == "standard" else f"-{self.difficulty}"),
         }
+
+
+def relevant_share(num_samples: int = 200, *, seed: int = 0, split: str = "test", image_size: int = 64,
+                   patch_size: int = 8, difficulty: str = "standard") -> float:
+    """Mean share of an image's patches that show a caption-mentioned object, over the first
+    ``num_samples`` samples: the share a perfect text-guided selector needs to keep."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    shares = [render_sample(seed, i, split=split, image_size=image_size, patch_size=patch_size,
+                            difficulty=difficulty).patch_labels.mean() for i in range(num_samples)]
+    return float(np.mean(shares))
