@@ -75,6 +75,11 @@ class TextConfig:
     cls_token_id: int = 101  # also the decoder's begin-of-sentence token
     sep_token_id: int = 102  # also the decoder's end-of-sentence token
     mask_token_id: int = 103
+    # std of the normal init of every Linear/Embedding outside the ViT (HF BertConfig.initializer_range). BERT's
+    # 0.02 suits its width (768); at a CPU config's width (48-64) it leaves each sub-layer ~40x weaker than the
+    # residual, so the text [CLS] is the same vector for every caption and ITC gets no signal (issue 12):
+    # the small configs set about hidden_size ** -0.5
+    initializer_range: float = 0.02
 
 
 @dataclass
@@ -173,6 +178,9 @@ class BusConfig:
         if not 0.0 < self.losses.mlm_probability < 1.0:
             raise ValueError(f"losses.mlm_probability must be in (0, 1), got {self.losses.mlm_probability}")
         _validate_distillation(self.losses)
+        ir = t.initializer_range
+        if isinstance(ir, bool) or not isinstance(ir, (int, float)) or not 0.0 < ir < 1.0:
+            raise ValueError(f"text.initializer_range must be a number in (0, 1), got {ir!r}")
         if self.losses.itm_negatives not in ("sample", "hardest"):
             raise ValueError(f"losses.itm_negatives must be 'sample' or 'hardest', got {self.losses.itm_negatives!r}")
         if self.max_text_len > t.max_position_embeddings:

@@ -120,12 +120,13 @@ class BusModel(nn.Module):
         self.itc_queue = FeatureQueue(lc.queue_size, lc.embed_dim) if lc.momentum_distill and lc.itc else None
 
     def _init_text_side(self) -> None:
-        """BERT initialisation (normal 0.02) for everything outside the ViT."""
+        """BERT initialisation (normal, std ``text.initializer_range``: 0.02 as BERT) outside the ViT."""
+        std = self.config.text.initializer_range
         for name, module in self.named_modules():
             if name.startswith("vision"):
                 continue
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
+                nn.init.normal_(module.weight, std=std)
                 if isinstance(module, nn.Linear) and module.bias is not None:
                     nn.init.zeros_(module.bias)
 
