@@ -7,7 +7,7 @@ results go into the README, ``render(result) -> str``. Both ``cli`` (the ``bus b
 
 from __future__ import annotations
 
-from . import flops, kernels, patch_effect, scaling, train_speed
+from . import flops, kernels, patch_effect, quality, scaling, train_speed
 
 BENCHMARKS = {
     "train": train_speed,  # the main job: BUS vs baseline training speed
@@ -15,4 +15,5 @@ BENCHMARKS = {
     "scaling": scaling,
     "kernels": kernels,
     "patch": patch_effect,  # bus_kernels.patch on timm ViTs: tokens per layer, FLOPs, step time
+    "quality": quality,  # accuracy vs training time of every selection policy (issue 12)
 }

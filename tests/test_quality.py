@@ -1,0 +1,157 @@
+"""bus bench quality: selector recall, time-to-target and speedup on hand-made inputs; policy discovery;
+the --quick run writes the documented JSON; checkpoints load with BusModel.from_pretrained."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bus_benchmarks import quality
+from bus_benchmarks.quality_metrics import (
+    mean_and_spread,
+    mean_curve,
+    selector_recall,
+    speedup_to_target,
+    time_to_target,
+)
+from bus_benchmarks.quality_train import BASELINE, NO_PTM, eval_steps, policy_specs
+
+
+# ------------------------------------------------------------------------------------ selector recall
+def test_selector_recall_exact_on_a_hand_made_example():
+    # image 0: relevant patches {1, 2, 5}; kept {1, 5, 7} and a fused token (-1) -> 2 of 3
+    # image 1: relevant {0}; kept {3, 4} and padding -> 0 of 1
+    labels = torch.zeros(2, 9)
+    labels[0, [1, 2, 5]] = 1
+    labels[1, 0] = 1
+    kept = torch.tensor([[1, 5, 7, -1], [3, 4, -1, -1]])
+    assert selector_recall(kept, labels) == pytest.approx(2 / 4)
+    # everything kept -> 1; nothing relevant -> None (not 0)
+    assert selector_recall(torch.arange(9).expand(2, 9), labels) == 1.0
+    assert selector_recall(kept, torch.zeros(2, 9)) is None
+    # a repeated position counts once
+    assert selector_recall(torch.tensor([[1, 1, 1], [0, 0, 0]]), labels) == pytest.approx(2 / 4)
+
+
+def test_selector_recall_matches_a_loop_on_random_inputs():
+    g = torch.Generator().manual_seed(3)
+    labels = (torch.rand(7, 37, generator=g) > 0.7).float()
+    kept = torch.stack([torch.randperm(37, generator=g)[:13] for _ in range(7)])
+    kept[kept % 5 == 0] = -1
+    hit = total = 0
+    for b in range(7):
+        rel = {i for i in range(37) if labels[b, i] > 0.5}
+        hit += len(rel & {int(k) for k in kept[b] if k >= 0})
+        total += len(rel)
+    assert selector_recall(kept, labels) == pytest.approx(hit / total)
+
+
+def test_selector_recall_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="kept_positions"):
+        selector_recall(torch.zeros(3, dtype=torch.long), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="rows"):
+        selector_recall(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="only 4 patches"):
+        selector_recall(torch.tensor([[4]]), torch.zeros(1, 4))
+    with pytest.raises(TypeError, match="integer"):
+        selector_recall(torch.zeros(1, 2), torch.zeros(1, 4))
+
+
+# ------------------------------------------------------------------------------------ time to target
+CURVE = [{"time_s": 10.0, "step": 5, "mean_r1": 0.1}, {"time_s": 20.0, "step": 10, "mean_r1": 0.35},
+         {"time_s": 30.0, "step": 15, "mean_r1": 0.3}, {"time_s": 40.0, "step": 20, "mean_r1": 0.5}]
+
+
+def test_time_to_target_and_speedup_on_a_hand_made_curve():
+    assert time_to_target(CURVE, 0.35) == 20.0  # reached exactly at the second point
+    assert time_to_target(CURVE, 0.4) == 40.0  # the dip at 30 s does not count
+    assert time_to_target(CURVE, 0.05) == 10.0
+    assert time_to_target(CURVE, 0.51) is None  # never reached: null, not a number
+    assert time_to_target([], 0.1) is None
+    baseline = [{"time_s": 25.0, "step": 10, "mean_r1": 0.2}, {"time_s": 50.0, "step": 20, "mean_r1": 0.4}]
+    target = baseline[-1]["mean_r1"]
+    assert speedup_to_target(time_to_target(baseline, target), time_to_target(CURVE, target)) == pytest.approx(50 / 40)
+    assert speedup_to_target(50.0, None) is None and speedup_to_target(None, 10.0) is None
+    with pytest.raises(ValueError, match="increasing"):
+        time_to_target(CURVE[::-1], 0.2)
+    with pytest.raises(ValueError, match="target"):
+        time_to_target(CURVE, float("nan"))
+
+
+def test_mean_and_spread_and_mean_curve():
+    assert mean_and_spread([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    assert mean_and_spread([None, 2.0]) == (2.0, None)
+    assert mean_and_spread([None]) == (None, None)
+    other = [dict(p, mean_r1=p["mean_r1"] + 0.1) for p in CURVE]
+    mean = mean_curve([CURVE, other])
+    assert [p["time_s"] for p in mean] == [10.0, 20.0, 30.0, 40.0]
+    assert mean[1]["mean_r1"] == pytest.approx(0.4) and mean[1]["mean_r1_std"] == pytest.approx(0.1 / math.sqrt(2))
+
+
+def test_eval_steps_end_at_the_budget():
+    assert eval_steps(10, 4) == [3, 5, 8, 10]
+    assert eval_steps(2, 4) == [1, 2]
+    assert eval_steps(1, 1) == [1]
+
+
+# ------------------------------------------------------------------------------------ policies
+def test_every_policy_the_model_offers_is_trained():
+    from bus_model.selection import POLICY_INFO
+
+    specs = policy_specs("bus-mini")
+    assert set(specs) == {BASELINE, NO_PTM} | (set(POLICY_INFO) - {"none"})
+    assert specs[BASELINE].config == "bus-mini-baseline"
+    assert specs[NO_PTM].overrides == {"selection__policy": "bus", "losses__ptm": False}
+    tok, text = quality._tokenizer_and_overrides("bus-mini")
+    chosen, skipped = quality.select_specs(quality.QualitySettings(), text)
+    assert set(chosen) == set(specs) and not skipped  # bus-mini builds every variant (elip: equal widths)
+
+
+def test_unknown_policy_is_refused():
+    tok, text = quality._tokenizer_and_overrides("bus-mini")
+    with pytest.raises(SystemExit, match="unknown"):
+        quality.select_specs(quality.QualitySettings(policies=["bus", "nope"]), text)
+
+
+# ------------------------------------------------------------------------------------ the --quick run
+@pytest.mark.slow
+def test_quick_run_writes_the_documented_json(tmp_path):
+    out, js, png = tmp_path / "ckpt", tmp_path / "q.json", tmp_path / "q.png"
+    cmd = [sys.executable, "-m", "bus_benchmarks.quality", "--quick", "--policies", "bus", "random",
+           "--json", str(js), "--plot", str(png), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| policy |" in proc.stdout
+    result = json.loads(js.read_text())
+    for key in ("model", "candidates", "budget_s", "device", "commit", "data", "target", "policies"):
+        assert key in result, key
+    assert result["target"]["metric"] == "mean_r1" and isinstance(result["target"]["value"], float)
+    assert set(result["policies"]) == {"baseline", "bus", "random"}
+    data = result["data"]
+    from bus_model.data import SyntheticDataset
+
+    rebuilt = SyntheticDataset(**data)  # the held-out split can be rebuilt from the recorded kwargs
+    assert len(rebuilt) == result["candidates"] == 16
+    for name, p in result["policies"].items():
+        for key in ("img2txt_r1", "txt2img_r1", "mean_r1", "img2txt_r5", "txt2img_r5", "cider", "selector_recall"):
+            assert key in p["final"], (name, key)
+        assert p["final"]["mean_r1"] == pytest.approx((p["final"]["img2txt_r1"] + p["final"]["txt2img_r1"]) / 2)
+        for key in ("curve", "time_to_target_s", "speedup_to_target", "step_time_s", "flops_per_sample"):
+            assert key in p, (name, key)
+        assert p["curve"] and all({"time_s", "step", "mean_r1"} <= set(c) for c in p["curve"])
+        assert p["step_time_s"] > 0 and p["flops_per_sample"] > 0
+    assert result["policies"]["baseline"]["final"]["selector_recall"] is None
+    recall = result["policies"]["bus"]["final"]["selector_recall"]
+    assert len(recall) == 2 and all(0.0 <= r <= 1.0 for r in recall)
+    assert result["policies"]["baseline"]["speedup_to_target"] == 1.0  # the baseline reaches its own final value
+    assert png.stat().st_size > 0
+    # --out: a checkpoint per variant, loadable as documented, with its tokenizer
+    from bus_model import BusModel
+    from bus_model.data import load_tokenizer
+
+    model = BusModel.from_pretrained(out / "bus")
+    assert model.config.selection.policy == "bus"
+    assert len(load_tokenizer(out / "bus" / "tokenizer")) == model.config.text.vocab_size
