@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 
@@ -100,10 +101,42 @@ def target_configs(major: int) -> dict:
     return {**_GPU_CONFIGS, **_SM90_CONFIGS} if major >= 9 else dict(_GPU_CONFIGS)
 
 
+# kind -> tiles set by ``forced_tiles`` (tests only); empty in normal use.
+_FORCED: dict[str, _Config] = {}
+
+
+@contextlib.contextmanager
+def forced_tiles(**tiles: _Config) -> Iterator[None]:
+    """For tests: within the block, launches of the named kinds (``fwd=``, ``dkdv=``, ``dq=``) use these
+    tiles instead of the table's -- under the interpreter too, so a CPU test can run the GPU tables'
+    tile shapes (the interpreter ignores warps and stages). Not thread-safe; restores the previous
+    setting on exit.
+
+        with forced_tiles(fwd=_Config(128, 128, 8, 2)):
+            out = varlen_attention(...)
+    """
+    unknown = set(tiles) - {"fwd", "dkdv", "dq"}
+    if unknown:
+        raise ValueError(f"forced_tiles takes fwd, dkdv and dq, got {sorted(unknown)}")
+    for kind, cfg in tiles.items():
+        if not isinstance(cfg, _Config):
+            raise TypeError(f"forced_tiles {kind} must be a _Config, got {type(cfg).__name__}")
+    saved = dict(_FORCED)
+    _FORCED.update(tiles)
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(saved)
+
+
 def _config(kind: str, dtype: torch.dtype, D: int, device: torch.device | None = None,
             max_seqlen_q: int | None = None) -> _Config:
     """Tiles of ``kind`` ("fwd", "dkdv", "dq") for this dtype and head dim on ``device``'s GPU generation;
     a small query tile when every sequence has at most ``SHORT_Q`` queries."""
+    forced = _FORCED.get(kind)
+    if forced is not None:
+        return forced
     if TRITON_INTERPRET:
         return _INTERPRET_CONFIG
     major = _capability(device.index if device.index is not None else torch.cuda.current_device())[0] \
