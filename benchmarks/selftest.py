@@ -48,8 +48,10 @@ if __name__ == "__main__" and not __package__:
 
 import torch
 
-# Share of the budget left when a section starts that the section may use (the rest is for the ones after it).
-SECTIONS = (("kernels", 0.45), ("syncs", 0.2), ("training", 0.45), ("timing", 0.9))
+# Weight of each measuring section in the budget: a section may use the budget left when it starts times
+# its weight over the weights of the requested sections still to run (the rest is for the ones after it).
+SECTIONS = (("kernels", 0.45), ("syncs", 0.11), ("training", 0.22), ("timing", 0.22))
+RESERVE = 0.02  # weight kept back for writing the report after the last section
 ISOLATED = {name for name, _ in SECTIONS}
 DEFAULT_BUDGET_S = {"full": 360.0, "quick": 150.0}
 GRACE_S = 20.0  # how long past its deadline a child section may run before it is killed
@@ -351,10 +353,11 @@ def main_from_args(args: argparse.Namespace) -> int:
               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "budget_s": budget, "sections": {}}
     shares = dict(SECTIONS)
-    for name in wanted:
+    for n, name in enumerate(wanted):
         now = time.time()
         end = start + budget
-        deadline = now + (end - now) * shares.get(name, 1.0)
+        weight_left = sum(shares.get(later, 0.0) for later in wanted[n:]) + RESERVE
+        deadline = now + (end - now) * (shares[name] / weight_left if name in shares else 1.0)
         log(f"[{now - start:5.0f} s] section {name}")
         if name in shares and now > end:
             result = {"status": "skipped", "reason": "time budget spent"}
