@@ -41,13 +41,14 @@ from .quality_train import (
     data_kwargs,
     eval_steps,
     evaluate_model,
+    headline,
     measure_step_times,
     policy_specs,
     selector_recalls,
 )
 
 FINAL_KEYS = ("img2txt_r1", "txt2img_r1", "mean_r1", "img2txt_r5", "txt2img_r5", "img2txt_r10", "txt2img_r10",
-              "itc_mean_r1", "cider", "bleu4")
+              "itc_mean_r1", "rerank_img2txt_r1", "rerank_txt2img_r1", "rerank_mean_r1", "cider", "bleu4")
 
 
 @dataclass
@@ -61,7 +62,8 @@ class QualitySettings:
     warmup_share: float = 0.1  # linear warm-up over this share of a variant's steps
     weight_decay: float = 0.02
     candidates: int = 256  # held-out images (one caption each) ranked by every evaluation
-    rerank_k: int = 8  # ITM re-ranks this many ITC candidates per query (bus eval: --rerank-k)
+    rerank_k: int = 0  # curve and target: ITM re-ranks this many ITC candidates (0: ITC ranking only)
+    final_rerank_k: int = 8  # the final evaluation also re-ranks this many by ITM (bus eval: --rerank-k)
     evals: int = 4  # held-out evaluations per run (the curve), the last at the end of the budget
     difficulty: str = "standard"  # synthetic task (bus_model.data.synthetic.DIFFICULTIES)
     data_seed: int = 0  # seed of the held-out split (test); training seed s reads the train split of seed s
@@ -74,8 +76,8 @@ class QualitySettings:
     @classmethod
     def quick(cls) -> "QualitySettings":
         """Seconds on a CPU, for the test suite: tiny batches, a few steps, 16 candidates."""
-        return cls(budget_s=0.5, seeds=[0], batch_size=4, candidates=16, rerank_k=2, evals=2, timing_warmup=1,
-                   timing_steps=1, min_steps=2)
+        return cls(budget_s=0.5, seeds=[0], batch_size=4, candidates=16, final_rerank_k=2, evals=2,
+                   timing_warmup=1, timing_steps=1, min_steps=2)
 
 
 def _tokenizer_and_overrides(model: str):
@@ -113,8 +115,12 @@ def _final_eval(model, held_out, tokenizer, settings, device, amp) -> dict:
     other text-free mode (prune nothing), which measures the train/eval mismatch (README)."""
     from bus_model.selection import POLICY_INFO
 
-    metrics = evaluate_model(model, held_out, tokenizer, device=device, rerank_k=settings.rerank_k, captions=True,
-                             amp=amp)
+    k = max(settings.rerank_k, settings.final_rerank_k)
+    full = evaluate_model(model, held_out, tokenizer, device=device, rerank_k=k, captions=True, amp=amp)
+    metrics = {**headline(full, settings.rerank_k > 0), "itc_mean_r1": full["itc_mean_r1"],
+               "rerank_img2txt_r1": full["rerank_img2txt_r1"], "rerank_txt2img_r1": full["rerank_txt2img_r1"],
+               "rerank_mean_r1": full["rerank_mean_r1"], "rerank_k": k, "cider": full["cider"],
+               "bleu4": full["bleu4"]}
     metrics["selector_recall"] = selector_recalls(model, held_out, tokenizer, device=device)
     sel = model.config.selection
     if sel.policy in POLICY_INFO and POLICY_INFO[sel.policy].uses_text:
@@ -145,8 +151,9 @@ def train_variant(spec, seed: int, steps: int, step_time: float, settings: Quali
                 metrics = _final_eval(model, held_out, tokenizer, settings, device, amp)
                 final = metrics
             else:
-                metrics = evaluate_model(model, held_out, tokenizer, device=device, rerank_k=settings.rerank_k,
-                                         captions=False, amp=amp)
+                full = evaluate_model(model, held_out, tokenizer, device=device, rerank_k=settings.rerank_k,
+                                      captions=False, amp=amp)
+                metrics = {**headline(full, settings.rerank_k > 0), "itc_mean_r1": full["itc_mean_r1"]}
             curve.append({"time_s": step * step_time, "step": step, "mean_r1": metrics["mean_r1"],
                           "itc_mean_r1": metrics["itc_mean_r1"]})
             log(f"{spec.name} seed {seed}: step {step}/{steps} ({step * step_time:.1f}s of training) "
@@ -207,6 +214,10 @@ def run(settings: QualitySettings, device: torch.device | None = None, log=print
         recalls = [f["selector_recall"] for f in finals]
         final["selector_recall"] = None if recalls[0] is None else [
             mean_and_spread([r[k] for r in recalls])[0] for k in range(len(recalls[0]))]
+        alts = [f.get("text_free_alternative") for f in finals]
+        if alts[0] is not None:  # the train/eval mismatch: retrieval with the other text-free mode
+            final["text_free_alternative"] = {"text_free": alts[0]["text_free"],
+                                              "itc_mean_r1": mean_and_spread([a["itc_mean_r1"] for a in alts])[0]}
         curve = mean_curve([per_seed[s]["curve"] for s in settings.seeds])
         policies[name] = {
             "config": spec.config, "overrides": spec.overrides, "summary": spec.summary,
@@ -249,22 +260,31 @@ def render(result: dict) -> str:
         rows.append({
             "policy": name, "steps": p["steps"], "step_time_s": p["step_time_s"],
             "gflops": p["flops_per_sample"] / 1e9, "mean_r1": f"{f['mean_r1']:.3f}{spread}",
-            "img2txt_r1": f["img2txt_r1"], "txt2img_r1": f["txt2img_r1"], "itc_mean_r1": f.get("itc_mean_r1"),
+            "img2txt_r1": f["img2txt_r1"], "txt2img_r1": f["txt2img_r1"], "rerank_mean_r1": f.get("rerank_mean_r1"),
             "cider": f.get("cider"), "ttt": p["time_to_target_s"], "speedup": p["speedup_to_target"],
             "recall": _fmt_recall(f.get("selector_recall")),
         })
     table = markdown_table(rows, [
         ("policy", "policy", ""), ("steps", "steps", "d"), ("step_time_s", "step (s)", ".3f"),
         ("gflops", "GFLOPs/sample", ".3f"), ("mean_r1", "mean R@1", ""), ("img2txt_r1", "i->t R@1", ".3f"),
-        ("txt2img_r1", "t->i R@1", ".3f"), ("itc_mean_r1", "ITC-only mean R@1", ".3f"), ("cider", "CIDEr", ".2f"),
+        ("txt2img_r1", "t->i R@1", ".3f"),
+        ("rerank_mean_r1", f"mean R@1, ITM re-rank top {result['settings']['final_rerank_k']}", ".3f"),
+        ("cider", "CIDEr", ".2f"),
         ("ttt", "time to target (s)", ".1f"), ("speedup", "speedup to target", ".2f"),
         ("recall", "selector recall per layer", ""),
     ])
+    mismatch = [f"{name}: {p['final']['itc_mean_r1']:.3f} as deployed vs {alt['itc_mean_r1']:.3f} with "
+                f"text_free={alt['text_free']}" for name, p in result["policies"].items()
+                if (alt := p["final"].get("text_free_alternative"))]
+    if mismatch:
+        table += ("\n\ntrain/eval mismatch (ITC-only mean R@1 of text-free retrieval, the image encoded without a "
+                  "caption): " + "; ".join(mismatch))
     s = result["settings"]
     target = result["target"]["value"]
+    ranking = f"ITC ranking + ITM re-rank of the top {s['rerank_k']}" if s["rerank_k"] else "ITC ranking"
     skipped = "; ".join(f"{k}: {v}" for k, v in result.get("skipped_policies", {}).items()) or "none"
     return (f"{table}\n\ntarget = baseline final mean R@1 {target:.3f} over {result['candidates']} held-out candidates "
-            f"(chance {1 / result['candidates']:.4f}); ITM re-ranks the top {s['rerank_k']}; budget "
+            f"(chance {1 / result['candidates']:.4f}); {ranking} for the curve and the target; budget "
             f"{result['budget_s']:g}s of training per variant (steps x interleaved median step time), seeds "
             f"{s['seeds']}, batch {s['batch_size']}, lr {s['lr']:g}, difficulty {s['difficulty']}; mean R@1 ± sample "
             f"std over seeds; time to target null = never reached. Skipped: {skipped}. {result['device']}; torch "
@@ -298,7 +318,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
     parser.add_argument("--candidates", type=int, default=d.candidates, help="held-out images ranked (>= 256 for "
                         "the recorded runs)")
-    parser.add_argument("--rerank-k", type=int, default=d.rerank_k, help="ITM re-ranks the top K ITC candidates")
+    parser.add_argument("--rerank-k", type=int, default=d.rerank_k, help="curve and target: ITM re-ranks the top K "
+                        f"ITC candidates (default {d.rerank_k}: ITC ranking only)")
+    parser.add_argument("--final-rerank-k", type=int, default=d.final_rerank_k, help="the final evaluation also "
+                        f"reports R@1 after ITM re-ranking of the top K (default {d.final_rerank_k})")
     parser.add_argument("--evals", type=int, default=d.evals, help="held-out evaluations per run (the curve)")
     parser.add_argument("--difficulty", default=d.difficulty, help="synthetic task: easy, standard or hard")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: GPU only)")
@@ -315,7 +338,8 @@ def settings_from_args(args) -> QualitySettings:
     else:
         settings = QualitySettings(model=args.model, policies=args.policies, budget_s=args.budget_s,
                                    seeds=list(args.seeds), batch_size=args.batch_size, lr=args.lr,
-                                   candidates=args.candidates, rerank_k=args.rerank_k, evals=args.evals,
+                                   candidates=args.candidates, rerank_k=args.rerank_k,
+                                   final_rerank_k=args.final_rerank_k, evals=args.evals,
                                    difficulty=args.difficulty)
     settings.amp, settings.out = args.amp, args.out
     if settings.budget_s <= 0:
@@ -323,7 +347,7 @@ def settings_from_args(args) -> QualitySettings:
     for name in ("batch_size", "candidates", "evals"):
         if getattr(settings, name) < (2 if name != "evals" else 1):
             raise SystemExit(f"error: --{name.replace('_', '-')} is too small: {getattr(settings, name)}")
-    if settings.rerank_k < 0 or not settings.seeds or len(set(settings.seeds)) != len(settings.seeds):
+    if min(settings.rerank_k, settings.final_rerank_k) < 0 or not settings.seeds or len(set(settings.seeds)) != len(settings.seeds):
         raise SystemExit("error: --rerank-k must be >= 0 and --seeds distinct")
     from bus_model.data.synthetic import DIFFICULTIES
 

@@ -197,8 +197,9 @@ def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def evaluate_model(model, held_out, tokenizer, *, device: torch.device, rerank_k: int, captions: bool,
                    amp: bool, batch_size: int = 64) -> dict:
-    """Held-out retrieval as ``bus eval`` computes it (ITC ranking of text-free image embeddings, then ITM
-    re-ranking of the top ``rerank_k``), optionally captioning CIDEr / BLEU-4."""
+    """Held-out retrieval as ``bus eval`` computes it: ITC ranking of text-free image embeddings (keys
+    ``itc_img2txt_r1`` ... ``itc_mean_r1``), then ITM re-ranking of the top ``rerank_k`` (keys
+    ``rerank_...``; equal to the ITC ones when ``rerank_k`` is 0); optionally captioning CIDEr / BLEU-4."""
     from bus_model.training.eval_metrics import caption_scores
     from bus_model.training.evaluate import encode_dataset, retrieval_metrics
 
@@ -206,11 +207,21 @@ def evaluate_model(model, held_out, tokenizer, *, device: torch.device, rerank_k
     enc = encode_dataset(model, held_out, tokenizer, device=device, batch_size=batch_size, captions=captions,
                          max_caption_len=model.config.max_text_len, num_beams=1, amp=amp)
     m = retrieval_metrics(model, enc, device=device, rerank_k=rerank_k, batch_size=batch_size, amp=amp)
-    out = {k: m[k] for k in ("img2txt_r1", "txt2img_r1", "img2txt_r5", "txt2img_r5", "img2txt_r10", "txt2img_r10",
-                             "itc_img2txt_r1", "itc_txt2img_r1")}
-    out["mean_r1"] = (m["img2txt_r1"] + m["txt2img_r1"]) / 2
-    out["itc_mean_r1"] = (m["itc_img2txt_r1"] + m["itc_txt2img_r1"]) / 2
+    out = {}
+    for prefix, source in (("itc_", "itc_"), ("rerank_", "")):
+        for d in ("img2txt", "txt2img"):
+            for k in (1, 5, 10):
+                out[f"{prefix}{d}_r{k}"] = m[f"{source}{d}_r{k}"]
+        out[f"{prefix}mean_r1"] = (out[f"{prefix}img2txt_r1"] + out[f"{prefix}txt2img_r1"]) / 2
+    out["rerank_k"] = rerank_k
     if captions:
         refs = [[enc.captions[t] for t in texts] for texts in enc.image_texts()]
         out.update(caption_scores(refs, enc.generated))
     return out
+
+
+def headline(metrics: dict, reranked: bool) -> dict:
+    """The retrieval numbers a benchmark reports as ``img2txt_r1`` ... ``mean_r1``: the ITM re-ranked ones
+    or the ITC ones."""
+    prefix = "rerank_" if reranked else "itc_"
+    return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
