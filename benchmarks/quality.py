@@ -13,7 +13,8 @@ over seeds.
 
 How time is measured: on a shared, noisy machine a wall clock during training would measure the other
 processes. So each variant's step time is measured first, with all variants' steps interleaved round
-by round (rotated order, as ``bus bench train`` alternates its pair), and its median taken; a variant
+by round (rotated order, as ``bus bench train`` alternates its pair), and its lower quartile taken
+(other processes only add time, in bursts; see ``quality_train.measure_step_times``); a variant
 then gets ``budget_s / step_time`` optimizer steps, and "training time" is steps x step time. Each
 variant's learning-rate schedule (warm-up, cosine) spans its own step budget.
 """
@@ -68,7 +69,7 @@ class QualitySettings:
     difficulty: str = "standard"  # synthetic task (bus_model.data.synthetic.DIFFICULTIES)
     data_seed: int = 0  # seed of the held-out split (test); training seed s reads the train split of seed s
     timing_warmup: int = 2
-    timing_steps: int = 6
+    timing_steps: int = 12
     min_steps: int = 2
     amp: bool | None = None  # bf16 autocast; None: on for CUDA only
     out: str | None = None  # keep each variant's final model (seed = seeds[0]) at out/NAME
@@ -240,9 +241,10 @@ def run(settings: QualitySettings, device: torch.device | None = None, log=print
                    "definition": "the baseline's final held-out mean R@1 (img->txt and txt->img averaged, after "
                                  "ITM re-ranking), mean over seeds"},
         "policies": policies, "skipped_policies": skipped,
-        "time_measurement": "training time = optimizer steps x the variant's median step time, measured before "
-                            "training with every variant's steps interleaved round by round (rotated order); "
-                            "each variant trains budget_s / step time steps",
+        "time_measurement": "training time = optimizer steps x the variant's step time (lower quartile of "
+                            f"{settings.timing_steps} rounds), measured before training with every variant's steps "
+                            "interleaved round by round (rotated order); each variant trains budget_s / step time "
+                            "steps",
         "settings": {**asdict(settings), "amp": amp}, "wall_s": time.perf_counter() - start,
         **{k: v for k, v in env.items() if k not in ("device", "commit")},
     }
@@ -285,7 +287,7 @@ def render(result: dict) -> str:
     skipped = "; ".join(f"{k}: {v}" for k, v in result.get("skipped_policies", {}).items()) or "none"
     return (f"{table}\n\ntarget = baseline final mean R@1 {target:.3f} over {result['candidates']} held-out candidates "
             f"(chance {1 / result['candidates']:.4f}); {ranking} for the curve and the target; budget "
-            f"{result['budget_s']:g}s of training per variant (steps x interleaved median step time), seeds "
+            f"{result['budget_s']:g}s of training per variant (steps x interleaved step time, lower quartile), seeds "
             f"{s['seeds']}, batch {s['batch_size']}, lr {s['lr']:g}, difficulty {s['difficulty']}; mean R@1 ± sample "
             f"std over seeds; time to target null = never reached. Skipped: {skipped}. {result['device']}; torch "
             f"{result['torch']}; wall {result['wall_s'] / 60:.1f} min; commit {result['commit']}")
@@ -298,7 +300,7 @@ def plot(result: dict, path: str | None) -> str | None:
             ys = [1 / result["candidates"]] + [c["mean_r1"] for c in p["curve"]]
             ax.plot(xs, ys, marker="o", markersize=3, label=name, linestyle="--" if name == "baseline" else "-")
         ax.axhline(result["target"]["value"], color="gray", linewidth=0.8, linestyle=":", label="target")
-        ax.set_xlabel("training time (s): steps x interleaved median step time")
+        ax.set_xlabel("training time (s): steps x interleaved step time (lower quartile)")
         ax.set_ylabel(f"held-out mean R@1 ({result['candidates']} candidates)")
         ax.set_title(f"{result['model']}: accuracy vs training time\n{result['device']}", fontsize=8)
         ax.legend(fontsize=7)

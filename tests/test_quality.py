@@ -155,3 +155,13 @@ def test_quick_run_writes_the_documented_json(tmp_path):
     model = BusModel.from_pretrained(out / "bus")
     assert model.config.selection.policy == "bus"
     assert len(load_tokenizer(out / "bus" / "tokenizer")) == model.config.text.vocab_size
+
+
+def test_lower_quartile():
+    from bus_benchmarks.quality_train import lower_quartile
+
+    assert lower_quartile([5.0]) == 5.0
+    assert lower_quartile([4.0, 1.0, 3.0, 2.0, 5.0]) == 2.0  # position 1 of the sorted values
+    assert lower_quartile([1.0, 2.0, 3.0, 4.0]) == pytest.approx(1.75)  # 1 + 0.75 * (2 - 1)
+    with pytest.raises(ValueError):
+        lower_quartile([])
