@@ -65,7 +65,7 @@ class QualitySettings:
     candidates: int = 256  # held-out images (one caption each) ranked by every evaluation
     rerank_k: int = 0  # curve and target: ITM re-ranks this many ITC candidates (0: ITC ranking only)
     final_rerank_k: int = 8  # the final evaluation also re-ranks this many by ITM (bus eval: --rerank-k)
-    evals: int = 6  # held-out evaluations per run (the curve; time-to-target resolution budget_s / evals)
+    evals: int = 3  # held-out evaluations per run (the curve); time-to-target resolution is budget_s / evals
     difficulty: str = "standard"  # synthetic task (bus_model.data.synthetic.DIFFICULTIES)
     data_seed: int = 0  # seed of the held-out split (test); training seed s reads the train split of seed s
     timing_warmup: int = 2

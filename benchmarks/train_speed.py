@@ -311,7 +311,7 @@ def render(result: dict) -> str:
         f"{table}\n\nspeedup (baseline step time / BUS step time): **{result['speedup']:.2f}x**; "
         f"FLOPs ratio BUS/baseline: {result['flops_ratio']:.2f}\n"
         f"batch {s['batch_size']}, {s['steps']} measured steps after {s['warmup']} warm-up, "
-        f"{s['image_size']} px, amp={s['amp']}, overrides {s['overrides'] or 'none'}; {result['device']}; torch {result['torch']}; commit {result['commit']}"
+        f"{s['image_size']} px, amp={s['amp']}, overrides {s.get('overrides') or 'none'}; {result['device']}; torch {result['torch']}; commit {result['commit']}"
     )
 
 

@@ -47,7 +47,6 @@ def test_cpu_sized_baseline_learns():
     (the old init: ITC ties every candidate) stays at chance; for it the mean of the two R@5 over 128 queries
     has a standard deviation of about 0.012, so 0.09 is more than 4 of them above chance. Measured on the
     2-core CPU: mean R@1 0.027, mean R@5 0.148 (seed 0)."""
-    torch.set_num_threads(2)
     tokenizer, text = _tokenizer_and_overrides("bus-mini")
     spec = PolicySpec("baseline", "bus-mini-baseline")
     model = build_model(spec, text, 0, torch.device("cpu"))
