@@ -33,6 +33,7 @@ import torch
 from .command import run_standalone
 from .harness import default_device, environment, markdown_table, publish, save_plot
 from .quality_metrics import mean_and_spread, mean_curve, speedup_to_target, time_to_target
+from .quality_oracle import oracle_txt2img_r1
 from .quality_train import (
     BASELINE,
     Trainer,
@@ -186,6 +187,7 @@ def run(settings: QualitySettings, device: torch.device | None = None, log=print
     held_kwargs = data_kwargs(config, num_samples=settings.candidates, seed=settings.data_seed, split="test",
                               difficulty=settings.difficulty)
     held_out = SyntheticDataset(held_kwargs["num_samples"], **{k: v for k, v in held_kwargs.items() if k != "num_samples"})
+    oracle = oracle_txt2img_r1([held_out.sample(i) for i in range(len(held_out))])
 
     log(f"measuring step times of {list(specs)} (interleaved)")
     timing = measure_step_times(specs, text_overrides, TrainStream(config, tokenizer, settings.batch_size, 0,
@@ -241,6 +243,7 @@ def run(settings: QualitySettings, device: torch.device | None = None, log=print
                    "definition": "the baseline's final held-out mean R@1 (img->txt and txt->img averaged, after "
                                  "ITM re-ranking), mean over seeds"},
         "policies": policies, "skipped_policies": skipped,
+        "oracle_txt2img_r1": oracle,  # what R@1 each level of attribute knowledge allows (quality_oracle.py)
         "time_measurement": "training time = optimizer steps x the variant's step time (lower quartile of "
                             f"{settings.timing_steps} rounds), measured before training with every variant's steps "
                             "interleaved round by round (rotated order); each variant trains budget_s / step time "
@@ -281,6 +284,10 @@ def render(result: dict) -> str:
     if mismatch:
         table += ("\n\ntrain/eval mismatch (ITC-only mean R@1 of text-free retrieval, the image encoded without a "
                   "caption): " + "; ".join(mismatch))
+    if oracle := result.get("oracle_txt2img_r1"):
+        table += ("\n\nceilings on this held-out set (text->image R@1 of ideal rankers that know only these "
+                  "attributes of each object, ties broken at random): "
+                  + "; ".join(f"{name} {r:.3f}" for name, r in oracle.items()))
     s = result["settings"]
     target = result["target"]["value"]
     ranking = f"ITC ranking + ITM re-rank of the top {s['rerank_k']}" if s["rerank_k"] else "ITC ranking"

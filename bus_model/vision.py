@@ -180,7 +180,8 @@ class BusViT(nn.Module):
         nn.init.normal_(self.cls_token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                std = self.vision_config.initializer_range  # timm: 0.02, truncated at +-2 (absolute, as timm)
+                nn.init.trunc_normal_(m.weight, std=std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 

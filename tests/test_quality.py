@@ -129,6 +129,8 @@ def test_quick_run_writes_the_documented_json(tmp_path):
     for key in ("model", "candidates", "budget_s", "device", "commit", "data", "target", "policies"):
         assert key in result, key
     assert result["target"]["metric"] == "mean_r1" and isinstance(result["target"]["value"], float)
+    assert set(result["oracle_txt2img_r1"]) >= {"colours", "size-colour-shape bound"}
+    assert "ceilings on this held-out set" in proc.stdout
     assert set(result["policies"]) == {"baseline", "bus", "random"}
     data = result["data"]
     from bus_model.data import SyntheticDataset

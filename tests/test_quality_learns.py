@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bus_benchmarks.quality import _tokenizer_and_overrides
-from bus_benchmarks.quality_train import PolicySpec, Trainer, TrainStream, build_model, evaluate_model
+from bus_benchmarks.quality_train import PolicySpec, Trainer, TrainStream, build_model, data_kwargs, evaluate_model
 from bus_model import create_model
 from bus_model.data import Collator, SyntheticDataset
 
@@ -35,9 +35,28 @@ def test_text_cls_differs_between_captions_at_init(name):
     assert _text_cls_cosine(fixed, tokenizer) < 0.97
 
 
-def test_initializer_range_is_validated():
-    with pytest.raises(ValueError, match="initializer_range"):
-        create_model("bus-mini", text={"initializer_range": 0.0})
+@pytest.mark.parametrize("section", ["text", "vision"])
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, True, "0.1"])
+def test_initializer_range_is_validated(section, bad):
+    with pytest.raises(ValueError, match=f"{section}.initializer_range"):
+        create_model("bus-mini", **{section: {"initializer_range": bad}})
+
+
+@pytest.mark.parametrize("std", [0.02, 0.125, 0.3])
+def test_vision_initializer_range_sets_the_vit_linear_init(std):
+    """Every Linear weight of the ViT is drawn with std ``vision.initializer_range`` (timm's 0.02 by default;
+    bus-mini: width ** -0.5 = 0.125); the rest of the model keeps ``text.initializer_range``."""
+    torch.manual_seed(1)
+    model = create_model("bus-mini", vision={"initializer_range": std})
+    weights = torch.cat([m.weight.detach().flatten() for m in model.vision.modules() if isinstance(m, torch.nn.Linear)])
+    assert weights.numel() > 10_000
+    assert float(weights.double().std()) == pytest.approx(std, rel=0.03)
+    in_vit = {id(m) for m in model.vision.modules()}
+    others = torch.cat([m.weight.detach().flatten() for m in model.modules()
+                        if isinstance(m, torch.nn.Linear) and id(m) not in in_vit])
+    assert float(others.double().std()) == pytest.approx(model.config.text.initializer_range, rel=0.03)
+    assert create_model("bus-mini-baseline").config.vision.initializer_range == 0.125
+    assert create_model("bus-small").config.vision.initializer_range == 0.02
 
 
 @pytest.mark.slow
@@ -56,7 +75,8 @@ def test_cpu_sized_baseline_learns():
                       device=torch.device("cpu"))
     for i in range(steps):
         trainer.step(stream[i])
-    held_out = SyntheticDataset(128, seed=0, split="test", image_size=64, patch_size=8)
+    # normalised as the training stream is (ImageNet mean/std)
+    held_out = SyntheticDataset(**data_kwargs(model.config, num_samples=128, seed=0, split="test", difficulty="standard"))
     m = evaluate_model(model, held_out, tokenizer, device=torch.device("cpu"), rerank_k=0, captions=False, amp=False)
     assert m["itc_mean_r1"] >= 0.02, m  # 2.5x chance
     assert (m["itc_img2txt_r5"] + m["itc_txt2img_r5"]) / 2 >= 0.09, m
