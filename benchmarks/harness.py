@@ -165,6 +165,21 @@ def _is_view(func) -> bool:
 # writers
 
 
+def parse_overrides(items: Sequence[str], prog: str) -> dict:
+    """``["losses__momentum=0", ...]`` (``--override``, repeatable) -> flat ``section__field`` overrides; values
+    are JSON, else strings. A malformed item exits with ``PROG: error: ...``."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{prog}: error: --override must be SECTION__FIELD=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
 def write_json(path: str | None, payload: dict) -> None:
     if not path:
         return

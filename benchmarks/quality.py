@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .command import run_standalone
-from .harness import default_device, environment, markdown_table, publish, save_plot
+from .harness import default_device, environment, markdown_table, parse_overrides, publish, save_plot
 from .quality_metrics import mean_and_spread, mean_curve, speedup_to_target, time_to_target
 from .quality_oracle import oracle_txt2img_r1
 from .quality_train import (
@@ -74,6 +74,7 @@ class QualitySettings:
     min_steps: int = 2
     amp: bool | None = None  # bf16 autocast; None: on for CUDA only
     out: str | None = None  # keep each variant's final model (seed = seeds[0]) at out/NAME
+    overrides: dict = field(default_factory=dict)  # flat section__field config changes for every variant (--override)
 
     @classmethod
     def quick(cls) -> "QualitySettings":
@@ -94,6 +95,8 @@ def _tokenizer_and_overrides(model: str):
 def select_specs(settings: QualitySettings, text_overrides: dict):
     """(variants to train, {name: why skipped}); unknown names in ``settings.policies`` raise SystemExit."""
     specs = policy_specs(settings.model)
+    for spec in specs.values():  # a variant's own keys (its policy, bus-noptm's ptm) win
+        spec.overrides = {**settings.overrides, **spec.overrides}
     wanted = settings.policies or list(specs)
     unknown = [p for p in wanted if p not in specs]
     if unknown:
@@ -295,7 +298,8 @@ def render(result: dict) -> str:
     return (f"{table}\n\ntarget = baseline final mean R@1 {target:.3f} over {result['candidates']} held-out candidates "
             f"(chance {1 / result['candidates']:.4f}); {ranking} for the curve and the target; budget "
             f"{result['budget_s']:g}s of training per variant (steps x interleaved step time, lower quartile), seeds "
-            f"{s['seeds']}, batch {s['batch_size']}, lr {s['lr']:g}, difficulty {s['difficulty']}; mean R@1 ± sample "
+            f"{s['seeds']}, batch {s['batch_size']}, lr {s['lr']:g}, difficulty {s['difficulty']}, overrides "
+            f"{s.get('overrides') or 'none'}; mean R@1 ± sample "
             f"std over seeds; time to target null = never reached. Skipped: {skipped}. {result['device']}; torch "
             f"{result['torch']}; wall {result['wall_s'] / 60:.1f} min; commit {result['commit']}")
 
@@ -334,6 +338,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evals", type=int, default=d.evals, help="held-out evaluations per run (the curve)")
     parser.add_argument("--difficulty", default=d.difficulty, help="synthetic task: easy, standard or hard")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: GPU only)")
+    parser.add_argument("--override", action="append", default=[], metavar="SECTION__FIELD=JSON",
+                        help="set a config field of every variant, e.g. vision__initializer_range=0.02 (repeatable; "
+                        "not selection__policy, which names the variants)")
     parser.add_argument("--quick", action="store_true", help="seconds: tiny batches, a few steps, 16 candidates")
     parser.add_argument("--json", help="write the result as JSON here")
     parser.add_argument("--plot", help="write a PNG of mean R@1 against training time here")
@@ -351,6 +358,10 @@ def settings_from_args(args) -> QualitySettings:
                                    final_rerank_k=args.final_rerank_k, evals=args.evals,
                                    difficulty=args.difficulty)
     settings.amp, settings.out = args.amp, args.out
+    settings.overrides = parse_overrides(getattr(args, "override", []), "bus bench quality")
+    if "selection__policy" in settings.overrides:
+        raise SystemExit("bus bench quality: error: --override selection__policy: the variants set the policy; "
+                         "choose them with --policies")
     if settings.budget_s <= 0:
         raise SystemExit("error: --budget-s must be > 0")
     for name in ("batch_size", "candidates", "evals"):

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .command import run_standalone
-from .harness import count_flops, default_device, environment, markdown_table, median, publish, save_plot, timed
+from .harness import count_flops, default_device, environment, markdown_table, median, parse_overrides, publish, save_plot, timed
 
 
 @dataclass
@@ -370,16 +370,8 @@ def settings_from_args(args) -> TrainBenchSettings:
 
 
 def _parse_overrides(items: list[str], policy: str | None) -> dict:
-    """``["losses__momentum=0", ...]`` (values JSON, else strings) and ``--policy`` -> flat overrides."""
-    out = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"bus bench train: error: --override must be SECTION__FIELD=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
+    """``--override`` items and ``--policy`` -> flat overrides of the compared model."""
+    out = parse_overrides(items, "bus bench train")
     if policy is not None:
         out["selection__policy"] = policy
     return out

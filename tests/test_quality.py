@@ -116,6 +116,45 @@ def test_unknown_policy_is_refused():
         quality.select_specs(quality.QualitySettings(policies=["bus", "nope"]), text)
 
 
+def _args(*argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    quality.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_override_reaches_every_variant_and_variant_keys_win():
+    settings = quality.settings_from_args(_args("--override", "vision__initializer_range=0.05",
+                                                "--override", "losses__ptm=true", "--policies", "bus", "bus-noptm"))
+    assert settings.overrides == {"vision__initializer_range": 0.05, "losses__ptm": True}
+    tok, text = quality._tokenizer_and_overrides("bus-mini")
+    chosen, _ = quality.select_specs(settings, text)
+    assert set(chosen) == {BASELINE, "bus", NO_PTM}
+    for spec in chosen.values():
+        assert spec.overrides["vision__initializer_range"] == 0.05
+    assert chosen[NO_PTM].overrides["losses__ptm"] is False  # the ablation stays an ablation
+    assert chosen["bus"].overrides["losses__ptm"] is True
+    model = quality.build_model(chosen[BASELINE], text, 0, torch.device("cpu"))
+    assert model.config.vision.initializer_range == 0.05
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--override", "selection__policy=evit"], "selection__policy"),
+    (["--override", "novalue"], "SECTION__FIELD=VALUE"),
+])
+def test_bad_override_is_refused(argv, match):
+    with pytest.raises(SystemExit, match=match):
+        quality.settings_from_args(_args(*argv))
+
+
+def test_override_of_an_unknown_field_names_it():
+    settings = quality.settings_from_args(_args("--override", "vision__nope=1"))
+    tok, text = quality._tokenizer_and_overrides("bus-mini")
+    with pytest.raises(SystemExit, match="nope"):
+        quality.select_specs(settings, text)
+
+
 # ------------------------------------------------------------------------------------ the --quick run
 @pytest.mark.slow
 def test_quick_run_writes_the_documented_json(tmp_path):
