@@ -114,6 +114,10 @@ class LossConfig:
     temperature: float = 0.07  # initial ITC temperature (learned as log(1 / temperature))
     mlm_probability: float = 0.15  # share of text tokens masked (80% [MASK], 10% random, 10% kept)
     itm_negatives: str = "sample"  # "sample": draw from softmax(ITC sims) | "hardest": argmax
+    # share of ITM negatives drawn uniformly instead (0: ALBEF). Trained from scratch, ITC-mined negatives already
+    # share the caption's attributes after ~100 steps, and ITM stays at its prior (issue 12, README); a share of
+    # easy negatives lets it start. bus-mini and its baseline set 0.5
+    itm_random_share: float = 0.0
     # ALBEF momentum distillation (momentum.py): an EMA model gives ITC queue features and soft targets
     momentum_distill: bool = False  # on in the base configs; off: plain in-batch ITC and hard MLM labels
     momentum: float = 0.995  # EMA momentum in [0, 1)
@@ -187,6 +191,9 @@ class BusConfig:
                 raise ValueError(f"{section}.initializer_range must be a number in (0, 1), got {ir!r}")
         if self.losses.itm_negatives not in ("sample", "hardest"):
             raise ValueError(f"losses.itm_negatives must be 'sample' or 'hardest', got {self.losses.itm_negatives!r}")
+        share = self.losses.itm_random_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+            raise ValueError(f"losses.itm_random_share must be a number in [0, 1], got {share!r}")
         if self.max_text_len > t.max_position_embeddings:
             raise ValueError(
                 f"max_text_len ({self.max_text_len}) exceeds text.max_position_embeddings ({t.max_position_embeddings})"

@@ -46,11 +46,12 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, logit_scale: tor
 
 
 @torch.no_grad()
-def mine_hard_negatives(sim_i2t: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def mine_hard_negatives(sim_i2t: torch.Tensor, mode: str, random_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """sim_i2t (B, B), B >= 2 -> (negative text per image (B,), negative image per text (B,)) int64.
 
     ``sample``: draw from softmax over the non-matching entries (Gumbel-max, so it also traces on
-    fake/meta tensors); ``hardest``: their argmax."""
+    fake/meta tensors); ``hardest``: their argmax. ``random_share``: each image's (and each text's)
+    negative is instead drawn uniformly from the non-matching entries with this probability."""
     B = sim_i2t.shape[0]
     eye = torch.eye(B, dtype=torch.bool, device=sim_i2t.device)
     logits = sim_i2t.float().masked_fill(eye, float("-inf"))
@@ -58,6 +59,13 @@ def mine_hard_negatives(sim_i2t: torch.Tensor, mode: str) -> tuple[torch.Tensor,
     if mode == "sample":
         rows = rows - torch.log(-torch.log(torch.rand_like(rows).clamp_min(1e-20)))
         cols = cols - torch.log(-torch.log(torch.rand_like(cols).clamp_min(1e-20)))
+    if random_share > 0:
+        # the argmax of uniform noise over the off-diagonal entries is a uniform draw among them
+        uniform_rows = torch.rand_like(rows).masked_fill(eye, -1.0)
+        uniform_cols = torch.rand_like(cols).masked_fill(eye, -1.0)
+        pick = torch.rand_like(rows[:, :2]) < random_share  # (B, 2): rows' and cols' choice per index
+        rows = torch.where(pick[:, :1], uniform_rows, rows)
+        cols = torch.where(pick[:, 1:], uniform_cols, cols)
     return rows.argmax(dim=1), cols.argmax(dim=1)
 
 

@@ -300,7 +300,7 @@ class BusModel(nn.Module):
                 raise ValueError("the ITM loss mines negatives inside the batch: batch size must be >= 2")
             if sim is None:
                 sim = itc_logits(image.embedding, text.embedding, self.logit_scale)
-            neg_text, neg_image = mine_hard_negatives(sim.detach(), lc.itm_negatives)
+            neg_text, neg_image = mine_hard_negatives(sim.detach(), lc.itm_negatives, lc.itm_random_share)
             t_hidden = torch.cat([text.hidden, text.hidden, text.hidden[neg_text]])  # (3B, L, C)
             t_mask = None if text.mask is None else torch.cat([text.mask, text.mask, text.mask[neg_text]])
             mem = torch.cat([memory, memory[neg_image], memory])  # pos, (text, neg image), (neg text, image)

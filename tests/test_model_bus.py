@@ -307,6 +307,43 @@ def test_hard_negatives_are_never_the_positive():
     assert torch.equal(neg_text, off.argmax(1)) and torch.equal(neg_image, off.argmax(0))
 
 
+@pytest.mark.parametrize("mode", ["sample", "hardest"])
+def test_random_share_of_itm_negatives(mode):
+    """losses.itm_random_share: with share 1 every negative is a uniform draw among the non-matching entries
+    (whatever the similarities say); with share s about s of them are (the rest mined as before)."""
+    B, draws = 7, 3000
+    torch.manual_seed(int(torch.randint(0, 10_000, ())))
+    sim = torch.randn(B, B) * 50  # extremely peaked: mining alone would nearly always pick the argmax
+    off = sim.masked_fill(torch.eye(B, dtype=torch.bool), float("-inf"))
+    counts = torch.zeros(B, B)
+    hits = 0
+    for _ in range(draws):
+        neg_text, neg_image = mine_hard_negatives(sim, mode, random_share=1.0)
+        assert (neg_text != torch.arange(B)).all() and (neg_image != torch.arange(B)).all()
+        counts[torch.arange(B), neg_text] += 1
+        hits += int((neg_text == off.argmax(1)).sum())
+    # uniform over the B - 1 others: each cell ~ draws / 6 = 500, std ~ 20.4; 6 std allowed
+    expected = draws / (B - 1)
+    off_diag = counts[~torch.eye(B, dtype=torch.bool)]
+    assert (off_diag - expected).abs().max() < 6 * math.sqrt(expected * (1 - 1 / (B - 1)))
+    assert counts.diagonal().sum() == 0
+    # share 0.5: the argmax is hit by the mined half (about all of it here) plus 1/6 of the random half
+    hits_half = sum(int((mine_hard_negatives(sim, mode, random_share=0.5)[0] == off.argmax(1)).sum())
+                    for _ in range(400)) / (400 * B)
+    mined_argmax = sum(int((mine_hard_negatives(sim, mode)[0] == off.argmax(1)).sum()) for _ in range(100)) / (100 * B)
+    want = 0.5 * mined_argmax + 0.5 / (B - 1)
+    assert abs(hits_half - want) < 6 * math.sqrt(want * (1 - want) / (400 * B))
+    assert hits / (draws * B) < 0.2  # share 1 ignores the similarities
+
+
+def test_random_share_traces_on_meta_and_is_validated():
+    neg_text, neg_image = mine_hard_negatives(torch.randn(5, 5, device="meta"), "sample", random_share=0.5)
+    assert neg_text.shape == (5,) and neg_image.device.type == "meta"
+    for bad in (-0.1, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="losses.itm_random_share"):
+            bus_model.create_model("bus-tiny", losses={"itm_random_share": bad})
+
+
 def test_ptm_loss_matches_a_direct_computation():
     torch.manual_seed(0)
     B, P = 3, 12
