@@ -1,4 +1,4 @@
-"""bus bench <name>: speed, memory and FLOPs benchmarks of BUS against its baseline twin, and of the kernels.
+"""bus bench <name>: speed, FLOPs, memory and accuracy-vs-time benchmarks of BUS, its rivals, kernels and patches.
 
 ``bus`` is bus_model.training.cli; this is its bench group.
 
