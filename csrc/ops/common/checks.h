@@ -9,7 +9,9 @@
 // integer through std::ostringstream. Why: the CUDA build on the H200 image (g++ 13.3, torch 2.11)
 // died with SIGSEGV in every check whose message streamed integers, while checks streaming only
 // strings raised fine (benchmarks/results/gpu_tests_h200.md, run 2); the num_put/locale path of that
-// build is the suspect. A mitigation, not a verified cause.
+// build is the suspect. A mitigation, not a verified cause: without a GPU the pre-fix build raises
+// cleanly even with that image's g++ 13.3 / ld 2.42 / torch 2.11 (an Ubuntu 24.04 chroot), so the
+// driver or device side may matter too.
 #pragma once
 
 #include <ATen/core/Tensor.h>
