@@ -40,7 +40,7 @@ from .losses import (
 from .momentum import FeatureQueue, MomentumModel, distilled_mlm_loss, ramped_alpha, soft_itc_loss
 from .pad import PatchAbstractionDecoder
 from .selection import POLICY_INFO, SelectionRecord
-from .text import TextEncoder, padding_mask, read_hf_state_dict, shifted_padding_mask
+from .text import TextEncoder, padding_mask, read_hf_state_dict, shifted_padding_mask, stacked_padding_mask
 from .vision import BusViT, VisionFeatures
 
 CONFIG_FILE = "config.json"
@@ -81,6 +81,14 @@ class TextEncoding:
     embedding: torch.Tensor
     hidden: torch.Tensor
     mask: torch.Tensor | None
+
+
+def _stack_rows(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Tensors (B_i, ...) -> one (sum B_i, ...) tensor; None when every part is None (no mask).
+    Masks are all None or all tensors here: the same mask source feeds every group of a stack."""
+    if parts[0] is None:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class BusModel(nn.Module):
@@ -179,7 +187,9 @@ class BusModel(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextEncoding:
         """input_ids (B, L) int64, attention_mask (B, L) 0/1 -> TextEncoding."""
         self._check_text(input_ids, attention_mask)
-        hidden = self.text_encoder(input_ids, attention_mask)
+        return self._text_encoding(self.text_encoder(input_ids, attention_mask), attention_mask)
+
+    def _text_encoding(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> TextEncoding:
         emb = F.normalize(self.text_proj(hidden[:, 0]).float(), dim=-1)
         return TextEncoding(emb, hidden, padding_mask(attention_mask))
 
@@ -272,7 +282,15 @@ class BusModel(nn.Module):
                 got = tuple(patch_labels.shape) if isinstance(patch_labels, torch.Tensor) else type(patch_labels).__name__
                 raise ValueError(f"patch_labels must have shape (B, num_patches) = ({input_ids.shape[0]}, {n}), got {got}")
         lc = self.config.losses
-        text = self.encode_text(input_ids, attention_mask)
+        B = input_ids.shape[0]
+        if lc.mlm:
+            # one text-encoder pass over the clean and the masked captions stacked (2B, L): the same math as
+            # two passes, half the dispatched ops (issue 22)
+            masked, positions, labels = mask_tokens(input_ids, attention_mask, self.config.text, lc.mlm_probability)
+            both = self.text_encoder(torch.cat([input_ids, masked]), stacked_padding_mask(attention_mask, 2))
+            text, masked_hidden = self._text_encoding(both[:B], attention_mask), both[B:]
+        else:
+            text = self._text_encoding(self.text_encoder(input_ids, attention_mask), attention_mask)
         t_cls = text.hidden[:, 0]
         image = self.encode_image(images, t_cls if self._uses_text_query() else None)
         memory, memory_mask = image.memory, image.memory_mask
@@ -295,23 +313,29 @@ class BusModel(nn.Module):
                 queue.enqueue(image_m, text_m)
         elif lc.itc:
             losses["itc"], sim = itc_loss(image.embedding, text.embedding, self.logit_scale)
+        # one fusion pass over the ITM triplet and the MLM rows stacked (up to 4B rows): the same layers on the
+        # same kinds of input, so one pass gives what two would, with half the dispatched ops (issue 22)
+        rows: list[tuple] = []  # (text states, text mask, memory, memory mask) per stacked group
         if lc.itm:
-            if images.shape[0] < 2:
+            if B < 2:
                 raise ValueError("the ITM loss mines negatives inside the batch: batch size must be >= 2")
             if sim is None:
                 sim = itc_logits(image.embedding, text.embedding, self.logit_scale)
             neg_text, neg_image = mine_hard_negatives(sim.detach(), lc.itm_negatives, lc.itm_random_share)
-            t_hidden = torch.cat([text.hidden, text.hidden, text.hidden[neg_text]])  # (3B, L, C)
-            t_mask = None if text.mask is None else torch.cat([text.mask, text.mask, text.mask[neg_text]])
-            mem = torch.cat([memory, memory[neg_image], memory])  # pos, (text, neg image), (neg text, image)
-            mem_mask = None if memory_mask is None else torch.cat([memory_mask, memory_mask[neg_image], memory_mask])
-            logits = self.itm_head(self.fusion(t_hidden, t_mask, mem, mem_mask)[:, 0])
-            losses["itm"] = itm_loss(logits, images.shape[0])
+            t_mask_neg = None if text.mask is None else text.mask[neg_text]
+            m_mask_neg = None if memory_mask is None else memory_mask[neg_image]
+            rows += [(text.hidden, text.mask, memory, memory_mask),  # positive pairs
+                     (text.hidden, text.mask, memory[neg_image], m_mask_neg),  # each text with a hard negative image
+                     (text.hidden[neg_text], t_mask_neg, memory, memory_mask)]  # each image with a hard negative text
         if lc.mlm:
-            masked, positions, labels = mask_tokens(input_ids, attention_mask, self.config.text, lc.mlm_probability)
-            hidden = self.text_encoder(masked, attention_mask)
-            fused = self.fusion(hidden, text.mask, memory, memory_mask)  # (B, L, C)
-            picked = fused.gather(1, positions[:, :, None].expand(-1, -1, fused.shape[-1]))  # (B, K, C)
+            rows.append((masked_hidden, text.mask, memory, memory_mask))
+        if rows:
+            fused = self.fusion(*(_stack_rows([r[j] for r in rows]) for j in range(4)))  # (len(rows) * B, L, C)
+        if lc.itm:
+            losses["itm"] = itm_loss(self.itm_head(fused[: 3 * B, 0]), B)
+        if lc.mlm:
+            fused_mlm = fused[-B:]  # (B, L, C)
+            picked = fused_mlm.gather(1, positions[:, :, None].expand(-1, -1, fused_mlm.shape[-1]))  # (B, K, C)
             logits = self.mlm_head(picked, self.text_encoder.embeddings.word_embeddings.weight)  # (B, K, V)
             if distill:
                 with torch.no_grad():

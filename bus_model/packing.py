@@ -6,6 +6,11 @@ sizes the packed tensors), which on a GPU is a sync that stalls the CPU's queuei
 mask object is packed once while it lives (every block of a ViT stage and every BERT stack that sees
 the same mask reuses it), and a caller that already knows the sizes on the host (a selection step
 knows them from the shapes of ``topk_gather_varlen``'s output) registers them, so that no read is needed.
+
+Under ``torch.compile`` the cache is bypassed (it never hits and stores nothing): it is keyed by
+Python object identity and the tensor's version counter, which dynamo cannot trace without a graph
+break, and a traced tensor must not outlive its graph. A compiled graph computes each mask inside
+itself; the repeats are a few cheap elementwise ops that inductor fuses.
 """
 
 from __future__ import annotations
@@ -45,12 +50,16 @@ class _PackingCache:
             return -1
 
     def get(self, mask: torch.Tensor, what: str):
+        if torch.compiler.is_compiling():  # identity and _version cannot be traced: no cache in a graph
+            return None
         entry = self._entries.get(id(mask))
         if entry is None or entry[0]() is not mask or entry[1] != self._version(mask):
             return None
         return entry[2].get(what)
 
     def put(self, mask: torch.Tensor, what: str, value) -> None:
+        if torch.compiler.is_compiling():  # never keep a traced value past its graph
+            return
         entry = self._entries.get(id(mask))
         if entry is None or entry[0]() is not mask or entry[1] != self._version(mask):
             entry = (weakref.ref(mask, self._forget(id(mask))), self._version(mask), {})
@@ -64,7 +73,8 @@ _DENSE_CU: dict[tuple, torch.Tensor] = {}  # (B, S, device) -> (B + 1,) int32 of
 
 def memo(owner: torch.Tensor, what: str, make):
     """``make()``, computed once per live ``owner`` tensor (and ``what``): later calls with the same
-    tensor object return the first result. The result must not hold ``owner`` itself."""
+    tensor object return the first result. The result must not hold ``owner`` itself. While
+    ``torch.compile`` traces, ``make()`` runs every time (the cache is bypassed, see the module docstring)."""
     value = _CACHE.get(owner, what)
     if value is None:
         value = make()
@@ -76,6 +86,15 @@ def register_host_lengths(mask: torch.Tensor, total: int, max_len: int) -> None:
     """Tell ``packing`` the number of set entries of ``mask`` (B, S) and the longest row, known on the
     host without reading the device: packing ``mask`` then needs no host sync."""
     _CACHE.put(mask, "host", (int(total), int(max_len)))
+
+
+def known_lengths(mask: torch.Tensor) -> tuple[int, int] | None:
+    """The ``(total, max_len)`` of ``mask`` if the host already knows them (registered, or packed), else None."""
+    host = _CACHE.get(mask, "host")
+    if host is None:
+        packed = _CACHE.get(mask, "packing")
+        host = None if packed is None else (packed[0].shape[0] if packed[0] is not None else mask.numel(), packed[2])
+    return host
 
 
 def prepack(*masks: torch.Tensor | None) -> None:

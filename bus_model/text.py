@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import multi_head_attention, packed_attention
-from .packing import gather_rows, memo, packing, scatter_rows
+from .packing import gather_rows, known_lengths, memo, packing, register_host_lengths, scatter_rows
 from .config import TextConfig
 
 
@@ -178,6 +178,22 @@ def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     if attention_mask.dtype == torch.bool:
         return attention_mask
     return memo(attention_mask, "padding_mask", attention_mask.bool)
+
+
+def stacked_padding_mask(attention_mask: torch.Tensor, copies: int) -> torch.Tensor:
+    """(B, L) 0/1 mask -> (copies * B, L) bool: ``padding_mask`` repeated, for a pass over stacked rows (the
+    clean and masked captions at once). The same object for the same ``attention_mask`` while it lives; its
+    packed sizes follow from those of the single mask when the host knows them (no extra host read)."""
+    single = padding_mask(attention_mask)
+
+    def make():
+        stacked = single.repeat(copies, 1)
+        lengths = known_lengths(single)
+        if lengths is not None:
+            register_host_lengths(stacked, copies * lengths[0], lengths[1])
+        return stacked
+
+    return memo(attention_mask, f"stacked_padding_mask_{copies}", make)
 
 
 def shifted_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
