@@ -22,6 +22,54 @@ def varlen_available() -> bool:
     return hasattr(bus_kernels, "varlen_attention")
 
 
+def fuse_linear_keys(state: dict, prefix: str, parts: tuple[str, ...], fused: str) -> None:
+    """Rewrite, in place, the separate projections ``{prefix}{part}.weight|bias`` of a state dict into one
+    fused ``{prefix}{fused}.*`` (concatenated along the output dim, in ``parts`` order): checkpoints written
+    with separate q/k/v projections load into fused ones. Keys already fused, or a group with a part
+    missing (left for the strict load to report), stay as they are."""
+    for kind in ("weight", "bias"):
+        names = [f"{prefix}{p}.{kind}" for p in parts]
+        if all(n in state for n in names):
+            state[f"{prefix}{fused}.{kind}"] = torch.cat([state.pop(n) for n in names])
+
+
+def attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype attention scores will have for activations ``x``: autocast's when it is on, else x's.
+    SDPA wants a float mask in the query's dtype (a bool mask it converts on every call)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def additive_mask(
+    key_mask: torch.Tensor | None, dtype: torch.dtype, *, causal: bool = False, query_len: int | None = None,
+) -> torch.Tensor | None:
+    """Build once per stack what every attention call of the stack adds to its scores.
+
+    key_mask: ``(B, Sk)`` bool, True for valid keys, or None. causal: query i sees keys ``<= i``
+    (``query_len`` == Sk). Returns ``(B, 1, 1, Sk)`` (``(B, 1, Sq, Sk)`` when causal) float in ``dtype``:
+    0 where attention is allowed, -inf where not; None when nothing is masked (no key mask; causal
+    attention then uses SDPA's ``is_causal``)."""
+    if key_mask is None:
+        return None
+    B, Sk = key_mask.shape
+    bias = torch.zeros(B, 1, 1, Sk, dtype=dtype, device=key_mask.device)
+    bias.masked_fill_(~key_mask.view(B, 1, 1, Sk), float("-inf"))  # (B, 1, 1, Sk)
+    if causal:
+        future = torch.ones(query_len, key_mask.shape[1], dtype=torch.bool, device=key_mask.device).triu_(1)
+        bias = bias.masked_fill(future, float("-inf"))  # (B, 1, Sq, Sk)
+    return bias
+
+
+def sdpa_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, causal: bool = False):
+    """Attention on head-major tensors: q ``(B, H, Sq, D)``, k/v ``(B, H, Sk, D)``, bias from ``additive_mask``
+    -> ``(B, Sq, H * D)`` (back to token-major, heads merged)."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal and bias is None)  # (B, H, Sq, D)
+    B, H, Sq, D = out.shape
+    return out.transpose(1, 2).reshape(B, Sq, H * D)
+
+
 def multi_head_attention(
     q: torch.Tensor,
     k: torch.Tensor,

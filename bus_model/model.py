@@ -40,7 +40,7 @@ from .losses import (
 from .momentum import FeatureQueue, MomentumModel, distilled_mlm_loss, ramped_alpha, soft_itc_loss
 from .pad import PatchAbstractionDecoder
 from .selection import POLICY_INFO, SelectionRecord
-from .text import TextEncoder, padding_mask, read_hf_state_dict, shifted_padding_mask, stacked_padding_mask
+from .text import TextEncoder, fuse_attention_keys, padding_mask, read_hf_state_dict, shifted_padding_mask, stacked_padding_mask
 from .vision import BusViT, VisionFeatures
 
 CONFIG_FILE = "config.json"
@@ -398,8 +398,7 @@ class BusModel(nn.Module):
         state, _ = read_hf_state_dict(directory)
         own = self.state_dict()
         n_text = self.config.text.num_layers
-        mapped: dict[str, torch.Tensor] = {}
-        loaded, ignored = [], []
+        proposed: dict[str, tuple[str, torch.Tensor]] = {}  # our key (HF's attention names) -> (checkpoint key, tensor)
         for key, value in state.items():
             targets = []
             if key.startswith("embeddings."):
@@ -413,15 +412,29 @@ class BusModel(nn.Module):
                     targets.append(f"text_encoder.encoder.layer.{idx}.{rest}")
                 elif idx - n_text < self.config.fusion_layers:
                     targets.append(f"fusion.encoder.layer.{idx - n_text}.{rest}")
-            targets = [k for k in targets if k in own]
-            if not targets:
-                ignored.append(key)
-                continue
             for k in targets:
-                if tuple(own[k].shape) != tuple(value.shape):
-                    raise ValueError(f"checkpoint tensor {key} has shape {tuple(value.shape)}, {k} expects {tuple(own[k].shape)}")
-                mapped[k] = value
-            loaded.append(key)
+                proposed[k] = (key, value)
+        # HF's separate query/key/value -> our fused qkv (one matmul); a fused key stands for its three parts
+        tensors = {k: v for k, (_, v) in proposed.items()}
+        sources = {k: [src] for k, (src, _) in proposed.items()}
+        for prefix in {k[: -len("query.weight")] for k in proposed if k.endswith("attention.self.query.weight")}:
+            fuse_attention_keys(tensors, prefix, cross=False)
+            for kind in ("weight", "bias"):
+                parts = [f"{prefix}{p}.{kind}" for p in ("query", "key", "value")]
+                if f"{prefix}qkv.{kind}" in tensors:
+                    sources[f"{prefix}qkv.{kind}"] = [src for n in parts for src in sources.pop(n)]
+        mapped: dict[str, torch.Tensor] = {}
+        used: set[str] = set()
+        for k, value in tensors.items():
+            if k not in own:
+                continue
+            if tuple(own[k].shape) != tuple(value.shape):
+                raise ValueError(f"checkpoint tensor(s) {', '.join(sources[k])} give shape {tuple(value.shape)}, "
+                                 f"{k} expects {tuple(own[k].shape)}")
+            mapped[k] = value
+            used.update(sources[k])
+        loaded = [key for key in state if key in used]
+        ignored = [key for key in state if key not in used]
         needed = [k for k in own if k.startswith("text_encoder.")]
         missing = [k for k in needed if k not in mapped]
         if missing:

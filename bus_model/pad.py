@@ -13,27 +13,48 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import multi_head_attention
+from .attention import additive_mask, attention_dtype, fuse_linear_keys, multi_head_attention, sdpa_heads
 from .config import PadConfig
 
 
 class PadAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    """Self-attention among the queries (``qkv`` fused: one matmul) or, ``cross``, cross-attention to the
+    ViT tokens (``q`` from the queries, ``kv`` fused from the memory). Checkpoints written with separate
+    ``q``/``k``/``v`` load (fused on load)."""
+
+    def __init__(self, width: int, heads: int, cross: bool = False):
         super().__init__()
         self.num_heads = heads
-        self.q = nn.Linear(width, width)
-        self.k = nn.Linear(width, width)
-        self.v = nn.Linear(width, width)
+        if cross:
+            self.q = nn.Linear(width, width)
+            self.kv = nn.Linear(width, 2 * width)
+        else:
+            self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x, memory, memory_mask, impl):
-        """x (B, M, C) queries, memory (B, N, C), memory_mask (B, N) bool or None -> (B, M, C)."""
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if hasattr(self, "qkv"):
+            fuse_linear_keys(state_dict, prefix, ("q", "k", "v"), "qkv")
+        else:
+            fuse_linear_keys(state_dict, prefix, ("k", "v"), "kv")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x, memory, memory_mask, impl, bias=None):
+        """x (B, M, C) queries, memory (B, N, C) (ignored by self-attention), memory_mask (B, N) bool or None
+        -> (B, M, C). ``bias``: ``additive_mask(memory_mask)``, built once by the caller (sdpa)."""
         B, M, C = x.shape
-        N, H = memory.shape[1], self.num_heads
-        q = self.q(x).view(B, M, H, C // H)
-        k = self.k(memory).view(B, N, H, C // H)
-        v = self.v(memory).view(B, N, H, C // H)
-        return self.proj(multi_head_attention(q, k, v, key_mask=memory_mask, impl=impl).reshape(B, M, C))
+        H = self.num_heads
+        if hasattr(self, "qkv"):
+            q, k, v = self.qkv(x).view(B, M, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, M, D)
+        else:
+            q = self.q(x).view(B, M, H, C // H).transpose(1, 2)  # (B, H, M, D)
+            k, v = self.kv(memory).view(B, memory.shape[1], 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+        if impl == "varlen" and memory_mask is not None:  # packed keys: padding costs no attention work
+            out = multi_head_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_mask=memory_mask,
+                                       impl=impl).reshape(B, M, C)
+        else:
+            out = sdpa_heads(q, k, v, bias)
+        return self.proj(out)
 
 
 class PadLayer(nn.Module):
@@ -42,15 +63,15 @@ class PadLayer(nn.Module):
         self.norm1 = nn.LayerNorm(width, eps=eps)
         self.self_attn = PadAttention(width, heads)
         self.norm2 = nn.LayerNorm(width, eps=eps)
-        self.cross_attn = PadAttention(width, heads)
+        self.cross_attn = PadAttention(width, heads, cross=True)
         self.norm3 = nn.LayerNorm(width, eps=eps)
         self.fc1 = nn.Linear(width, int(width * mlp_ratio))
         self.fc2 = nn.Linear(int(width * mlp_ratio), width)
 
-    def forward(self, x, memory, memory_mask, impl):
+    def forward(self, x, memory, memory_mask, impl, memory_bias=None):
         h = self.norm1(x)
-        x = x + self.self_attn(h, h, None, impl)
-        x = x + self.cross_attn(self.norm2(x), memory, memory_mask, impl)
+        x = x + self.self_attn(h, None, None, impl)
+        x = x + self.cross_attn(self.norm2(x), memory, memory_mask, impl, memory_bias)
         return x + self.fc2(F.gelu(self.fc1(self.norm3(x))))
 
 
@@ -68,6 +89,7 @@ class PatchAbstractionDecoder(nn.Module):
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, N, C) ViT output, mask (B, N) bool or None -> summary (B, M, C)."""
         x = self.queries.expand(tokens.shape[0], -1, -1)
+        bias = additive_mask(mask, attention_dtype(tokens)) if self.attn_impl == "sdpa" else None  # once for all layers
         for layer in self.layers:
-            x = layer(x, tokens, mask, self.attn_impl)
+            x = layer(x, tokens, mask, self.attn_impl, bias)
         return self.norm(x)

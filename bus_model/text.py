@@ -15,39 +15,61 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import multi_head_attention, packed_attention
+from .attention import additive_mask, attention_dtype, fuse_linear_keys, packed_attention, sdpa_heads
 from .packing import gather_rows, known_lengths, memo, packing, register_host_lengths, scatter_rows
 from .config import TextConfig
 
 
 class BertSelfAttention(nn.Module):
-    """query from ``hidden``, key/value from ``context`` (= hidden for self-attention)."""
+    """Self-attention, its query, key and value projections fused into one matmul (``qkv``); or, with
+    ``context_width``, cross-attention: ``query`` from ``hidden``, key and value fused (``kv``) from the context.
+
+    HF checkpoints keep ``query``/``key``/``value`` apart: ``_load_from_state_dict`` fuses them on load
+    (``fuse_attention_keys``), so HF weights and older bus checkpoints load as they are."""
 
     def __init__(self, hidden: int, heads: int, context_width: int | None = None):
         super().__init__()
         self.num_heads = heads
-        self.query = nn.Linear(hidden, hidden)
-        self.key = nn.Linear(context_width or hidden, hidden)
-        self.value = nn.Linear(context_width or hidden, hidden)
+        if context_width is None:
+            self.qkv = nn.Linear(hidden, 3 * hidden)
+        else:
+            self.query = nn.Linear(hidden, hidden)
+            self.kv = nn.Linear(context_width, 2 * hidden)
 
-    def forward(self, hidden, context, key_mask, query_mask, causal, impl):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        fuse_attention_keys(state_dict, prefix, cross=not hasattr(self, "qkv"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, hidden, context, bias, causal):
+        """hidden (B, Sq, C), context (B, Sk, Cm), bias from ``additive_mask`` or None -> (B, Sq, C)."""
         B, Sq, C = hidden.shape
-        Sk = context.shape[1]
         H, D = self.num_heads, C // self.num_heads
-        q = self.query(hidden).view(B, Sq, H, D)
-        k = self.key(context).view(B, Sk, H, D)
-        v = self.value(context).view(B, Sk, H, D)
-        out = multi_head_attention(q, k, v, key_mask=key_mask, query_mask=query_mask, causal=causal, impl=impl)
-        return out.reshape(B, Sq, C)
+        if hasattr(self, "qkv"):
+            q, k, v = self.qkv(hidden).view(B, Sq, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, Sq, D)
+        else:
+            q = self.query(hidden).view(B, Sq, H, D).transpose(1, 2)  # (B, H, Sq, D)
+            k, v = self.kv(context).view(B, context.shape[1], 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        return sdpa_heads(q, k, v, bias, causal)
 
     def forward_packed(self, hidden, context, q_seqs, k_seqs, causal):
         """hidden (Tq, C), context (Tk, Cm) packed; q_seqs/k_seqs: (rows, cu_seqlens, max_seqlen) -> (Tq, C)."""
         H, D = self.num_heads, hidden.shape[-1] // self.num_heads
-        q = self.query(hidden).view(-1, H, D)
-        k = self.key(context).view(-1, H, D)
-        v = self.value(context).view(-1, H, D)
+        if hasattr(self, "qkv"):
+            q, k, v = self.qkv(hidden).view(-1, 3, H, D).unbind(1)  # each (T, H, D)
+        else:
+            q = self.query(hidden).view(-1, H, D)
+            k, v = self.kv(context).view(-1, 2, H, D).unbind(1)
         out = packed_attention(q, k, v, q_seqs[1], k_seqs[1], q_seqs[2], k_seqs[2], causal=causal)
         return out.reshape(-1, H * D)
+
+
+def fuse_attention_keys(state: dict, prefix: str, cross: bool) -> None:
+    """HF's ``{prefix}query|key|value.*`` -> our ``{prefix}qkv.*`` (self-attention) or, ``cross``,
+    ``{prefix}key|value.*`` -> ``{prefix}kv.*`` (``query`` stays), in place (``fuse_linear_keys``)."""
+    if cross:
+        fuse_linear_keys(state, prefix, ("key", "value"), "kv")
+    else:
+        fuse_linear_keys(state, prefix, ("query", "key", "value"), "qkv")
 
 
 class BertSelfOutput(nn.Module):
@@ -66,8 +88,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(hidden, heads, context_width)
         self.output = BertSelfOutput(hidden, eps)
 
-    def forward(self, hidden, context, key_mask, query_mask, causal, impl):
-        return self.output(self.self(hidden, context, key_mask, query_mask, causal, impl), hidden)
+    def forward(self, hidden, context, bias, causal):
+        return self.output(self.self(hidden, context, bias, causal), hidden)
 
     def forward_packed(self, hidden, context, q_seqs, k_seqs, causal):
         return self.output(self.self.forward_packed(hidden, context, q_seqs, k_seqs, causal), hidden)
@@ -103,13 +125,14 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(h, cfg.intermediate_size)
         self.output = BertOutput(cfg.intermediate_size, h, eps)
 
-    def forward(self, hidden, mask, impl, memory=None, memory_mask=None, causal=False):
-        """hidden (B, L, C), mask (B, L) bool or None; memory (B, M, Cm), memory_mask (B, M) bool or None."""
-        hidden = self.attention(hidden, hidden, mask, mask, causal, impl)
+    def forward(self, hidden, bias=None, memory=None, memory_bias=None, causal=False):
+        """hidden (B, L, C); memory (B, M, Cm); bias / memory_bias: the stack's masks from ``additive_mask``
+        (None: nothing masked). Padded query rows are computed but never read (their keys are masked)."""
+        hidden = self.attention(hidden, hidden, bias, causal)
         if self.crossattention is not None:
             if memory is None:
                 raise ValueError("this layer cross-attends: memory (B, M, C) is required")
-            hidden = self.crossattention(hidden, memory, memory_mask, mask, False, impl)
+            hidden = self.crossattention(hidden, memory, memory_bias, False)
         return self.output(self.intermediate(hidden), hidden)
 
     def forward_packed(self, hidden, seqs, memory=None, memory_seqs=None, causal=False):
@@ -127,10 +150,14 @@ def run_layers(layers, hidden, mask, impl, memory=None, memory_mask=None, causal
     cross-attending to memory (B, M, Cm) with memory_mask (B, M) bool or None.
 
     ``impl="varlen"``: the valid tokens are packed once for the whole stack, so every projection, FFN
-    and attention skips padding; padded positions of the result are zero. ``"sdpa"``: padded, masked."""
-    if impl != "varlen":
+    and attention skips padding; padded positions of the result are zero. ``"sdpa"``: padded, the masks
+    built once for the stack (padded positions of the result hold values nobody should read)."""
+    if impl != "varlen":  # the masks are built once for the whole stack
+        dtype = attention_dtype(hidden)
+        bias = additive_mask(mask, dtype, causal=causal, query_len=hidden.shape[1])
+        memory_bias = additive_mask(memory_mask, dtype)
         for layer in layers:
-            hidden = layer(hidden, mask, impl, memory=memory, memory_mask=memory_mask, causal=causal)
+            hidden = layer(hidden, bias, memory=memory, memory_bias=memory_bias, causal=causal)
         return hidden
     B, L, C = hidden.shape
     seqs = packing(mask, B, L, hidden.device)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import multi_head_attention, packed_attention, packing
+from .attention import multi_head_attention, packed_attention, packing, sdpa_heads
 from .config import SelectionConfig, VisionConfig
 from .selection import (
     POLICY_INFO,
@@ -82,7 +82,7 @@ class Block(nn.Module):
         self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
 
     def attend(self, x: torch.Tensor, mask: torch.Tensor | None, impl: str, key_bias: torch.Tensor | None = None):
-        """x (B, N, C) -> (x after the attention residual, q, k), q and k (B, N, H, D).
+        """x (B, N, C) -> (x after the attention residual, q, k), q and k head-major (B, H, N, D).
 
         Ragged rows (``mask`` given) with ``impl="varlen"`` run packed: the projections see only the valid
         tokens and attention goes through ``varlen_attention``; padding stays zero. ``key_bias (B, N)``
@@ -94,11 +94,14 @@ class Block(nn.Module):
             xs = x.reshape(B * N, C).index_select(0, rows)  # (total, C) valid tokens only
             bias = None if key_bias is None else key_bias.reshape(B * N).index_select(0, rows).float()
             xs, q, k = self.attend_packed(xs, cu, max_len, bias)
-            return _unpack(xs, rows, B, N), _unpack(q, rows, B, N), _unpack(k, rows, B, N)
-        qkv = self.attn.qkv(self.norm1(x)).view(B, N, 3, H, C // H)
-        q, k, v = qkv.unbind(2)
-        out = multi_head_attention(q, k, v, key_mask=mask, query_mask=mask, impl=impl, key_bias=key_bias)
-        return x + self.attn.proj(out.reshape(B, N, C)), q, k
+            return _unpack(xs, rows, B, N), _unpack(q, rows, B, N).transpose(1, 2), _unpack(k, rows, B, N).transpose(1, 2)
+        q, k, v = self.attn.qkv(self.norm1(x)).view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+        if mask is None and key_bias is None:  # dense rows (every block before a ragged selection): plain SDPA
+            out = sdpa_heads(q, k, v, None)  # (B, N, C)
+        else:
+            out = multi_head_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_mask=mask,
+                                       query_mask=mask, impl=impl, key_bias=key_bias).reshape(B, N, C)
+        return x + self.attn.proj(out), q, k
 
     def attend_packed(self, xs: torch.Tensor, cu: torch.Tensor, max_len: int, key_bias: torch.Tensor | None = None):
         """The attention residual on packed tokens: xs (total, C), cu (B + 1,) int32 -> (xs, q, k), q and k
@@ -302,14 +305,15 @@ class BusViT(nn.Module):
                 if policy == "bus":
                     query = block.attn.project_query(block.norm1(text_query))  # TSPS: text [CLS] query
                 else:
-                    query = q[:, 0]  # EViT: the image [CLS] query of this layer
+                    query = q[:, :, 0]  # EViT: the image [CLS] query of this layer, (B, H, D)
                 cand_mask = None if mask is None else mask[:, 1:]
-                scores = score_candidates(query, k[:, 1:], cand_mask, backend)
+                scores = score_candidates(query, k[:, :, 1:].transpose(1, 2), cand_mask, backend)  # keys (B, n, H, D)
                 keep = self._keep(i, scores, mask)
                 x, mask, positions, rec = apply_selection(x, mask, positions, scores, keep, fuse=fuse, backend=backend, layer=i)
                 records.append(rec)
             elif i in layers and policy == "tome":  # between attention and MLP (ToMe §3)
-                x, size, positions, rec = merge_step(x, size, positions, k, self._merge_count(i, x.shape[1] - 1), i)
+                r = self._merge_count(i, x.shape[1] - 1)
+                x, size, positions, rec = merge_step(x, size, positions, k.transpose(1, 2), r, i)
                 records.append(rec)
             x = block.feed_forward(x, mask, self.attn_impl)
         if packed is not None:

@@ -40,8 +40,12 @@ def test_text_encoder_equals_hf_bert(tmp_path, attn_impl):
     valid = mask.bool()
     torch.testing.assert_close(ours[valid], ref[valid], rtol=1e-5, atol=1e-5)
     # layers 2 and 3 of the checkpoint initialise the fusion encoder's self-attention and FFN
-    torch.testing.assert_close(model.fusion.encoder.layer[1].attention.self.query.weight,
-                               hf.encoder.layer[3].attention.self.query.weight)
+    # HF's separate query/key/value are fused into one qkv projection on load
+    hf_self = hf.encoder.layer[3].attention.self
+    torch.testing.assert_close(model.fusion.encoder.layer[1].attention.self.qkv.weight,
+                               torch.cat([hf_self.query.weight, hf_self.key.weight, hf_self.value.weight]))
+    torch.testing.assert_close(model.fusion.encoder.layer[1].attention.self.qkv.bias,
+                               torch.cat([hf_self.query.bias, hf_self.key.bias, hf_self.value.bias]))
     torch.testing.assert_close(model.decoder.embeddings.word_embeddings.weight, hf.embeddings.word_embeddings.weight)
 
 
