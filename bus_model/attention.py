@@ -37,7 +37,7 @@ def attention_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype attention scores will have for activations ``x``: autocast's when it is on, else x's.
     SDPA wants a float mask in the query's dtype (a bool mask it converts on every call)."""
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta (FLOP counting) has no autocast
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 

@@ -144,20 +144,19 @@ def ptm_loss(records: list[SelectionRecord], patch_labels: torch.Tensor) -> torc
 
     Returns the mean BCE over labelled (sample, original patch) pairs of all steps; 0 (still attached to
     the graph) when nothing is labelled."""
-    has_labels = (patch_labels >= 0).all(dim=1)  # (B,)
-    total, count = None, 0
-    for rec in records:
-        valid = (rec.positions >= 0) & has_labels[:, None]  # (B, n) real patches of labelled samples
-        n_valid = (rec.positions >= 0).sum(dim=1, keepdim=True).clamp_min(1).to(rec.scores.dtype)
-        logits = torch.log((rec.scores * n_valid).clamp_min(1e-12))
-        target = patch_labels.gather(1, rec.positions.clamp_min(0)).to(logits.dtype)
-        bce = F.binary_cross_entropy_with_logits(logits, target.clamp(0, 1), reduction="none")
-        step = (bce * valid).sum()
-        total = step if total is None else total + step
-        count = count + valid.sum()
-    if total is None:
+    if not records:
         return patch_labels.new_zeros(())
-    return total / torch.as_tensor(count, device=total.device).clamp_min(1)
+    # every step at once on the candidates concatenated (B, S): one loss graph instead of one per step
+    scores = torch.cat([r.scores for r in records], dim=1)  # (B, S)
+    positions = torch.cat([r.positions for r in records], dim=1)  # (B, S)
+    with torch.no_grad():  # each step's count of real candidates, spread over that step's columns
+        n_valid = torch.cat([(r.positions >= 0).sum(dim=1, keepdim=True).expand(-1, r.positions.shape[1])
+                             for r in records], dim=1).clamp_min(1).to(scores.dtype)  # (B, S)
+        valid = (positions >= 0) & (patch_labels >= 0).all(dim=1, keepdim=True)  # real patches of labelled samples
+        target = patch_labels.gather(1, positions.clamp_min(0)).clamp(0, 1).to(scores.dtype)
+    logits = torch.log((scores * n_valid).clamp_min(1e-12))
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (bce * valid).sum() / valid.sum().clamp_min(1)
 
 
 def weighted_total(losses: dict[str, torch.Tensor], cfg: LossConfig) -> torch.Tensor:

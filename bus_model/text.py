@@ -179,11 +179,12 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        # built once, not per forward (as HF does); not saved: checkpoints hold weights only
+        self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings), persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         L = input_ids.shape[1]
-        positions = torch.arange(L, device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+        x = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids[:L])[None]
         x = x + self.token_type_embeddings.weight[0]  # token type 0 everywhere (single segment)
         return self.LayerNorm(x)
 

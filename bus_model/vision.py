@@ -52,9 +52,10 @@ class Attention(nn.Module):
 
     def project_query(self, h: torch.Tensor) -> torch.Tensor:
         """h (B, C), already normed -> this layer's query (B, H, D) (the q third of ``qkv``)."""
+        # the whole qkv projection of B rows, then its q third: it reuses the weight autocast has already
+        # cast for the block (a slice of the weight would be cast again, and cost more ops than the B x 2C extra)
         C = h.shape[-1]
-        bias = self.qkv.bias[:C] if self.qkv.bias is not None else None
-        return F.linear(h, self.qkv.weight[:C], bias).view(h.shape[0], self.num_heads, -1)
+        return self.qkv(h)[:, :C].view(h.shape[0], self.num_heads, -1)
 
 
 class Mlp(nn.Module):
@@ -165,6 +166,8 @@ class BusViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, vision.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, vision.width))
         self.blocks = nn.ModuleList(Block(vision) for _ in range(vision.depth))
+        # (1, num_patches) original patch ids, built once (not saved: checkpoints hold weights only)
+        self.register_buffer("patch_ids", torch.arange(self.num_patches)[None], persistent=False)
         self.norm = nn.LayerNorm(vision.width, eps=vision.layer_norm_eps)
         self.text_width = text_width
         widths_differ = bool(text_width) and text_width != vision.width
@@ -272,7 +275,7 @@ class BusViT(nn.Module):
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed
         mask = None
         size = None  # tome: (B, N) float32 patches per token
-        positions = torch.arange(self.num_patches, device=x.device).expand(B, -1)  # (B, n) original patch ids
+        positions = self.patch_ids.expand(B, -1)  # (B, n) original patch ids
         records: list[SelectionRecord] = []
         layers = set(self.selection.layers) if policy != "none" else set()
         fuse, backend = self.selection.fuse, self.kernel_backend
