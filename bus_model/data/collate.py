@@ -25,10 +25,14 @@ class Collator:
         patch_size: p; the patch grid has N = H/p * W/p cells.
         max_length: truncate captions to this many tokens (with [CLS]/[SEP]); None: the tokenizer's
             ``model_max_length``.
+        pad_to_max_length: pad every batch's captions to ``max_length`` (which must then be given)
+            instead of to the longest caption of the batch: every batch has the same shape, so a
+            ``torch.compile``d (CUDA-graph) step never meets a new shape and never recompiles.
 
     ``collator(items)`` returns a dict, B = number of good samples (possibly 0):
         images: (B, 3, H, W) float32
-        input_ids: (B, L) int64, padded with the tokenizer's pad id (L = longest caption in the batch)
+        input_ids: (B, L) int64, padded with the tokenizer's pad id (L = longest caption in the batch,
+            or ``max_length`` with ``pad_to_max_length``)
         attention_mask: (B, L) int64, 1 on real tokens
         patch_labels: (B, N) float32 in [0, 1], row-major patch grid; a row of -1 where the sample has none
         has_patch_labels: (B,) bool
@@ -36,7 +40,8 @@ class Collator:
         skipped: list of ``SkippedSample`` left out of this batch
     """
 
-    def __init__(self, tokenizer, *, image_size: int | Sequence[int], patch_size: int, max_length: int | None = None):
+    def __init__(self, tokenizer, *, image_size: int | Sequence[int], patch_size: int, max_length: int | None = None,
+                 pad_to_max_length: bool = False):
         if not callable(tokenizer) or getattr(tokenizer, "pad_token_id", None) is None:
             raise TypeError("tokenizer must be a transformers tokenizer with a pad token")
         self.image_size = check_image_size(image_size, patch_size)
@@ -44,7 +49,10 @@ class Collator:
         self.num_patches = (self.image_size[0] // patch_size) * (self.image_size[1] // patch_size)
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
             raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
+        if pad_to_max_length and max_length is None:
+            raise ValueError("pad_to_max_length needs max_length (the length every batch is padded to)")
         self.tokenizer, self.max_length = tokenizer, max_length
+        self.padding = "max_length" if pad_to_max_length else "longest"
 
     def __call__(self, items: list) -> dict:
         good = [it for it in items if not isinstance(it, SkippedSample)]
@@ -69,12 +77,13 @@ class Collator:
                 has_labels[i] = True
         captions = [it["caption"] for it in good]
         if b:
-            enc = self.tokenizer(captions, padding="longest", truncation=True, max_length=self.max_length,
+            enc = self.tokenizer(captions, padding=self.padding, truncation=True, max_length=self.max_length,
                                  return_tensors="pt")
             input_ids, attention_mask = enc["input_ids"].long(), enc["attention_mask"].long()
         else:
-            input_ids = torch.zeros(0, 0, dtype=torch.long)
-            attention_mask = torch.zeros(0, 0, dtype=torch.long)
+            length = self.max_length if self.padding == "max_length" else 0
+            input_ids = torch.zeros(0, length, dtype=torch.long)
+            attention_mask = torch.zeros(0, length, dtype=torch.long)
         return {
             "images": images,
             "input_ids": input_ids,

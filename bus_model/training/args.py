@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from ..config import list_config_names
+from .compile import BACKEND_HELP, COMPILE_HELP, check_compile_mode
 from .errors import UsageError
 
 
@@ -37,6 +38,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off on CPU)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--compile", default="none", nargs="?", const="default", metavar="MODE",
+                   help=COMPILE_HELP + " (a bare --compile: default)")
+    g.add_argument("--compile-backend", default="inductor", metavar="BACKEND", help=BACKEND_HELP)
     g = parser.add_argument_group("data")
     g.add_argument("--tokenizer", default=None, help="local HF tokenizer directory (required for real data; "
                    "synthetic data builds its own WordPiece tokenizer)")
@@ -89,6 +93,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-skip-share must be in (0, 1], got {args.max_skip_share}")
     if not math.isfinite(args.data_timeout) or args.data_timeout < 0:
         raise UsageError(f"--data-timeout must be a finite number >= 0, got {args.data_timeout}")
+    try:
+        check_compile_mode(args.compile, args.compile_backend)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.compile != "none" and args.fsdp:
+        raise UsageError("--compile with --fsdp is not supported (FSDP2's per-block hooks need compiled autograd); "
+                         "use DDP (the default under torchrun) or --compile none")
     check_model_arg(args.model)
     check_data_arg(args.data)
     if args.data != "synthetic" and args.tokenizer is None:

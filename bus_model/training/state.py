@@ -49,7 +49,7 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 # flags that change what the resumed steps compute: changing them on --resume is allowed, but the run
 # then differs from an uninterrupted one
 RUN_DEFINING = ("model", "data", "seed", "steps", "batch_size", "accum_steps", "lr", "min_lr_ratio", "warmup_steps",
-                 "weight_decay", "betas", "grad_clip", "train_samples", "data_seed", "amp")
+                 "weight_decay", "betas", "grad_clip", "train_samples", "data_seed", "amp", "compile", "compile_backend")
 
 
 def warn_changed_args(saved: dict[str, Any], args: argparse.Namespace) -> None:

@@ -14,6 +14,9 @@ gathered full state, so they load anywhere). ``OUT/metrics.jsonl`` gets one JSON
 continues exactly (``state``): same data order, same RNG draws, same losses step by step (on CPU).
 ``--stop-at N`` ends a process early, as a time-limited job would. ``OUT/summary.json`` closes the run
 with the final step, throughput, skipped samples and each rank's parameter hash (the ranks must agree).
+``--compile MODE`` runs forward + backward under ``torch.compile(fullgraph=True)`` with captions padded
+to the config's ``max_text_len`` (``compile``: static shapes; the optimizer step stays eager; checkpoints
+hold the uncompiled module's weights).
 
 tqdm, TensorBoard and the data/tokenizer libraries are imported inside the functions that use them,
 so ``import bus_model`` needs none of them.
@@ -38,7 +41,8 @@ from . import checkpoint as ckpt
 from .args import add_train_arguments, args_record, check_args
 from .batches import BatchStream, setup_dataset, to_model_inputs
 from .command import run_command
-from .errors import RunError
+from .compile import check_compile_config, compile_model, step_begin
+from .errors import RunError, UsageError
 from .distributed import gather_objects, parameter_hash, seed_everything, setup_distributed, wrap_model
 from .grads import average_replicated_grads, clip_gradients
 from .metrics import METRICS_FILE, MetricsLogger, progress_bar, truncate_metrics
@@ -63,15 +67,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = setup_tokenizer(args, model_config_dict(args.model).get("max_text_len", 32))
     model = setup_model(args, tokenizer).to(info.device)
     config = model.config
+    try:
+        check_compile_config(config, args.compile)
+    except ValueError as err:
+        raise UsageError(f"--model {args.model}: {err}") from None
     dataset = setup_dataset(args, config, info)
+    # compiled: every batch padded to max_text_len, so a new caption length never means a new graph
     collator = Collator(tokenizer, image_size=config.vision.image_size, patch_size=config.vision.patch_size,
-                        max_length=config.max_text_len)
+                        max_length=config.max_text_len, pad_to_max_length=args.compile != "none")
     stream = BatchStream(dataset, collator, batch_size=args.batch_size, seed=args.seed, info=info, workers=args.workers,
                          max_skip_share=args.max_skip_share, timeout=args.data_timeout, source=f"--data {args.data}")
     start = 0
     latest, loaded = find_resume_point(out, args, info)
     if loaded is not None:
         ckpt.load_model_weights(model, latest.path)
+    # --compile: forward + backward compiled in place (traced at the first step), inside the DDP wrapper
+    compile_model(model, args.compile, args.compile_backend)
     ddp_model = wrap_model(model, args, info)
     optimizer = setup_optimizer(model, args)  # after wrapping: FSDP replaces the parameters with shards
     scheduler = setup_scheduler(optimizer, args)
@@ -134,6 +145,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     model.set_requires_gradient_sync(last)
                 sync = contextlib.nullcontext() if last or args.fsdp or not info.enabled else ddp_model.no_sync()
                 with sync:
+                    step_begin(args.compile, args.compile_backend, info.device)  # CUDA graphs: a new iteration
                     with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=amp):
                         output = ddp_model(**inputs)
                     (output.loss / args.accum_steps).backward()
