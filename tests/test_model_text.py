@@ -73,3 +73,29 @@ def test_text_encoder_equals_hf_last_hidden_state(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.text_encoder(ids, mask), hf(input_ids=ids, attention_mask=mask).last_hidden_state,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoints_with_separate_projections_load_into_the_fused_ones():
+    """State dicts written before the projections were fused (BERT query/key/value, PAD q/k/v) load strictly
+    into the fused model and give the same weights."""
+    torch.manual_seed(0)
+    source = bus_model.create_model("bus-tiny")
+    old_layout = {}
+    for key, value in source.state_dict().items():
+        prefix, _, kind = key.rpartition(".")
+        owner, _, name = prefix.rpartition(".")
+        bert = ".attention.self" in f".{owner}" or owner.endswith("crossattention.self")
+        parts = {("qkv", True): ("query", "key", "value"), ("kv", True): ("key", "value"),
+                 ("qkv", False): ("q", "k", "v"), ("kv", False): ("k", "v")}.get((name, bert))
+        if parts is None or owner.startswith("vision."):  # the ViT keeps timm's fused qkv
+            old_layout[key] = value
+            continue
+        for part, chunk in zip(parts, value.chunk(len(parts))):
+            old_layout[f"{owner}.{part}.{kind}"] = chunk.clone()
+    assert any(k.endswith("attention.self.query.weight") for k in old_layout)
+    assert any(k.endswith("crossattention.self.key.weight") for k in old_layout)
+    assert any(k.endswith("self_attn.q.weight") for k in old_layout) and any(k.endswith("cross_attn.k.weight") for k in old_layout)
+    target = bus_model.create_model("bus-tiny")
+    target.load_state_dict(old_layout, strict=True)
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(target.state_dict()[key], value, rtol=0, atol=0, msg=key)
