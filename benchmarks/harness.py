@@ -72,6 +72,29 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# Peak dense bf16 tensor-core FLOP/s by GPU name (vendor data sheets, without 2:4 sparsity), for MFU.
+# More specific names first: "H100 PCIe" must match before "H100".
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("A100", 312e12),
+)
+
+
+def peak_bf16_flops(device: torch.device) -> tuple[float | None, str | None]:
+    """(peak dense bf16 FLOP/s, the table entry that matched) of ``device``; (None, None) on CPU or an
+    unlisted GPU (MFU is then not reported)."""
+    if torch.device(device).type != "cuda":
+        return None, None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16_FLOPS:
+        if key in name:
+            return peak, key
+    return None, None
+
+
 # ---------------------------------------------------------------------------------------------
 # timing
 

@@ -11,6 +11,13 @@ and ``speedup = baseline step time / BUS step time``.
 Peak memory is measured in a separate process per model (so one model's allocations never count
 for the other): on GPU ``torch.cuda.max_memory_allocated``; on CPU the process's peak resident set
 size (``VmHWM``) minus its resident size before the model was built. The JSON says which.
+
+``--compile MODE`` measures the compiled step (``bus_model.training.compile``: forward + backward under
+``torch.compile(fullgraph=True)``, captions padded to ``max_text_len``, AdamW eager); ``compile_s`` is the
+first step's wall time (first call to first finished step, compile included). On CUDA with bf16 each
+model also reports MFU: model FLOPs per second (the counted forward + backward FLOPs x images/s) over
+the GPU's peak dense bf16 FLOP/s (``harness.PEAK_BF16_FLOPS``). ``--gpu-suite`` runs the paper-scale
+set of issue 22 (``train_suite``): bus-small batch 32 and bus-base batch 64, eager and CUDA graphs.
 """
 
 from __future__ import annotations
@@ -24,8 +31,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from bus_model.training.compile import BACKEND_HELP, COMPILE_HELP, check_compile_mode
+
 from .command import run_standalone
-from .harness import count_flops, default_device, environment, markdown_table, median, parse_overrides, publish, save_plot, timed
+from .harness import (count_flops, default_device, environment, markdown_table, median, parse_overrides, peak_bf16_flops,
+                      publish, save_plot, timed)
 
 
 @dataclass
@@ -43,6 +53,13 @@ class TrainBenchSettings:
     eval_images: int = 128  # held-out images (and their captions) ranked by the equal-time evaluation
     overrides: dict = field(default_factory=dict)  # config of the compared model (not its baseline twin), flat
     # "section__field" keys: {"selection__policy": "tome"} (--policy, --override)
+    compile: str = "none"  # torch.compile mode of the step (bus_model.training.compile.COMPILE_MODES)
+    compile_backend: str = "inductor"
+    pad_to_max_length: bool | None = None  # captions padded to max_text_len; None: when compiling (static shapes)
+
+    @property
+    def padded(self) -> bool:
+        return self.compile != "none" if self.pad_to_max_length is None else self.pad_to_max_length
 
     @classmethod
     def quick(cls) -> "TrainBenchSettings":
@@ -58,13 +75,15 @@ class SyntheticBatches:
     """Batch ``i`` of the embedded synthetic data as the model's input tuple
     ``(images, input_ids, attention_mask, patch_labels)`` on ``device`` (deterministic in ``(seed, i)``)."""
 
-    def __init__(self, config, tokenizer, batch_size: int, seed: int, device: torch.device, split: str = "train"):
+    def __init__(self, config, tokenizer, batch_size: int, seed: int, device: torch.device, split: str = "train",
+                 pad_to_max_length: bool = False):
         from bus_model.data import Collator, SyntheticDataset
 
         v = config.vision
         self.batch_size, self.device, self.tokenizer = batch_size, device, tokenizer
         self.dataset = SyntheticDataset(10**9, seed=seed, split=split, image_size=v.image_size, patch_size=v.patch_size)
-        self.collate = Collator(tokenizer, image_size=v.image_size, patch_size=v.patch_size, max_length=config.max_text_len)
+        self.collate = Collator(tokenizer, image_size=v.image_size, patch_size=v.patch_size, max_length=config.max_text_len,
+                                pad_to_max_length=pad_to_max_length)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         batch = self.collate([self.dataset[j] for j in range(i * self.batch_size, (i + 1) * self.batch_size)])
@@ -73,9 +92,10 @@ class SyntheticBatches:
 
 
 def build_model_and_data(name: str, batch_size: int, seed: int, image_size: int | None, device: torch.device,
-                         config_overrides: dict | None = None):
+                         config_overrides: dict | None = None, pad_to_max_length: bool = False):
     """A model sized for the synthetic tokenizer (seeded init) and its ``SyntheticBatches``;
-    ``config_overrides`` (flat ``section__field`` keys) change the named config."""
+    ``config_overrides`` (flat ``section__field`` keys) change the named config; ``pad_to_max_length``:
+    every batch's captions padded to ``max_text_len`` (static shapes, for a compiled step)."""
     from bus_model import create_model, get_config
     from bus_model.data import build_synthetic_tokenizer
     from bus_model.data.tokenizer import text_config_overrides
@@ -88,16 +108,23 @@ def build_model_and_data(name: str, batch_size: int, seed: int, image_size: int 
     overrides["text"] = text_config_overrides(tokenizer)
     torch.manual_seed(seed)
     model = create_model(name, **overrides).to(device)
-    return model, SyntheticBatches(model.config, tokenizer, batch_size, seed, device)
+    return model, SyntheticBatches(model.config, tokenizer, batch_size, seed, device, pad_to_max_length=pad_to_max_length)
 
 
-def make_step(model, lr: float, amp: bool, device: torch.device):
-    """A closure running one training step (forward, backward, AdamW) on a batch tuple."""
+def make_step(model, lr: float, amp: bool, device: torch.device, compile: str = "none", backend: str = "inductor"):
+    """A closure running one training step (forward, backward, AdamW) on a batch tuple. ``compile``: a
+    ``torch.compile`` mode; the model's forward (and backward) is then compiled in place, as ``bus train
+    --compile`` does, at the first step; the optimizer stays eager."""
+    from bus_model.training.compile import check_compile_config, compile_model, step_begin
+
+    check_compile_config(model.config, compile)
+    compile_model(model, compile, backend)
     # the fused AdamW kernel (CPU and CUDA) is ~10x faster than the per-tensor loop on CPU: without it the
     # optimizer, whose cost is the same for both models, dominates a CPU step and hides the model's cost
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
 
     def step(batch):
+        step_begin(compile, backend, device)  # CUDA graphs: the previous step's outputs are dead
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(*batch)
         out.loss.backward()
@@ -109,9 +136,11 @@ def make_step(model, lr: float, amp: bool, device: torch.device):
 
 
 def training_flops_per_sample(model, batch) -> float:
-    """FLOPs of forward + backward on ``batch``, divided by its size (the optimizer update is not counted)."""
+    """FLOPs of forward + backward on ``batch``, divided by its size (the optimizer update is not counted).
+    Counted on the eager forward (``model.forward``: also for a model compiled in place), whose math the
+    compiled step repeats."""
     def fwd_bwd():
-        model(*batch).loss.backward()
+        model.forward(*batch).loss.backward()
 
     flops = count_flops(fwd_bwd)
     model.zero_grad(set_to_none=True)
@@ -147,10 +176,10 @@ def _memory_probe(name: str, settings: TrainBenchSettings) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, data = build_model_and_data(name, settings.batch_size, settings.seed, settings.image_size, device,
-                                       _overrides_for(name, settings))
-    step = make_step(model, settings.lr, _amp(settings, device), device)
+                                       _overrides_for(name, settings), settings.padded)
+    step = make_step(model, settings.lr, _amp(settings, device), device, settings.compile, settings.compile_backend)
     batch = data[0]
-    for _ in range(2):
+    for _ in range(3 if settings.compile != "none" else 2):  # CUDA graphs: warm-up, record, replay
         step(batch)
     if device.type == "cuda":
         return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20,
@@ -189,11 +218,12 @@ def run(settings: TrainBenchSettings, device: torch.device | None = None, log=pr
     models, steps = {}, {}
     for name in names:
         models[name], data = build_model_and_data(name, settings.batch_size, settings.seed, settings.image_size, device,
-                                                  _overrides_for(name, settings))
-        steps[name] = make_step(models[name], settings.lr, amp, device)
+                                                  _overrides_for(name, settings), settings.padded)
+        steps[name] = make_step(models[name], settings.lr, amp, device, settings.compile, settings.compile_backend)
     batches = [data[i] for i in range(n_batches)]  # the twins share tokenizer and image size: one set of batches
 
     times: dict[str, list[float]] = {n: [] for n in names}
+    warmup_times: dict[str, list[float]] = {n: [] for n in names}
     losses: dict[str, list[float]] = {n: [] for n in names}
     for i in range(n_batches):
         order = names if i % 2 == 0 else names[::-1]
@@ -202,22 +232,28 @@ def run(settings: TrainBenchSettings, device: torch.device | None = None, log=pr
             loss = []
             now[name] = timed(lambda: loss.append(steps[name](batches[i])), device)
             losses[name].append(float(loss[0]))
-            if i >= settings.warmup:
-                times[name].append(now[name])
+            (times if i >= settings.warmup else warmup_times)[name].append(now[name])
         where = (f"warm-up step {i + 1}/{settings.warmup} (not measured)" if i < settings.warmup
                  else f"step {i + 1 - settings.warmup}/{settings.steps}")
         log(f"{where}: " + ", ".join(f"{n} {now[n]:.3f}s" for n in names))
 
+    peak, peak_key = peak_bf16_flops(device) if amp else (None, None)  # MFU against the bf16 peak only
     rows = []
     for name in names:
         step_s = median(times[name])
         log(f"counting the training FLOPs per sample of {name} (one step under a FLOP counter) ...")
+        flops = training_flops_per_sample(models[name], batches[0])
+        first = (warmup_times[name] or times[name])[0]
         row = {
             "model": name,
             "median_step_s": step_s,
             "step_times_s": times[name],
             "images_per_s": settings.batch_size / step_s,
-            "flops_per_sample": training_flops_per_sample(models[name], batches[0]),
+            "flops_per_sample": flops,
+            "mfu": flops * settings.batch_size / step_s / peak if peak else None,
+            "first_step_s": first,  # from the first call to the first finished step
+            "compile_s": first if settings.compile != "none" else None,
+            "warmup_step_times_s": warmup_times[name],
             "final_loss": losses[name][-1],
             "overrides": _overrides_for(name, settings),
         }
@@ -236,7 +272,9 @@ def run(settings: TrainBenchSettings, device: torch.device | None = None, log=pr
         "speedup": base["median_step_s"] / bus["median_step_s"],
         "flops_ratio": bus["flops_per_sample"] / base["flops_per_sample"],
         "models": {r["model"]: r for r in rows},
-        "settings": {**asdict(settings), "amp": amp, "image_size": config.vision.image_size},
+        "settings": {**asdict(settings), "amp": amp, "image_size": config.vision.image_size,
+                     "pad_to_max_length": settings.padded, "max_text_len": config.max_text_len},
+        "peak_bf16_flops": peak, "peak_entry": peak_key,
         **environment(device),
     }
 
@@ -253,8 +291,9 @@ def equal_time_retrieval(names: list[str], settings: TrainBenchSettings, device:
     state = {}
     for name in names:
         model, data = build_model_and_data(name, settings.batch_size, settings.seed + 1, settings.image_size, device,
-                                           _overrides_for(name, settings))
-        state[name] = {"model": model, "data": data, "step": make_step(model, settings.lr, amp, device),
+                                           _overrides_for(name, settings), settings.padded)
+        state[name] = {"model": model, "data": data, "step": make_step(model, settings.lr, amp, device, settings.compile,
+                                                                       settings.compile_backend),
                        "seconds": 0.0, "steps": 0}
     while True:
         pending = [n for n in names if state[n]["seconds"] < settings.eval_seconds]
@@ -289,13 +328,22 @@ def equal_time_retrieval(names: list[str], settings: TrainBenchSettings, device:
 
 
 def render(result: dict) -> str:
+    if result.get("benchmark") == "train-suite":
+        from .train_suite import render as render_suite
+
+        return render_suite(result)
     rows = list(result["models"].values())
     for r in rows:
         r["gflops_per_sample"] = r["flops_per_sample"] / 1e9
-    table = markdown_table(rows, [
+        r["mfu_percent"] = None if r.get("mfu") is None else 100 * r["mfu"]
+    columns = [
         ("model", "model", ""), ("median_step_s", "median step (s)", ".3f"), ("images_per_s", "images/s", ".2f"),
         ("gflops_per_sample", "GFLOPs/sample (fwd+bwd)", ".4g"), ("peak_memory_mib", "peak memory (MiB)", ".0f"),
-    ])
+        ("mfu_percent", "MFU (%)", ".1f"), ("compile_s", "compile (s)", ".1f"),
+    ]
+    # columns that no row has (CPU: no MFU; eager: no compile time; older results) are left out
+    table = markdown_table(rows, [c for c in columns if c[0] not in ("mfu_percent", "compile_s")
+                                  or any(r.get(c[0]) is not None for r in rows)])
     s = result["settings"]
     evals = [{"model": r["model"], **r["equal_time_eval"]} for r in rows if "equal_time_eval" in r]
     if evals:
@@ -311,11 +359,26 @@ def render(result: dict) -> str:
         f"{table}\n\nspeedup (baseline step time / BUS step time): **{result['speedup']:.2f}x**; "
         f"FLOPs ratio BUS/baseline: {result['flops_ratio']:.2f}\n"
         f"batch {s['batch_size']}, {s['steps']} measured steps after {s['warmup']} warm-up, "
-        f"{s['image_size']} px, amp={s['amp']}, overrides {s.get('overrides') or 'none'}; {result['device']}; torch {result['torch']}; commit {result['commit']}"
+        f"{s['image_size']} px, amp={s['amp']}, overrides {s.get('overrides') or 'none'}{compiled_with(s)}; "
+        f"{result['device']}; torch {result['torch']}; commit {result['commit']}"
     )
 
 
+def compiled_with(settings: dict) -> str:
+    """``, compile MODE (backend, captions padded to N)`` for a compiled result's settings; ``""`` for an
+    eager one (as results from before ``--compile`` existed)."""
+    padded = f"captions padded to {settings.get('max_text_len')}"
+    if settings.get("compile", "none") == "none":
+        return f", {padded}" if settings.get("pad_to_max_length") else ""
+    return f", compile {settings['compile']} ({settings.get('compile_backend', 'inductor')}, {padded})"
+
+
 def plot(result: dict, path: str | None) -> str | None:
+    if result.get("benchmark") == "train-suite":
+        from .train_suite import plot as plot_suite
+
+        return plot_suite(result, path)
+
     def draw(ax):
         names = list(result["models"])
         ips = [result["models"][n]["images_per_s"] for n in names]
@@ -343,6 +406,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", help="selection policy of the compared model (bus_model.selection.POLICIES)")
     parser.add_argument("--override", action="append", default=[], metavar="SECTION__FIELD=JSON",
                         help="set a config field of the compared model, e.g. losses__momentum=0 (repeatable)")
+    parser.add_argument("--compile", default=None, nargs="?", const="default", metavar="MODE",
+                        help=COMPILE_HELP.replace("Default: none", "Default: none; with --gpu-suite the compiled half "
+                                                  "uses reduce-overhead on CUDA (default elsewhere)"))
+    parser.add_argument("--compile-backend", default="inductor", metavar="BACKEND", help=BACKEND_HELP)
+    parser.add_argument("--gpu-suite", action="store_true",
+                        help="issue 22's paper-scale GPU set: bus-small batch 32 and bus-base batch 64 (224 px, bf16), "
+                        "each against its baseline, eager and compiled (--compile, default reduce-overhead = CUDA "
+                        "graphs); captions padded to max_text_len in every case; speedup, images/s, MFU and compile "
+                        "time side by side (JSON written after each case); needs CUDA (with --quick: bus-tiny on "
+                        "any device, a smoke test). --steps/--warmup apply (warm-up at least 3)")
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (bus-tiny, 2 steps)")
     parser.add_argument("--json", help="write the result as JSON here")
     parser.add_argument("--plot", help="write a PNG bar chart here")
@@ -356,6 +429,12 @@ def settings_from_args(args) -> TrainBenchSettings:
                                       warmup=args.warmup, image_size=args.image_size, seed=args.seed, lr=args.lr)
     settings.amp = args.amp
     settings.memory = not args.no_memory
+    settings.compile = getattr(args, "compile", None) or "none"
+    settings.compile_backend = getattr(args, "compile_backend", "inductor")
+    try:
+        check_compile_mode(settings.compile, settings.compile_backend)
+    except ValueError as err:
+        raise SystemExit(f"bus bench train: error: {err}") from None
     settings.overrides = _parse_overrides(getattr(args, "override", []), getattr(args, "policy", None))
     if args.eval:
         if args.eval_seconds <= 0:
@@ -381,6 +460,10 @@ def main_from_args(args) -> int:
     from bus_model import list_models
 
     settings = settings_from_args(args)
+    if getattr(args, "gpu_suite", False):
+        from .train_suite import main_from_args as suite_main
+
+        return suite_main(args, settings)
     if settings.model not in list_models() or f"{settings.model}-baseline" not in list_models():
         raise SystemExit(f"bus bench train: error: --model must be a BUS config with a -baseline twin, one of "
                          f"{[m for m in list_models() if not m.endswith('-baseline')]}, got {settings.model!r}")
@@ -391,6 +474,9 @@ def main_from_args(args) -> int:
             get_config(settings.model, **settings.overrides)
         except (TypeError, ValueError) as err:
             raise SystemExit(f"bus bench train: error: --policy/--override: {err}") from None
+    from .train_suite import check_compiles
+
+    check_compiles(settings, "bus bench train")
     result = run(settings, log=lambda msg: print(msg, file=sys.stderr))
     return publish(result, render(result), args.json, plot(result, args.plot))
 
