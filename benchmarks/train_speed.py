@@ -328,7 +328,7 @@ def equal_time_retrieval(names: list[str], settings: TrainBenchSettings, device:
 
 
 def render(result: dict) -> str:
-    if result.get("benchmark") == "train-suite":
+    if "cases" in result:
         from .train_suite import render as render_suite
 
         return render_suite(result)
@@ -374,7 +374,7 @@ def compiled_with(settings: dict) -> str:
 
 
 def plot(result: dict, path: str | None) -> str | None:
-    if result.get("benchmark") == "train-suite":
+    if "cases" in result:
         from .train_suite import plot as plot_suite
 
         return plot_suite(result, path)

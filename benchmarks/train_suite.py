@@ -56,7 +56,9 @@ def run_suite(base, pairs, modes, device: torch.device, json_path: str | None = 
     supplies the rest (steps, warm-up, seed, amp, backend, overrides)."""
     from .train_speed import run
 
-    result = {"benchmark": "train-suite", "modes": list(modes), "cases": [], **environment(device)}
+    # "benchmark": "train", so that readme_results renders it (train_speed.render hands a result with
+    # "cases" to this module's render)
+    result = {"benchmark": "train", "suite": "gpu", "modes": list(modes), "cases": [], **environment(device)}
     for model, batch in pairs:
         for mode in modes:
             settings = dataclasses.replace(base, model=model, batch_size=batch, compile=mode, memory=False,

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from bus_benchmarks import cli, harness, train_suite
+from bus_benchmarks import cli, harness, readme_results, train_suite
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +41,7 @@ def test_bench_train_compiled_reports_compile_time(tmp_path, capsys):
 @pytest.mark.slow
 def test_gpu_suite_quick_runs_every_case(tmp_path, capsys):
     result = _bench(tmp_path, "--gpu-suite", "--quick", "--compile-backend", "eager", "--steps", "1", "--warmup", "0")
-    assert result["benchmark"] == "train-suite" and result["modes"] == ["none", "default"]
+    assert result["benchmark"] == "train" and result["suite"] == "gpu" and result["modes"] == ["none", "default"]
     assert [(c["settings"]["model"], c["settings"]["compile"]) for c in result["cases"]] == [
         ("bus-tiny", "none"), ("bus-tiny", "default")]
     for case in result["cases"]:
@@ -54,6 +54,10 @@ def test_gpu_suite_quick_runs_every_case(tmp_path, capsys):
     assert "| bus-tiny | 4 | default |" in out and "speedup over eager" in out
     rows = train_suite.compiled_over_eager(result)
     assert {r["model"] for r in rows} == {"bus-tiny", "bus-tiny-baseline"} and all(r["speedup"] > 0 for r in rows)
+    folder = tmp_path / "results"  # a recorded suite goes into the README like any bus bench train result
+    folder.mkdir()
+    (folder / "train_gpu_suite.json").write_text(json.dumps(result))
+    assert "speedup over eager" in readme_results.render_results(str(folder))
 
 
 @pytest.mark.parametrize("args, message", [
