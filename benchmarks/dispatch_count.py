@@ -13,12 +13,18 @@ implementation). Each op is charged to a model part:
 * in backward, the part whose forward op created the autograd node being run: a ``TorchFunctionMode``
   tags the ``grad_fn`` of every forward result (``node.metadata["bus_part"]``), and the dispatch mode
   reads ``torch._C._current_autograd_node()``;
-* ``optimizer`` for ops outside forward and backward (the AdamW update).
+* ``optimizer`` for ops outside forward and backward (the AdamW update); an op outside the model's forward
+  while the caller says the forward or backward phase runs (the engine's gradient seed, ``ones_like`` of
+  the loss) is model glue.
+
+``by_phase`` splits the same ops by phase (``forward``, ``backward``, ``optimizer``) when the caller says
+which phase runs (``counter.phase``; ``count_step_ops`` does).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import sys
 
@@ -39,6 +45,7 @@ PARTS = (
 FILE_PARTS = {"selection.py": "selection", "losses.py": "losses"}
 GLUE = "model glue (heads, stacking)"
 OPTIMIZER = "optimizer"
+PHASES = ("forward", "backward", "optimizer")
 _TAG = "bus_part"
 _IN_BUS_MODEL = os.sep + "bus_model" + os.sep
 
@@ -55,6 +62,8 @@ class DispatchCounter(TorchDispatchMode):
         self.by_part: collections.Counter[str] = collections.Counter()
         self.by_op: collections.Counter[str] = collections.Counter()
         self.by_part_op: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.by_phase: collections.Counter[str] = collections.Counter()
+        self.phase: str | None = None  # one of PHASES while the caller runs that phase; None: not told
         self._modules: dict[int, str] = {}  # id(part module) -> part name
         self._hooks: list = []
         self._function_mode = _TagGradFn(self)
@@ -66,7 +75,7 @@ class DispatchCounter(TorchDispatchMode):
         if node is not None:  # backward: the part that created this node
             return node.metadata.get(_TAG, GLUE)
         if not self.in_forward:
-            return OPTIMIZER
+            return GLUE if self.phase in ("forward", "backward") else OPTIMIZER
         return self._forward_part()
 
     def _forward_part(self) -> str:
@@ -88,6 +97,8 @@ class DispatchCounter(TorchDispatchMode):
         self.by_op[name] += 1
         self.by_part[part] += 1
         self.by_part_op[part, name] += 1
+        if self.phase is not None:
+            self.by_phase[self.phase] += 1
         return func(*args, **(kwargs or {}))
 
     @property
@@ -155,22 +166,31 @@ def count_step_ops(model: torch.nn.Module, batch: tuple, *, amp: bool = True, op
     """Dispatched ops of one training step: forward, backward and (``optimizer`` given) its ``step``.
 
     ``batch``: the model's input tuple; ``amp``: bf16 autocast. After ``warmup`` unmeasured steps (caches
-    filled, optimizer state built). Returns ``{"total", "by_part", "by_op"}``."""
+    filled, optimizer state built). Each step gets fresh copies of the inputs, made outside the count.
+    Returns ``{"total", "by_part", "by_phase", "by_op"}``."""
     device_type = batch[0].device.type
 
-    def step():
+    def step(counter: DispatchCounter | None = None):
         fresh = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in batch)
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
-            out = model(*fresh)
-        out.loss.backward()
-        if optimizer is not None:
-            optimizer.step()
+        def phase(name: str | None) -> None:
+            if counter is not None:
+                counter.phase = name
+
+        with counter if counter is not None else contextlib.nullcontext():
+            phase("forward")
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+                out = model(*fresh)
+            phase("backward")
+            out.loss.backward()
+            phase("optimizer")
+            if optimizer is not None:
+                optimizer.step()
+            phase(None)
         model.zero_grad(set_to_none=True)
 
     for _ in range(warmup):
         step()
-    with DispatchCounter(model) as counter:
-        step()
+    counter = DispatchCounter(model)
+    step(counter)
     return {"total": counter.total, "by_part": dict(counter.by_part.most_common()),
-            "by_op": dict(counter.by_op.most_common())}
-
+            "by_phase": {p: counter.by_phase[p] for p in PHASES}, "by_op": dict(counter.by_op.most_common())}

@@ -7,7 +7,7 @@ results go into the README, ``render(result) -> str``. Both ``cli`` (the ``bus b
 
 from __future__ import annotations
 
-from . import flops, kernels, patch_effect, quality, scaling, train_speed
+from . import flops, kernels, overhead, patch_effect, quality, scaling, train_speed
 
 BENCHMARKS = {
     "train": train_speed,  # the main job: BUS vs baseline training speed
@@ -16,4 +16,5 @@ BENCHMARKS = {
     "kernels": kernels,
     "patch": patch_effect,  # bus_kernels.patch on timm ViTs: tokens per layer, FLOPs, step time
     "quality": quality,  # accuracy vs training time of every selection policy (issue 12)
+    "overhead": overhead,  # host cost per training step and per bus_kernels call, on CPU (issues 22, 23)
 }
