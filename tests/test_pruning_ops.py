@@ -316,6 +316,47 @@ def test_topk_gather_varlen_equals_fixed_k(case):
     assert torch.equal(packed.index, fixed.index.reshape(-1))
 
 
+@pytest.mark.slow  # ~20 s: the interpreter runs 260 programs per kernel
+@pytest.mark.parametrize("case", device_backends("topk_gather"))
+def test_topk_gather_varlen_many_rows(case):
+    """More rows than one block of the select kernel's row-offset sum (256): offsets, index, tokens and
+    gradients of the later rows still land in their place. (Few tokens: the interpreter runs B programs.)"""
+    backend, device = case
+    B, N, C, fuse = 260, 3, 2, True
+    gen = torch.Generator().manual_seed(0)
+    # scores away from 0: the fused-token gradient divides by the dropped mass
+    x_cpu, s_cpu = torch.randn(B, N, C, generator=gen), torch.rand(B, N, generator=gen) + 0.5
+    k = torch.randint(0, N + 1, (B,), generator=gen)
+    x, scores = x_cpu.to(device).requires_grad_(), s_cpu.to(device).requires_grad_()
+    tokens, index, cu, max_seqlen = bk.topk_gather_varlen(x, scores, k.to(device), fuse=fuse, backend=backend)
+    assert cu.tolist() == [0] + (k + fuse).cumsum(0).tolist() and max_seqlen == int(k.max()) + fuse
+    x64, s64 = x_cpu.double().requires_grad_(), s_cpu.double().requires_grad_()
+    rows = [ref_row(x64[b], s64[b], int(k[b]), fuse) for b in range(B)]
+    assert index.tolist() == [p for r in rows for p in r[1]]
+    expected = torch.cat([r[0] for r in rows])
+    torch.testing.assert_close(tokens.double().cpu(), expected, atol=1e-5, rtol=1e-5)
+    g = torch.randn(expected.shape, generator=gen, dtype=expected.dtype)
+    gx, gs = grads(tokens, [x, scores], g)
+    gx64, gs64 = grads(expected, [x64, s64], g)
+    torch.testing.assert_close(gx.double().cpu(), gx64, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gs.double().cpu(), gs64, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("case", device_backends("topk_gather"))
+def test_topk_gather_varlen_no_tokens(case, request):
+    """N = 0 (every k 0): each row is its fused token alone, all zeros (nothing dropped), written."""
+    backend, device = case
+    if backend == "native":  # csrc returns before writing the fused tokens when N == 0 (Triton did too)
+        # not strict: unwritten memory may happen to be zeros
+        request.applymarker(pytest.mark.xfail(reason="native leaves the fused tokens unwritten at N=0"))
+    x = torch.randn(3, 0, 8, device=device)
+    tokens, index, cu, max_seqlen = bk.topk_gather_varlen(
+        x, torch.rand(3, 0, device=device), torch.zeros(3, dtype=torch.int64, device=device), backend=backend
+    )
+    assert torch.equal(tokens.cpu(), torch.zeros(3, 8)) and index.numel() == 0
+    assert cu.tolist() == [0, 1, 2, 3] and max_seqlen == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # keep_by_mass
 

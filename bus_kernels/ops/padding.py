@@ -50,12 +50,12 @@ def unpad(x: torch.Tensor, mask: torch.Tensor) -> UnpadOutput:
     if mask.device != x.device:
         raise ValueError(f"mask is on {mask.device} but x is on {x.device}; all inputs must be on one device")
     B, S = mask.shape
-    keep = mask != 0
+    keep = mask if mask.dtype == torch.bool else mask != 0
     seqlens = keep.sum(dim=1, dtype=torch.int32)  # (B,)
     indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()  # (total,) int64, row-major
     cu_seqlens = torch.zeros(B + 1, dtype=torch.int32, device=x.device)
     cu_seqlens[1:] = torch.cumsum(seqlens, dim=0)
-    max_seqlen = int(seqlens.max()) if B > 0 else 0
+    max_seqlen = max(seqlens.tolist(), default=0)  # the (B,) counts read once, no reduction kernel
     x_packed = torch.index_select(x.reshape(B * S, *x.shape[2:]), 0, indices)  # (total, ...)
     return UnpadOutput(x_packed, indices, cu_seqlens, max_seqlen)
 
@@ -89,7 +89,7 @@ def pad(x_packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) 
     batch = check_int("batch", batch, 0)
     seqlen = check_int("seqlen", seqlen, 0)
     if indices.numel() > 0 and not torch.compiler.is_compiling():
-        low, high = torch.stack([indices.min(), indices.max()]).tolist()  # one host read
+        low, high = torch.stack(indices.aminmax()).tolist()  # one reduction, one host read
         if low < 0 or high >= batch * seqlen:
             raise ValueError(f"indices must lie in [0, batch * seqlen = {batch * seqlen}), got values in [{low}, {high}]")
     out = x_packed.new_zeros(batch * seqlen, *x_packed.shape[1:])

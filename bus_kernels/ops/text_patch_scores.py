@@ -10,6 +10,7 @@ Triton path:
   * ``_tps_combine_kernel`` (row x token block): averages ``exp(logit - lse)`` over heads.
   * ``_tps_bwd_kernel`` (one program per (row, head)): ``dlogit = p * (g - <p, g>) / H``; reads the
     saved logits for ``<p, g>``, then the keys once for ``dq`` and writes ``dk`` once.
+Forward 2 launches, backward 1: the saved logits and lse carry no gradient (``tests/test_op_launches.py``).
 """
 
 from __future__ import annotations
@@ -157,6 +158,9 @@ def register_scores_autograd(op_name: str, backward_op) -> None:
     def setup_context(ctx, inputs, output):
         query, keys, scale = inputs
         _scores, logits, lse = output
+        # logits and lse are saved for backward, not results: no gradient, and no zero-filled one
+        ctx.mark_non_differentiable(logits, lse)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(query, keys, logits, lse)
         ctx.scale = scale
 

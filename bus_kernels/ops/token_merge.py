@@ -126,7 +126,8 @@ def merge_tokens(
             f"plan does not fit x: keep {tuple(plan.keep.shape)} + src {tuple(plan.src.shape)} must cover N={N}"
         )
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if size is None:
+    unit_size = size is None
+    if unit_size:
         size = torch.ones(B, N, dtype=torch.float32, device=x.device)
     else:
         check_tensor("size", size)
@@ -135,7 +136,8 @@ def merge_tokens(
         check_float("size", size)
     check_same_device([("x", x), ("plan.keep", plan.keep), ("size", size)])
     s = size.to(acc_dtype)
-    weighted = x.to(acc_dtype) * s[..., None]  # (B, N, C)
+    # (B, N, C); unit sizes weigh nothing: no multiply (nor its backward) launched
+    weighted = x.to(acc_dtype) if unit_size else x.to(acc_dtype) * s[..., None]
     src_c = plan.src[..., None].expand(-1, -1, C)
     dst_c = plan.dst[..., None].expand(-1, -1, C)
     total = weighted.scatter_add(1, dst_c, weighted.gather(1, src_c))  # B tokens absorb their A partners

@@ -8,15 +8,17 @@ lower position) in ascending position order, then, if ``fuse``, append one token
 Triton path, three kernels:
   * ``_topk_select_kernel`` (one program per row): the row's scores are mapped to order-preserving
     integer keys on-chip, a 32-step radix select finds the k-th largest key, ties are broken by a
-    prefix sum, and a second prefix sum gives each kept token its output slot. Writes ``index`` and a
-    (B, N) int32 slot map (-1 = dropped). No sort, no global scratch beyond the slot map.
+    prefix sum, and a second prefix sum gives each kept token its output slot. Writes ``index``, a
+    (B, N) int32 slot map (-1 = dropped) and the rows' offsets in the packed output (``cu_seqlens``,
+    summed from ``k`` in the kernel: no cumsum launches). No sort, no global scratch beyond the slot map.
   * ``_topk_gather_fwd_kernel`` (row x channel block): one pass over x, each element read once; kept
     rows are stored to their slot, dropped rows accumulate into the fused token in fp32.
   * ``_topk_gather_bwd_kernel`` (row x token block): grad_x written once per element without atomics;
     grad_scores (through the fused token only) reduced over channels in the same program.
 
 The same kernels serve the fixed-k op (all rows keep k) and the ragged ``topk_gather_varlen``
-(per-row k, packed output with ``cu_seqlens``).
+(per-row k, packed output with ``cu_seqlens``). A fixed-k forward launches 3 kernels (a ``full`` for
+the row counts and the two above), its backward 1 (``tests/test_op_launches.py``).
 """
 
 from __future__ import annotations
@@ -62,12 +64,6 @@ from .topk_gather_kernels import _topk_gather_bwd_kernel, _topk_gather_fwd_kerne
 # Launchers, registered as torch.library custom ops so torch.compile traces through them.
 
 
-def _row_offsets(k: torch.Tensor, fuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Start of each row in the packed tokens and in the packed index, both (B,) int64."""
-    lengths = k + int(fuse)
-    return torch.cumsum(lengths, 0) - lengths, torch.cumsum(k, 0) - k
-
-
 # Tiles of at most 2048 elements over 8 warps keep the gather kernels spill-free (see python -m bus_kernels.aot).
 GATHER_WARPS = 8
 
@@ -84,34 +80,40 @@ def _select_warps(NP: int) -> int:
 @torch.library.custom_op("bus::topk_gather_triton", mutates_args=())
 def _topk_gather_triton(
     x: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, total_kept: int, fuse: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (B, N, C) with unit channel stride, scores (B, N), k (B,) int64, total_kept = sum(k) ->
-    tokens (total_kept + B*fuse, C), index (total_kept,) int64, slot (B, N) int32, fused (B, C) fp32, den (B,) fp32."""
+    tokens (total_kept + B*fuse, C), index (total_kept,) int64, slot (B, N) int32, fused (B, C) fp32,
+    den (B,) fp32, cu_seqlens (B + 1,) int32 (row b of tokens at cu_seqlens[b]:cu_seqlens[b + 1]).
+    Every output is written whole by the kernels (``empty``, no fills); fused/den only with fuse,
+    the only case the backward reads them."""
     B, N, C = x.shape
-    out_off, index_off = _row_offsets(k, fuse)
     tokens = x.new_empty(total_kept + B * int(fuse), C)
     index = torch.empty(total_kept, dtype=torch.int64, device=x.device)
     slot = torch.empty(B, N, dtype=torch.int32, device=x.device)
-    fused = torch.zeros(B, C, dtype=torch.float32, device=x.device)
-    den = torch.zeros(B, dtype=torch.float32, device=x.device)
-    if B == 0 or N == 0:
-        return tokens, index, slot, fused, den
+    fused = torch.empty(B, C, dtype=torch.float32, device=x.device)
+    # no gather kernel runs when C == 0; den is then the backward's (0,)-channel divisor: any finite value
+    den = (torch.zeros if C == 0 else torch.empty)(B, dtype=torch.float32, device=x.device)
+    if B == 0:
+        return tokens, index, slot, fused, den, torch.zeros(1, dtype=torch.int32, device=x.device)
+    cu_seqlens = torch.empty(B + 1, dtype=torch.int32, device=x.device)
     NP = next_pow2(N)
     with on_device(x):  # launch on the tensors' GPU, not the current one
-        _topk_select_kernel[(B,)](scores, k, index_off, slot, index, N, scores.stride(0), NP=NP, num_warps=_select_warps(NP))
-        if C > 0:
+        _topk_select_kernel[(B,)](
+            scores, k, cu_seqlens, slot, index, N, scores.stride(0), NP=NP, FUSE=fuse, num_warps=_select_warps(NP),
+        )
+        if C > 0:  # N == 0 still runs: it writes the (zero) fused tokens
             block_n, block_c = _gather_blocks(C)
             _topk_gather_fwd_kernel[(B, triton.cdiv(C, block_c))](
-                x, scores, slot, k, out_off, tokens, fused, den,
+                x, scores, slot, k, cu_seqlens, tokens, fused, den,
                 N, C, x.stride(0), x.stride(1), scores.stride(0), FUSE_EPS,
                 FUSE=fuse, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=GATHER_WARPS,
             )
-    return tokens, index, slot, fused, den
+    return tokens, index, slot, fused, den, cu_seqlens
 
 
 # Shapes of the forward op ``(x, scores, k, total_kept, fuse) -> (tokens, index, slot, fused, den)`` and of
-# its backward op ``(grad_tokens, x, scores, k, slot, fused, den, fuse) -> (grad_x, grad_scores)``; the Triton
-# and native registrations share them.
+# its backward op ``(grad_tokens, x, scores, k, slot, fused, den, fuse) -> (grad_x, grad_scores)``, those of
+# the native registration; the Triton op adds ``cu_seqlens`` to both (see ``register_gather_autograd``).
 
 
 def gather_fake(x, scores, k, total_kept, fuse):
@@ -130,51 +132,61 @@ def gather_backward_fake(grad_tokens, x, scores, k, slot, fused, den, fuse):
 
 
 def register_gather_autograd(op_name: str, backward_op) -> None:
-    """Autograd for a forward op of the shape above, whose gradient ``backward_op`` computes."""
+    """Autograd for a forward op of the shape above, whose gradient ``backward_op`` computes:
+    ``backward_op(grad_tokens, x, scores, k, *outputs[2:], fuse)`` (the op's saved outputs after tokens
+    and index, whatever their number)."""
 
     def setup_context(ctx, inputs, output):
         x, scores, k, _total_kept, fuse = inputs
-        _tokens, _index, slot, fused, den = output
-        ctx.save_for_backward(x, scores, k, slot, fused, den)
+        # only tokens carries a gradient: the others (index, slot, cu_seqlens are integers) get none,
+        # and no zero gradients are built for them in backward
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, scores, k, *output[2:])
         ctx.fuse = fuse
 
-    def backward(ctx, grad_tokens, _gi, _gs, _gf, _gd):
-        x, scores, k, slot, fused, den = ctx.saved_tensors
+    def backward(ctx, grad_tokens, *_no_grads):
         if grad_tokens is None:
             return None, None, None, None, None
-        grad_x, grad_scores = backward_op(grad_tokens, x, scores, k, slot, fused, den, ctx.fuse)
+        grad_x, grad_scores = backward_op(grad_tokens, *ctx.saved_tensors, ctx.fuse)
         return grad_x, grad_scores, None, None, None
 
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
 
-_topk_gather_triton.register_fake(gather_fake)
+@_topk_gather_triton.register_fake
+def _(x, scores, k, total_kept, fuse):
+    return (*gather_fake(x, scores, k, total_kept, fuse), x.new_empty(x.shape[0] + 1, dtype=torch.int32))
 
 
 @torch.library.custom_op("bus::topk_gather_triton_backward", mutates_args=())
 def _topk_gather_triton_backward(
     grad_tokens: torch.Tensor, x: torch.Tensor, scores: torch.Tensor, k: torch.Tensor,
-    slot: torch.Tensor, fused: torch.Tensor, den: torch.Tensor, fuse: bool,
+    slot: torch.Tensor, fused: torch.Tensor, den: torch.Tensor, cu_seqlens: torch.Tensor, fuse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_tokens (total, C) -> grad_x (B, N, C) in x's dtype, grad_scores (B, N) in scores' dtype."""
+    """grad_tokens (total, C) -> grad_x (B, N, C) in x's dtype, grad_scores (B, N) in scores' dtype
+    (the row offsets ``cu_seqlens`` saved by the forward)."""
     B, N, C = x.shape
     grad_tokens = grad_tokens.contiguous()
     grad_x = torch.empty(B, N, C, dtype=x.dtype, device=x.device)
     grad_scores = torch.empty(B, N, dtype=scores.dtype, device=x.device)
     if B == 0 or N == 0:
         return grad_x, grad_scores
-    out_off, _ = _row_offsets(k, fuse)
     block_n, block_c = _gather_blocks(C)
     with on_device(x):  # launch on the tensors' GPU, not the current one
         _topk_gather_bwd_kernel[(B, triton.cdiv(N, block_n))](
-            grad_tokens, x, scores, slot, k, out_off, fused, den, grad_x, grad_scores,
+            grad_tokens, x, scores, slot, k, cu_seqlens, fused, den, grad_x, grad_scores,
             N, C, x.stride(0), x.stride(1), scores.stride(0), FUSE_EPS,
             FUSE=fuse, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=GATHER_WARPS,
         )
     return grad_x, grad_scores
 
 
-_topk_gather_triton_backward.register_fake(gather_backward_fake)
+@_topk_gather_triton_backward.register_fake
+def _(grad_tokens, x, scores, k, slot, fused, den, cu_seqlens, fuse):
+    return gather_backward_fake(grad_tokens, x, scores, k, slot, fused, den, fuse)
+
+
 register_gather_autograd("bus::topk_gather_triton", _topk_gather_triton_backward)
 
 
@@ -197,8 +209,8 @@ def _topk_gather_triton_impl(x, scores, k: int, fuse: bool):
 def _topk_gather_varlen_triton_impl(x, scores, k: torch.Tensor, fuse: bool):
     x, scores = _prepare_triton(x, scores)
     total_kept, max_seqlen = kept_totals(k, fuse)
-    tokens, index, *_ = _topk_gather_triton(x, scores, k, total_kept, fuse)
-    return tokens, index, _cu_seqlens(k, fuse), max_seqlen
+    tokens, index, *_, cu_seqlens = _topk_gather_triton(x, scores, k, total_kept, fuse)
+    return tokens, index, cu_seqlens, max_seqlen
 
 
 def _cu_seqlens(k: torch.Tensor, fuse: bool) -> torch.Tensor:
@@ -208,9 +220,10 @@ def _cu_seqlens(k: torch.Tensor, fuse: bool) -> torch.Tensor:
 
 
 def kept_totals(k: torch.Tensor, fuse: bool) -> tuple[int, int]:
-    """(sum k, longest row = max k + fuse): the output sizes, in one host read (one sync on CUDA)."""
-    total, longest = torch.stack([k.sum(), k.max()]).tolist() if k.numel() else (0, -int(fuse))
-    return total, longest + int(fuse)
+    """(sum k, longest row = max k + fuse): the output sizes, in one host read (one sync on CUDA;
+    the (B,) counts themselves, summed on the host: no reduction kernels)."""
+    counts = k.tolist()
+    return sum(counts), max(counts, default=-int(fuse)) + int(fuse)
 
 
 register_impl("topk_gather", "torch", reference.topk_gather)
@@ -314,7 +327,8 @@ def topk_gather_varlen(
         raise TypeError(f"check_k must be a bool, got {type(check_k).__name__}")
     k = k.to(torch.int64)
     if check_k and B > 0:
-        k_min, k_max = torch.stack([k.min(), k.max()]).tolist()  # one host read (a sync on CUDA)
+        counts = k.tolist()  # one host read (a sync on CUDA), no reduction kernels
+        k_min, k_max = min(counts), max(counts)
         if k_min < 0 or k_max > N:
             raise ValueError(f"k must be in [0, N={N}] for every row, got values in [{k_min}, {k_max}]")
     name = _pick_backend(x, scores, backend)
@@ -361,9 +375,9 @@ def aot_specs():
     def select(score_dt: str, NP: int) -> KernelSpec:
         return KernelSpec(
             f"topk_select scores={score_dt} NP={NP}", _topk_select_kernel,
-            {"scores_ptr": f"*{score_dt}", "k_ptr": "*i64", "index_off_ptr": "*i64", "slot_ptr": "*i32",
-             "index_ptr": "*i64", "N": "i32", "stride_sb": "i32", "NP": "constexpr"},
-            {"NP": NP}, num_warps=_select_warps(NP),
+            {"scores_ptr": f"*{score_dt}", "k_ptr": "*i64", "cu_ptr": "*i32", "slot_ptr": "*i32",
+             "index_ptr": "*i64", "N": "i32", "stride_sb": "i32", "NP": "constexpr", "FUSE": "constexpr"},
+            {"NP": NP, "FUSE": True}, num_warps=_select_warps(NP),
         )
 
     specs = [select("fp32", 2**e) for e in range(15) if 2**e <= TRITON_MAX_N]
@@ -375,7 +389,7 @@ def aot_specs():
             for C in (64, 384, 768):
                 block_n, block_c = _gather_blocks(C)
                 common = {"x_ptr": f"*{dt}", "scores_ptr": f"*{score_dt}", "slot_ptr": "*i32", "k_ptr": "*i64",
-                          "out_off_ptr": "*i64"}
+                          "cu_ptr": "*i32"}
                 consts = {"FUSE": True, "BLOCK_N": block_n, "BLOCK_C": block_c}
                 divisible = ("C", "stride_xb", "stride_xn")  # channel counts of the model are multiples of 16
                 tag = f"{dt} scores={score_dt} C={C}"

@@ -11,11 +11,21 @@ import triton.language as tl
 # change of its divisibility by 16 never recompiles (see bus_kernels/aot.py).
 @triton.jit(do_not_specialize=["N", "stride_sb"])
 def _topk_select_kernel(
-    scores_ptr, k_ptr, index_off_ptr, slot_ptr, index_ptr,
+    scores_ptr, k_ptr, cu_ptr, slot_ptr, index_ptr,
     N, stride_sb,
-    NP: tl.constexpr,
+    NP: tl.constexpr, FUSE: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
+    # the row offsets, computed here rather than by a cumsum launch: row b's kept tokens start at
+    # sum_{j < b} k_j in the index and, with its fused token, at cu[b] = sum_{j < b} (k_j + FUSE) in the
+    # tokens; cu (B + 1,) int32 is also the packed rows' cu_seqlens. O(B) per row: B is a batch size.
+    index_base = tl.zeros((), dtype=tl.int32)
+    for b0 in range(0, tl.program_id(0), 256):
+        offs_b = b0 + tl.arange(0, 256)
+        index_base += tl.sum(tl.load(k_ptr + offs_b, mask=offs_b < b, other=0).to(tl.int32), axis=0)
+    out_base = index_base
+    if FUSE:
+        out_base += b.to(tl.int32)
     offs = tl.arange(0, NP)
     valid = offs < N
     s = tl.load(scores_ptr + b * stride_sb + offs, mask=valid, other=0.0).to(tl.float32) + 0.0  # -0.0 -> +0.0
@@ -40,13 +50,17 @@ def _topk_select_kernel(
     keep = above | (tie & (tie_rank <= k - n_above))
     slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.store(slot_ptr + b * N + offs, tl.where(keep, slot, -1), mask=valid)
-    index_base = tl.load(index_off_ptr + b)
     tl.store(index_ptr + index_base + slot, offs.to(tl.int64), mask=keep)
+    out_end = out_base + k
+    if FUSE:
+        out_end += 1
+    tl.store(cu_ptr + b + 1, out_end)
+    tl.store(cu_ptr, 0, mask=b == 0)
 
 
 @triton.jit(do_not_specialize=["N", "stride_sb"])
 def _topk_gather_fwd_kernel(
-    x_ptr, scores_ptr, slot_ptr, k_ptr, out_off_ptr,
+    x_ptr, scores_ptr, slot_ptr, k_ptr, cu_ptr,
     out_ptr, fused_ptr, den_ptr,
     N, C, stride_xb, stride_xn, stride_sb, eps,
     FUSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -55,7 +69,7 @@ def _topk_gather_fwd_kernel(
     cb = tl.program_id(1)
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < C
-    out_base = tl.load(out_off_ptr + b)
+    out_base = tl.load(cu_ptr + b).to(tl.int64)
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     den = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -82,7 +96,7 @@ def _topk_gather_fwd_kernel(
 
 @triton.jit(do_not_specialize=["N", "stride_sb"])
 def _topk_gather_bwd_kernel(
-    gout_ptr, x_ptr, scores_ptr, slot_ptr, k_ptr, out_off_ptr, fused_ptr, den_ptr,
+    gout_ptr, x_ptr, scores_ptr, slot_ptr, k_ptr, cu_ptr, fused_ptr, den_ptr,
     gx_ptr, gs_ptr,
     N, C, stride_xb, stride_xn, stride_sb, eps,
     FUSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -93,7 +107,7 @@ def _topk_gather_bwd_kernel(
     slot = tl.load(slot_ptr + b * N + offs_n, mask=nmask, other=-1)
     kept = slot >= 0
     dropped = nmask & (slot < 0)
-    out_base = tl.load(out_off_ptr + b)
+    out_base = tl.load(cu_ptr + b).to(tl.int64)
     rows = (out_base + slot).to(tl.int64)
     if FUSE:
         total = tl.load(den_ptr + b)

@@ -1,5 +1,9 @@
 """The Triton backend of varlen attention: launchers registered as torch.library custom ops (so
-torch.compile traces through them), their autograd formula, and the backend registration."""
+torch.compile traces through them), their autograd formula, and the backend registration.
+
+Launches per call once the block tables of the ``cu_seqlens`` objects exist (``tests/test_op_launches.py``):
+forward 1 kernel; backward 3 (delta, dK/dV, dQ) into ``empty`` gradients, plus the head sum of the key-bias
+gradient only when a key bias was given."""
 
 from __future__ import annotations
 
@@ -59,18 +63,21 @@ def _varlen_attention_triton_backward(
     softmax_scale: float, causal: bool, max_seqlen_q: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dout (total_q, H, D) -> dq, dk, dv in the inputs' dtypes (contiguous) and dbias (total_k,) fp32
-    ((0,) when key_bias is None)."""
+    ((0,) when key_bias is None). The dq and dkdv kernels write every row of every sequence (zeros where
+    a row sees nothing), as the forward writes ``out``: ``empty``, no fills."""
     total_q, H, D = q.shape
     total_k = k.shape[0]
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq = torch.zeros(total_q, H, D, dtype=q.dtype, device=q.device)
-    dk = torch.zeros(total_k, H, D, dtype=k.dtype, device=k.device)
-    dv = torch.zeros(total_k, H, D, dtype=v.dtype, device=v.device)
     has_bias = key_bias is not None
-    dbias_heads = torch.zeros(H if has_bias else 0, total_k, dtype=torch.float32, device=q.device)
-    if H == 0 or D == 0:
-        return dq, dk, dv, dbias_heads.sum(0)
+    if H == 0 or D == 0:  # no kernel runs (only reachable by calling the op directly)
+        return (q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape),
+                q.new_zeros(total_k if has_bias else 0, dtype=torch.float32))
+    dq = torch.empty(total_q, H, D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(total_k, H, D, dtype=k.dtype, device=k.device)
+    dv = torch.empty(total_k, H, D, dtype=v.dtype, device=v.device)
+    # per head, summed below (a program owns one head: no atomics); nothing at all without a key bias
+    dbias_heads = torch.empty(H, total_k, dtype=torch.float32, device=q.device) if has_bias else None
     block_d = _block_d(D)
     delta = torch.empty(H, total_q, dtype=torch.float32, device=q.device)
     with on_device(q):  # launch on the tensors' GPU, not the current one
@@ -100,7 +107,8 @@ def _varlen_attention_triton_backward(
                 q, k, v, bias, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, q_seq, q_start, *strides,
                 total_q, H, softmax_scale * _LOG2E, softmax_scale, **flags,
             )
-    return dq, dk, dv, dbias_heads.sum(0)
+    dbias = dbias_heads.sum(0) if has_bias else q.new_empty(0, dtype=torch.float32)
+    return dq, dk, dv, dbias
 
 
 @_varlen_attention_triton_backward.register_fake
@@ -113,6 +121,9 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_bias, softmax_sca
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, key_bias, softmax_scale, causal, max_seqlen_q = inputs
     out, lse = output
+    # lse is saved for backward, not a result: no gradient, and no zero-filled one
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_bias)
     ctx.softmax_scale = softmax_scale
     ctx.causal = causal
