@@ -54,6 +54,23 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert [c.step for c in ckpt.list_checkpoints(tmp_path / "straight")] == [6, 8]
 
 
+def test_resume_mid_window_logs_what_the_uninterrupted_run_logs(tmp_path):
+    """Issue 25: a stop between two logged rows (--stop-at 4 with --log-every 3) writes no row of its own,
+    and the checkpoint carries the loss sums of step 4, so the resumed row of step 6 averages steps 4-6 as
+    the uninterrupted run's does (it averaged 5-6 before)."""
+    common = ["--steps", "6", "--batch-size", "4", "--train-samples", "20", "--log-every", "3", "--lr", "1e-3",
+              "--save-every", "100", "--warmup-steps", "1"]
+    _train(tmp_path / "straight", *common)
+    _train(tmp_path / "split", *common, "--stop-at", "4")
+    assert [r["step"] for r in _rows(tmp_path / "split")] == [3]
+    window = ckpt.load_training_state(ckpt.latest_checkpoint(tmp_path / "split").path).trainer_state["metrics"]
+    assert len(window) == 1 and window[0]["itc"][1] == 1  # one rank, one micro-batch since the row of step 3
+    _train(tmp_path / "split", *common, "--resume")
+    straight, resumed = _rows(tmp_path / "straight"), _rows(tmp_path / "split")
+    assert [r["step"] for r in straight] == [3, 6]
+    assert resumed == straight
+
+
 @pytest.mark.parametrize("where", ["serialise", "before_rename"])
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, where):
     out = tmp_path / "run"

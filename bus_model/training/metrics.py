@@ -48,7 +48,10 @@ class MetricsLogger:
     per logged step (rank 0), mirrors it to TensorBoard and the progress bar.
 
     ``add(output, inputs)`` after every micro-batch (no host sync); ``write(step, ...)`` reduces the
-    window over micro-batches and ranks and returns the row."""
+    window over micro-batches and ranks and returns the row. A checkpoint taken mid-window carries this
+    rank's running loss sums (``window_state`` / ``load_window_state``), so the first row after
+    ``--resume`` averages the same steps as an uninterrupted run's; throughput counts only the steps this
+    process ran (the time before the stop is not part of its clock)."""
 
     def __init__(self, out: Path, config: BusConfig, info: DistInfo, *, tensorboard: bool, bar):
         self.config, self.info, self.bar = config, info, bar
@@ -71,6 +74,22 @@ class MetricsLogger:
                 self.counts[i] += 1
         self.throughput[0] += inputs["images"].shape[0]
         self.throughput[1] += inputs["attention_mask"].sum()
+
+    def window_state(self) -> dict[str, list[float]]:
+        """This rank's loss sums and counts since the last logged row, JSON-able, exact (float32 values
+        survive the trip through a Python float): ``{loss name: [sum, count]}``. Reads the device."""
+        sums, counts = self.sums.tolist(), self.counts.tolist()
+        return {name: [sums[i], counts[i]] for i, name in enumerate(LOSS_NAMES) if counts[i] > 0}
+
+    def load_window_state(self, state: dict[str, list[float]]) -> None:
+        """Continue the window that ``window_state`` saved (after a resume)."""
+        unknown = sorted(set(state) - set(LOSS_NAMES))
+        if unknown:
+            raise ValueError(f"metrics window state names unknown loss terms {unknown}; known: {list(LOSS_NAMES)}")
+        for i, name in enumerate(LOSS_NAMES):
+            total, count = state.get(name, (0.0, 0.0))
+            self.sums[i] = total
+            self.counts[i] = count
 
     def write(self, step: int, *, lr: float, grad_norm, stream: "BatchStream") -> dict[str, Any]:
         losses = reduce_losses(self.sums, self.counts, self.info)

@@ -17,6 +17,7 @@ from .args import args_record
 from .batches import BatchStream
 from .distributed import DistInfo
 from .errors import RunError, UsageError
+from .metrics import MetricsLogger
 from .optim import follow_current_schedule
 
 
@@ -121,3 +122,16 @@ def restore_training_state(loaded: ckpt.LoadedState, *, model: torch.nn.Module, 
         warn_changed_args(loaded.trainer_state.get("args", {}), args)
     stream.load_state(loaded.trainer_state["data"][info.rank])
     ckpt.restore_rng_state(*loaded.rng[info.rank])
+
+
+def restore_metrics_window(loaded: ckpt.LoadedState, logger: MetricsLogger, *, step: int, log_every: int,
+                           info: DistInfo) -> None:
+    """Give ``logger`` back the loss sums of the steps since the last logged row (``trainer_state["metrics"]``,
+    one entry per rank), so the first row after ``--resume`` equals the uninterrupted run's. A checkpoint
+    written before these were saved resumes with an empty window: a warning says which row it shortens."""
+    windows = loaded.trainer_state.get("metrics")
+    if windows is not None:
+        logger.load_window_state(windows[info.rank])
+    elif step % log_every and info.is_main:
+        print(f"warning: --resume: the checkpoint of step {step} holds no metrics window (an older checkpoint): "
+              f"the next metrics row averages only the steps after {step}", file=sys.stderr)

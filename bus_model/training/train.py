@@ -49,7 +49,7 @@ from .metrics import METRICS_FILE, MetricsLogger, progress_bar, truncate_metrics
 from .model_setup import model_config_dict, setup_model, setup_tokenizer
 from .optim import setup_optimizer, setup_scheduler
 from .preemption import StopRequest, exit_status
-from .state import find_resume_point, full_training_state, restore_training_state
+from .state import find_resume_point, full_training_state, restore_metrics_window, restore_training_state
 
 SUMMARY_FILE = "summary.json"
 
@@ -104,16 +104,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     amp = args.amp if args.amp is not None else info.device.type == "cuda"
     bar = progress_bar(start, args.steps, disabled=args.no_progress or not info.is_main)
     logger = MetricsLogger(out, config, info, tensorboard=args.tensorboard, bar=bar)
+    if loaded is not None:  # the loss sums of the steps since the last logged row
+        restore_metrics_window(loaded, logger, step=start, log_every=args.log_every, info=info)
 
     def save(step: int) -> Path:
         """Every rank contributes its RNG and data position; rank 0 writes."""
         rank_rng = gather_objects(ckpt.capture_rng_state(), info)
         data_states = gather_objects(stream.state(), info)
+        metric_windows = gather_objects(logger.window_state(), info)
         model_state, optimizer_state = full_training_state(model, optimizer, fsdp=args.fsdp)  # collective
         path = None
         if info.is_main:
-            state = {"data": data_states, "args": args_record(args), "world_size": info.world_size,
-                     "fsdp": args.fsdp}
+            state = {"data": data_states, "metrics": metric_windows, "args": args_record(args),
+                     "world_size": info.world_size, "fsdp": args.fsdp}
             try:
                 path = ckpt.save_checkpoint(out, step, model=model, model_state=model_state,
                                             optimizer_state=optimizer_state, scheduler_state=scheduler.state_dict(),
@@ -164,8 +167,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
 
-            # ---- log
-            if done % args.log_every == 0 or done == end:
+            # ---- log (not at --stop-at or a signal: the window goes on in the checkpoint, as in an unbroken run)
+            if done % args.log_every == 0 or done == args.steps:
                 logger.write(done, lr=lr, grad_norm=grad_norm, stream=stream)
             bar.update(1)
 
