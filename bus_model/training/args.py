@@ -38,6 +38,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off on CPU)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--bf16-weights", action="store_true", help="keep the matmul weights in bf16 and fp32 master "
+                   "copies in the optimizer: no autocast casts of weights or their gradients (~14%% fewer ops per "
+                   "step, for GPU steps bound by the host); needs --amp; not with --fsdp or --accum-steps > 1")
     g.add_argument("--compile", default="none", nargs="?", const="default", metavar="MODE",
                    help=COMPILE_HELP + " (a bare --compile: default)")
     g.add_argument("--compile-backend", default="inductor", metavar="BACKEND", help=BACKEND_HELP)
@@ -97,6 +100,9 @@ def check_args(args: argparse.Namespace) -> None:
         check_compile_mode(args.compile, args.compile_backend)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if args.bf16_weights and (args.fsdp or args.accum_steps > 1):
+        raise UsageError("--bf16-weights works with DDP and --accum-steps 1 (FSDP has its own mixed precision; "
+                         "micro-batch gradients would add up in bf16)")
     if args.compile != "none" and args.fsdp:
         raise UsageError("--compile with --fsdp is not supported (FSDP2's per-block hooks need compiled autograd); "
                          "use DDP (the default under torchrun) or --compile none")

@@ -12,13 +12,19 @@ import torch
 from ..momentum import attach_to_optimizer
 
 
-def setup_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (biases, norms, the temperature are not decayed)."""
+def setup_optimizer(model: torch.nn.Module, args: argparse.Namespace, master=None) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (biases, norms, the temperature are not decayed). ``master``: a
+    ``MasterWeights`` (``--bf16-weights``): the optimizer updates its fp32 masters, copied back into the bf16
+    working weights right after each step (before the momentum EMA step, which reads the weights)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if master is not None:
+        groups = master.optimizer_params(groups)
     # the fused kernel (CPU and CUDA) is ~10x faster than the per-tensor loop on CPU; FSDP keeps the default
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=not args.fsdp)
+    if master is not None:
+        optimizer.register_step_post_hook(lambda *_: master.masters_to_weights())
     attach_to_optimizer(model, optimizer)  # momentum distillation: the EMA step follows each optimizer step
     return optimizer
 

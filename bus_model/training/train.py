@@ -45,6 +45,7 @@ from .compile import check_compile_config, compile_model, step_begin
 from .errors import RunError, UsageError
 from .distributed import gather_objects, parameter_hash, seed_everything, setup_distributed, wrap_model
 from .grads import average_replicated_grads, clip_gradients
+from .master_weights import MasterWeights
 from .metrics import METRICS_FILE, MetricsLogger, progress_bar, truncate_metrics
 from .model_setup import model_config_dict, setup_model, setup_tokenizer
 from .optim import setup_optimizer, setup_scheduler
@@ -81,10 +82,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     latest, loaded = find_resume_point(out, args, info)
     if loaded is not None:
         ckpt.load_model_weights(model, latest.path)
+    amp = args.amp if args.amp is not None else info.device.type == "cuda"
+    if args.bf16_weights and not amp:
+        raise UsageError("--bf16-weights needs bf16 autocast: add --amp (the default on CUDA)")
+    # --bf16-weights: matmul weights in bf16, fp32 masters in the optimizer (master_weights.py); before DDP
+    # wraps the model, whose gradient buckets follow the parameters' dtypes
+    master = MasterWeights(model) if args.bf16_weights else None
     # --compile: forward + backward compiled in place (traced at the first step), inside the DDP wrapper
     compile_model(model, args.compile, args.compile_backend)
     ddp_model = wrap_model(model, args, info)
-    optimizer = setup_optimizer(model, args)  # after wrapping: FSDP replaces the parameters with shards
+    optimizer = setup_optimizer(model, args, master)  # after wrapping: FSDP replaces the parameters with shards
     scheduler = setup_scheduler(optimizer, args)
     seed_everything(args.seed + 7919 * info.rank)  # ranks draw different masks and negatives
     if loaded is not None:
@@ -101,7 +108,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if latest is None and (out / METRICS_FILE).exists():
             (out / METRICS_FILE).unlink()  # a fresh run overwrites, it does not append to an old one
         save_tokenizer(tokenizer, out / ckpt.TOKENIZER_DIR)
-    amp = args.amp if args.amp is not None else info.device.type == "cuda"
     bar = progress_bar(start, args.steps, disabled=args.no_progress or not info.is_main)
     logger = MetricsLogger(out, config, info, tensorboard=args.tensorboard, bar=bar)
     if loaded is not None:  # the loss sums of the steps since the last logged row
@@ -112,7 +118,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         rank_rng = gather_objects(ckpt.capture_rng_state(), info)
         data_states = gather_objects(stream.state(), info)
         metric_windows = gather_objects(logger.window_state(), info)
-        model_state, optimizer_state = full_training_state(model, optimizer, fsdp=args.fsdp)  # collective
+        with master.full_precision() if master is not None else contextlib.nullcontext():  # fp32 masters saved
+            model_state, optimizer_state = full_training_state(model, optimizer, fsdp=args.fsdp)  # collective
+            if model_state is None and master is not None:
+                model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         path = None
         if info.is_main:
             state = {"data": data_states, "metrics": metric_windows, "args": args_record(args),
@@ -155,12 +164,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 logger.add(output, inputs)
                 images_trained += inputs["images"].shape[0]
             grad_norm = None
+            if master is not None:  # bf16 gradients into the fp32 masters: clipping and the update see those
+                master.grads_to_masters()
             if args.fsdp:
                 average_replicated_grads(model, info)
                 if args.grad_clip > 0:
                     grad_norm = clip_gradients(model, args.grad_clip)
             elif args.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                params = master.update_params() if master is not None else model.parameters()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
