@@ -116,3 +116,21 @@ def test_bf16_weights_flag_errors(tmp_path, capsys, extra, words):
     assert code == 2
     err = capsys.readouterr().err
     assert "--bf16-weights" in err and words in err
+
+
+@pytest.mark.slow
+def test_bf16_weights_under_torchrun_ddp(tmp_path):
+    """2 gloo ranks: DDP all-reduces the bf16 gradients; the replicas stay identical."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "bus_model.training.train", *TINY, "--out", str(tmp_path), "--steps", "2", "--batch-size", "4",
+           "--train-samples", "16", "--save-every", "2", "--amp", "--bf16-weights"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert len(set(summary["param_sha256"])) == 1
