@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from .selection import POLICIES, TEXT_FREE  # noqa: F401  (POLICIES re-exported: every selection policy)
+from .selection import KEEP_ROUNDING, POLICIES, RATIO_OF, TEXT_FREE  # noqa: F401  (POLICIES re-exported)
 ATTN_IMPLS = ("sdpa", "varlen")
 
 
@@ -48,8 +48,11 @@ class SelectionConfig:
     layers: tuple[int, ...] = (3, 6, 9)  # 0-based blocks; bus/evit/tome act after that block's attention,
     # elip/random before that block (elip after a no-grad look-ahead; random at layer 0 = at the patch embedding)
     keep_ratios: tuple[float, ...] = (0.7, 0.7, 0.7)  # one per layer, each in (0, 1] (tome: merges down to it)
-    ratio_of: str = "current"  # "current": of the current patch tokens | "original": of the image's patches (ELIP)
-    keep_rounding: str = "round"  # "round" | "floor" (ELIP's official code: int(ratio * num_patches))
+    # keep_ratios are a share of "current": the candidates left | "original": the image's patches | "auto": the
+    # policy's own (elip -> original, every other policy -> current)
+    ratio_of: str = "auto"
+    # "round" | "floor" (ELIP's official code: int(ratio * num_patches)) | "auto": elip -> floor, others -> round
+    keep_rounding: str = "auto"
     lookahead: tuple[int, ...] = ()  # elip: blocks each look-ahead runs (ELIP's num_act_layers), one per layer;
     # () = up to the next selection layer (or the last block)
     text_free: str = "auto"  # without a caption: "evit" (image [CLS]) | "none" (prune nothing) | "auto" (the
@@ -159,12 +162,12 @@ class BusConfig:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         if s.keep_mode not in ("ratio", "mass"):
             raise ValueError(f"selection.keep_mode must be 'ratio' or 'mass', got {s.keep_mode!r}")
-        if s.ratio_of not in ("current", "original"):
-            raise ValueError(f"selection.ratio_of must be 'current' or 'original', got {s.ratio_of!r}")
+        if s.ratio_of not in RATIO_OF:
+            raise ValueError(f"selection.ratio_of must be one of {RATIO_OF}, got {s.ratio_of!r}")
         if s.text_free not in TEXT_FREE:
             raise ValueError(f"selection.text_free must be one of {TEXT_FREE}, got {s.text_free!r}")
-        if s.keep_rounding not in ("round", "floor"):
-            raise ValueError(f"selection.keep_rounding must be 'round' or 'floor', got {s.keep_rounding!r}")
+        if s.keep_rounding not in KEEP_ROUNDING:
+            raise ValueError(f"selection.keep_rounding must be one of {KEEP_ROUNDING}, got {s.keep_rounding!r}")
         if s.policy != "none":
             _validate_schedule(s, v)
             if len(s.layers) != len(s.keep_ratios):
@@ -235,7 +238,7 @@ def _validate_schedule(s: "SelectionConfig", v: VisionConfig) -> None:
     """Policy-specific schedule checks: ELIP's look-ahead spans, ToMe's merge counts."""
     from bus_kernels import max_merge
 
-    from .selection import keep_count
+    from .selection import keep_count, keep_rule
 
     if s.lookahead:
         if len(s.lookahead) != len(s.layers):
@@ -254,10 +257,11 @@ def _validate_schedule(s: "SelectionConfig", v: VisionConfig) -> None:
         raise ValueError(f"selection.tome_r must be an int >= 0, got {s.tome_r!r}")
     if s.policy == "tome" and len(s.layers) == len(s.keep_ratios):
         n = (v.image_size // v.patch_size) ** 2  # candidates left
+        ratio_of, rounding = keep_rule(s.policy, s.ratio_of, s.keep_rounding)
         for i, ratio in zip(s.layers, s.keep_ratios):
             if not _is_number(ratio) or not 0.0 < ratio <= 1.0:
                 return  # the keep_ratios check reports it
-            r = s.tome_r or n - keep_count(ratio, n, (v.image_size // v.patch_size) ** 2, s.ratio_of, s.keep_rounding)
+            r = s.tome_r or n - keep_count(ratio, n, (v.image_size // v.patch_size) ** 2, ratio_of, rounding)
             limit = max_merge(n + 1, 1)
             if r > limit:
                 field = "selection.tome_r" if s.tome_r else "selection.keep_ratios"

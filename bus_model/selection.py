@@ -33,6 +33,9 @@ class PolicyInfo:
         ``"before"`` selects before the configured blocks (``layers=(0,)`` = at the patch embedding).
     uses_text: whether a caption guides it. text_free: what it does without a caption by default
         (``"evit"``: image-[CLS] scores, ``"none"``: prune nothing; ``selection.text_free`` overrides).
+    ratio_of, keep_rounding: how its fixed keep counts are taken by default (``keep_rule``; the
+        ``selection`` fields of the same names override): ``keep_ratios`` of the ``"current"`` candidates or
+        of the image's ``"original"`` patches, ``"round"``-ed or ``"floor"``-ed.
     """
 
     name: str
@@ -40,6 +43,8 @@ class PolicyInfo:
     uses_text: bool
     text_free: str
     summary: str
+    ratio_of: str = "current"
+    keep_rounding: str = "round"
 
 
 POLICY_INFO: dict[str, PolicyInfo] = {
@@ -47,7 +52,8 @@ POLICY_INFO: dict[str, PolicyInfo] = {
     for p in (
         PolicyInfo("bus", "after", True, "evit", "BUS TSPS: the caption's [CLS] through the layer's query projection"),
         PolicyInfo("elip", "before", True, "none",
-                   "ELIP: fused query 0.8 visual + 0.2 text [CLS], no-grad look-ahead, keep ratios of the original count"),
+                   "ELIP: fused query 0.8 visual + 0.2 text [CLS], no-grad look-ahead, keep ratios of the original count",
+                   ratio_of="original", keep_rounding="floor"),  # official code: int(num_patches * ratio)
         PolicyInfo("evit", "after", False, "evit", "EViT: the image [CLS] query of the layer"),
         PolicyInfo("random", "before", False, "evit", "FLIP: a uniformly random subset (no fusion; training only by default)"),
         PolicyInfo("tome", "after", False, "evit", "ToMe: bipartite soft matching, size-weighted merge, proportional attention"),
@@ -56,6 +62,8 @@ POLICY_INFO: dict[str, PolicyInfo] = {
 }
 POLICIES: tuple[str, ...] = tuple(POLICY_INFO)  # every name ``selection.policy`` accepts
 TEXT_FREE = ("auto", "evit", "none")  # ``selection.text_free``; "auto": the policy's own default
+RATIO_OF = ("auto", "current", "original")  # ``selection.ratio_of``; "auto": the policy's own (elip: original)
+KEEP_ROUNDING = ("auto", "round", "floor")  # ``selection.keep_rounding``; "auto": the policy's own (elip: floor)
 
 
 def policy_names() -> tuple[str, ...]:
@@ -71,6 +79,21 @@ def text_free_mode(policy: str, text_free: str) -> str:
     if text_free not in TEXT_FREE:
         raise ValueError(f"selection.text_free must be one of {TEXT_FREE}, got {text_free!r}")
     return POLICY_INFO[policy].text_free if text_free == "auto" else text_free
+
+
+def keep_rule(policy: str, ratio_of: str, keep_rounding: str) -> tuple[str, str]:
+    """``(ratio_of, rounding)`` for ``keep_count``: ``"auto"`` takes the policy's own (``PolicyInfo``):
+    elip -> ``("original", "floor")`` as ELIP's official code (57 of 64 patches at 0.9, not 58), every
+    other policy -> ``("current", "round")``."""
+    if policy not in POLICY_INFO:
+        raise ValueError(f"selection.policy must be one of {POLICIES}, got {policy!r}")
+    if ratio_of not in RATIO_OF:
+        raise ValueError(f"selection.ratio_of must be one of {RATIO_OF}, got {ratio_of!r}")
+    if keep_rounding not in KEEP_ROUNDING:
+        raise ValueError(f"selection.keep_rounding must be one of {KEEP_ROUNDING}, got {keep_rounding!r}")
+    info = POLICY_INFO[policy]
+    return (info.ratio_of if ratio_of == "auto" else ratio_of,
+            info.keep_rounding if keep_rounding == "auto" else keep_rounding)
 
 
 @dataclass
@@ -111,7 +134,11 @@ def score_candidates(
 
 def keep_count(ratio: float, num_candidates: int, num_original: int, ratio_of: str, rounding: str = "round") -> int:
     """Fixed number of candidates to keep, in ``[1, num_candidates]``: ``ratio`` of the current
-    candidates or of the image's original patches, rounded or floored (ELIP: ``int(num_patches * ratio)``)."""
+    candidates or of the image's original patches, rounded or floored (ELIP: ``int(num_patches * ratio)``).
+    ``ratio_of`` and ``rounding`` are resolved ones (``keep_rule``), never ``"auto"``."""
+    if ratio_of not in ("current", "original") or rounding not in ("round", "floor"):
+        raise ValueError(f"keep_count takes ratio_of 'current'/'original' and rounding 'round'/'floor' (resolve "
+                         f"'auto' with keep_rule), got {ratio_of!r}, {rounding!r}")
     base = num_original if ratio_of == "original" else num_candidates
     count = math.floor(ratio * base) if rounding == "floor" else round(ratio * base)
     return min(num_candidates, max(1, count))

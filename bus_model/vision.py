@@ -26,6 +26,7 @@ from .selection import (
     apply_selection,
     elip_lookahead_scores,
     keep_count,
+    keep_rule,
     mass_keep,
     merge_step,
     random_keep_scores,
@@ -222,7 +223,14 @@ class BusViT(nn.Module):
         ratio = s.keep_ratios[s.layers.index(i)]
         if s.keep_mode == "mass":
             return mass_keep(scores, mask, s.keep_mass, s.min_keep_ratio, ratio)
-        return keep_count(ratio, scores.shape[1], self.num_patches, s.ratio_of, s.keep_rounding)
+        return self._keep_count(i, scores.shape[1])
+
+    def _keep_count(self, i: int, num_candidates: int) -> int:
+        """Fixed keep count at block i, by the configured policy's rule (``keep_rule``: "auto" -> elip keeps
+        int(ratio * original patches), the others round(ratio * candidates))."""
+        s = self.selection
+        ratio_of, rounding = keep_rule(s.policy, s.ratio_of, s.keep_rounding)
+        return keep_count(s.keep_ratios[s.layers.index(i)], num_candidates, self.num_patches, ratio_of, rounding)
 
     def _lookahead_end(self, i: int) -> int:
         """One past the last block of the ELIP look-ahead that starts at block i."""
@@ -236,9 +244,7 @@ class BusViT(nn.Module):
         s = self.selection
         if s.tome_r:
             return s.tome_r
-        return num_candidates - keep_count(
-            s.keep_ratios[s.layers.index(i)], num_candidates, self.num_patches, s.ratio_of, s.keep_rounding
-        )
+        return num_candidates - self._keep_count(i, num_candidates)
 
     def effective_policy(self, policy: str, has_text: bool) -> str:
         """The policy that runs: a text-guided one without a caption follows ``selection.text_free``

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import bus_model
 from bus_kernels.reference import token_merge as tome_ref
 from bus_model import BusConfig, BusViT, SelectionConfig, VisionConfig
-from bus_model.selection import POLICIES, POLICY_INFO, policy_names
+from bus_model.selection import POLICIES, POLICY_INFO, keep_rule, policy_names
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -126,8 +126,44 @@ def test_tome_fixed_r():
         ({"policy": "random", "keep_mode": "mass"}, "selection.keep_mode"),
         ({"text_free": "drop"}, "selection.text_free"),
         ({"keep_rounding": "ceil"}, "selection.keep_rounding"),
+        ({"ratio_of": "all"}, "selection.ratio_of"),
     ],
 )
 def test_bad_selection_names_the_field(selection, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         BusConfig(selection=SelectionConfig(**selection)).validate()
+
+
+@pytest.mark.parametrize(
+    "policy, overrides, counts",
+    [
+        ("elip", {}, [57, 41]),  # "auto": int(64 * 0.9), int(64 * 0.65) of the original patches, as ELIP's code
+        ("elip", {"ratio_of": "original", "keep_rounding": "floor"}, [57, 41]),  # what the shipped elip-* set
+        ("elip", {"ratio_of": "current", "keep_rounding": "round"}, [58, 38]),  # round(0.9 * 64), round(0.65 * 58)
+        ("bus", {}, [58, 38]),  # "auto" for every other policy: today's current + round
+    ],
+)
+def test_hand_built_selection_keeps_the_policys_own_count(policy, overrides, counts):
+    """Issue 25: SelectionConfig(policy="elip") alone keeps 57 of 64 patches at 0.9 (it kept 58)."""
+    vision = VisionConfig(image_size=64, patch_size=8, width=48, depth=4, num_heads=3, mlp_ratio=2.0)  # 64 patches
+    selection = SelectionConfig(policy=policy, layers=(1, 3), keep_ratios=(0.9, 0.65), **overrides)
+    vit = BusViT(vision, selection, text_width=48, kernel_backend="torch").double().eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = vit.forward_features(torch.randn(2, 3, 64, 64, dtype=torch.float64), torch.randn(2, 48, dtype=torch.float64))
+    assert [r.num_kept.tolist() for r in out.selections] == [[c, c] for c in counts]
+    config = BusConfig(vision=vision, selection=selection)
+    assert BusConfig.from_dict(config.to_dict()) == config  # "auto" survives the JSON round trip
+
+
+def test_keep_rule_resolves_auto_per_policy():
+    assert SelectionConfig().ratio_of == SelectionConfig().keep_rounding == "auto"
+    assert keep_rule("elip", "auto", "auto") == ("original", "floor")
+    assert keep_rule("elip", "current", "auto") == ("current", "floor")
+    for name in POLICIES:
+        if name != "elip":
+            assert keep_rule(name, "auto", "auto") == ("current", "round")
+    with pytest.raises(ValueError, match=r"selection\.keep_rounding"):
+        keep_rule("bus", "auto", "ceil")
+    with pytest.raises(ValueError, match="resolve 'auto' with keep_rule"):
+        bus_model.selection.keep_count(0.5, 10, 10, "auto", "auto")
