@@ -23,6 +23,16 @@ guidance has something to select. ``difficulty`` sets them (``DIFFICULTIES``):
 No distractor matches a mentioned object in all of size, colour and shape, so the caption names its
 objects unambiguously.
 
+``scene`` sets the layout (``SCENES``):
+
+* ``"standard"`` (default): the scenes above, 3-5 objects.
+* ``"cluttered"``: 12-16 smaller objects (radii ``CLUTTER_RADIUS_SCALE`` x ``SIZES``), the caption still
+  names 2. The first ``CLUTTER_ECHO`` distractors echo a mentioned object's colour, its shape, or both
+  (another size), in turn; the rest are random. The objects cover more patches than a 25% keep budget
+  holds, so an image-only (saliency) selector cannot keep them all and random masking often drops a whole
+  mentioned object: the scene where knowing the caption can pay off (``random_keep_loss`` measures it).
+  ``difficulty`` applies to the standard scene only.
+
 Geometry (normalised units, image side = 1): an object has a centre ``(cx, cy)`` and a radius ``r``.
 A pixel in row ``i``, column ``j`` of an ``S x S`` image is inside the object when its centre
 ``u = (j + 0.5) / S - cx``, ``v = (i + 0.5) / S - cy`` satisfies
@@ -70,6 +80,9 @@ SPLITS = {"train": 0, "val": 1, "test": 2}
 RELATION_MARGIN = 0.1  # normalised distance between centres along the relation's axis
 GAP = 0.03  # smallest free space between two objects (normalised)
 MAX_DISTRACTORS = 3  # at "standard"
+CLUTTER_RADIUS_SCALE = 0.7  # "cluttered": every size's radius x this (small 2.9 px at 64 px)
+CLUTTER_GAP = 0.02  # "cluttered": smallest free space between two objects
+CLUTTER_ECHO = 8  # "cluttered": distractors that echo a mentioned object's colour, shape or both
 
 
 @dataclass(frozen=True)
@@ -81,12 +94,21 @@ class Difficulty:
     min_distractors: int
     max_distractors: int
     echo: int
+    echo_kinds: tuple[int, ...] = (0, 1)  # cycled over the echoing distractors (``_distractor_attributes``)
+    radius_scale: float = 1.0  # every object's radius = SIZES[size] x this
+    gap: float = GAP  # smallest free space between two objects
 
 
 DIFFICULTIES = {
     "easy": Difficulty(1, 2, 0),
     "standard": Difficulty(2, MAX_DISTRACTORS, 2),
     "hard": Difficulty(3, 4, 4),
+}
+# scene -> its distractor rule (None: the one ``difficulty`` names)
+SCENES = {
+    "standard": None,
+    "cluttered": Difficulty(10, 14, CLUTTER_ECHO, echo_kinds=(0, 1, 3), radius_scale=CLUTTER_RADIUS_SCALE,
+                            gap=CLUTTER_GAP),
 }
 
 
@@ -150,6 +172,21 @@ def _check_difficulty(difficulty: object) -> Difficulty:
     return DIFFICULTIES[difficulty]
 
 
+def _check_scene(scene: object, difficulty: object) -> Difficulty:
+    """The distractor rule of ``(scene, difficulty)``; ``difficulty`` is checked too."""
+    if not isinstance(scene, str):
+        raise TypeError(f"scene must be a str, got {type(scene).__name__}")
+    if scene not in SCENES:
+        raise ValueError(f"scene must be one of {sorted(SCENES)}, got {scene!r}")
+    level = _check_difficulty(difficulty)
+    if SCENES[scene] is None:
+        return level
+    if difficulty != "standard":
+        raise ValueError(f"difficulty applies to scene='standard' only, got scene={scene!r} with "
+                         f"difficulty={difficulty!r}")
+    return SCENES[scene]
+
+
 def _check_index_args(seed: object, index: object, split: object) -> None:
     for name, value in (("seed", seed), ("index", index)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -183,13 +220,13 @@ _COLOUR_NAMES = tuple(COLOURS)
 _SIZE_NAMES = tuple(SIZES)
 
 
-def _place(draws: _Draws, radius: float, placed: list[SceneObject], tries: int = 32):
-    """A centre for a new object of ``radius`` that keeps ``GAP`` from every placed one, or None after
-    ``tries`` rejected candidates. Plain Python: with at most 5 objects this beats array set-up."""
+def _place(draws: _Draws, radius: float, placed: list[SceneObject], tries: int = 32, gap: float = GAP):
+    """A centre for a new object of ``radius`` that keeps ``gap`` from every placed one, or None after
+    ``tries`` rejected candidates. Plain Python: with at most 16 objects this beats array set-up."""
     lo, hi = radius + 0.01, 1.0 - radius - 0.01
     for _ in range(tries):
         cx, cy = draws.uniform(lo, hi), draws.uniform(lo, hi)
-        if all((cx - o.cx) ** 2 + (cy - o.cy) ** 2 >= (o.radius + radius + GAP) ** 2 for o in placed):
+        if all((cx - o.cx) ** 2 + (cy - o.cy) ** 2 >= (o.radius + radius + gap) ** 2 for o in placed):
             return cx, cy
     return None
 
@@ -215,9 +252,13 @@ def _attributes(draws: _Draws) -> tuple[str, str, str]:
 
 
 def _distractor_attributes(draws: _Draws, kind: int, ref: SceneObject) -> tuple[str, str, str]:
-    """kind 0: ``ref``'s colour, another shape; 1: ``ref``'s shape, another colour; 2: anything."""
+    """kind 0: ``ref``'s colour, another shape; 1: ``ref``'s shape, another colour; 2: anything;
+    3: ``ref``'s colour and shape, another size."""
     shape, colour, size = _attributes(draws)
-    if kind == 0:
+    if kind == 3:
+        shape, colour = ref.shape, ref.colour
+        size = _SIZE_NAMES[(_SIZE_NAMES.index(ref.size) + 1 + draws.choice(len(_SIZE_NAMES) - 1)) % len(_SIZE_NAMES)]
+    elif kind == 0:
         colour = ref.colour
         shape = SHAPES[(SHAPES.index(ref.shape) + 1 + draws.choice(len(SHAPES) - 1)) % len(SHAPES)]
     elif kind == 1:
@@ -227,13 +268,13 @@ def _distractor_attributes(draws: _Draws, kind: int, ref: SceneObject) -> tuple[
     return shape, colour, size
 
 
-def make_scene(seed: int, index: int, split: str = "train",
-               difficulty: str = "standard") -> tuple[list[SceneObject], tuple[int, int], str, str]:
+def make_scene(seed: int, index: int, split: str = "train", difficulty: str = "standard",
+               scene: str = "standard") -> tuple[list[SceneObject], tuple[int, int], str, str]:
     """The resolution-independent part of a sample: (objects, mentioned indices, relation, caption).
 
-    The same ``(seed, split, index, difficulty)`` gives the same scene at every image size."""
+    The same ``(seed, split, index, difficulty, scene)`` gives the same scene at every image size."""
     _check_index_args(seed, index, split)
-    level = _check_difficulty(difficulty)
+    level = _check_scene(scene, difficulty)
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
     return _make_scene(rng, level)[:4]
 
@@ -241,31 +282,38 @@ def make_scene(seed: int, index: int, split: str = "train",
 def _make_scene(rng: np.random.Generator, level: Difficulty = DIFFICULTIES["standard"]):
     draws = _Draws(rng)
     objects: list[SceneObject] = []
+    scale, gap = level.radius_scale, level.gap
     # The two mentioned objects, with distinct descriptions; an empty canvas always fits two.
     while len(objects) < 2:
         shape, colour, size = _attributes(draws)
         if objects and (shape, colour, size) == (objects[0].shape, objects[0].colour, objects[0].size):
             continue
-        centre = _place(draws, SIZES[size], objects)
+        radius = SIZES[size] * scale
+        centre = _place(draws, radius, objects, gap=gap)
         if centre is not None:
-            objects.append(SceneObject(shape, colour, size, centre[0], centre[1], SIZES[size]))
+            objects.append(SceneObject(shape, colour, size, centre[0], centre[1], radius))
     a, b = objects
     relations = _valid_relations(a, b)  # non-empty: centres are >= 0.16 apart, > margin on one axis
     relation = relations[draws.choice(len(relations))]
 
-    # Distractors: the first ``level.echo`` echo a mentioned object's colour / shape, alternately (hard
+    # Distractors: the first ``level.echo`` echo a mentioned object's colour / shape (/ both), in turn (hard
     # negatives for a colour-only or shape-only matcher); none repeats a mentioned object's full description.
     taken = {(o.shape, o.colour, o.size) for o in objects}
     n_distractors = level.min_distractors + draws.choice(level.max_distractors - level.min_distractors + 1)
+    kinds = level.echo_kinds
+    # a crowded canvas may have no room for a large shape: redraw (the cluttered scene, which must reach
+    # its minimum count, tries longer)
+    attempts = 4 if level.min_distractors <= MAX_DISTRACTORS else 16
     for k in range(n_distractors):
-        for _attempt in range(4):  # a crowded canvas may have no room for a large shape: redraw
+        for _attempt in range(attempts):
             ref = objects[draws.choice(2)]
-            shape, colour, size = _distractor_attributes(draws, k % 2 if k < level.echo else 2, ref)
+            shape, colour, size = _distractor_attributes(draws, kinds[k % len(kinds)] if k < level.echo else 2, ref)
             if (shape, colour, size) in taken:
                 continue
-            centre = _place(draws, SIZES[size], objects)
+            radius = SIZES[size] * scale
+            centre = _place(draws, radius, objects, gap=gap)
             if centre is not None:
-                objects.append(SceneObject(shape, colour, size, centre[0], centre[1], SIZES[size]))
+                objects.append(SceneObject(shape, colour, size, centre[0], centre[1], radius))
                 break
 
     template = TEMPLATES[draws.choice(len(TEMPLATES))]
@@ -339,7 +387,7 @@ def patch_grid_labels(mask: np.ndarray, patch_size: int) -> np.ndarray:
 
 
 def render_sample(seed: int, index: int, *, split: str = "train", image_size: int = 64,
-                  patch_size: int = 8, difficulty: str = "standard") -> SyntheticSample:
+                  patch_size: int = 8, difficulty: str = "standard", scene: str = "standard") -> SyntheticSample:
     """Generate sample ``index`` of ``split`` for ``seed``.
 
     Args:
@@ -349,13 +397,15 @@ def render_sample(seed: int, index: int, *, split: str = "train", image_size: in
         image_size: side S of the square image in pixels (>= 32, a multiple of ``patch_size``).
         patch_size: side p of a ViT patch; labels are on the (S/p) x (S/p) grid.
         difficulty: ``"easy"``, ``"standard"`` or ``"hard"`` (``DIFFICULTIES``: the distractors).
+        scene: ``"standard"`` or ``"cluttered"`` (``SCENES``: 12-16 objects; ``difficulty`` must then be
+            ``"standard"``).
 
     Returns:
         SyntheticSample with ``image`` (S, S, 3) uint8 and ``patch_labels`` (S/p * S/p,) float32.
     """
     _check_geometry(image_size, patch_size)
     _check_index_args(seed, index, split)
-    level = _check_difficulty(difficulty)
+    level = _check_scene(scene, difficulty)
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
     objects, mentioned, relation, caption, draws = _make_scene(rng, level)
 
@@ -375,24 +425,27 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
     ``dataset[i]`` is a dict: ``image`` (3, S, S) float32 normalised with ``mean``/``std``, ``caption``
     str, ``patch_labels`` (S/p * S/p,) float32, ``id`` ``"synthetic-{split}-{seed}-{i}"`` (with
-    ``-{difficulty}`` appended unless it is ``"standard"``). Images are generated at the target size, so no
-    crop or resize is applied (a crop could cut a mentioned object out and make the caption false).
+    ``-{difficulty}`` and ``-{scene}`` appended unless they are ``"standard"``). Images are generated at the
+    target size, so no crop or resize is applied (a crop could cut a mentioned object out and make the caption
+    false). ``scene="cluttered"``: 12-16 objects per image (module docstring).
     """
 
     def __init__(self, num_samples: int, *, seed: int = 0, split: str = "train", image_size: int = 64,
                  patch_size: int = 8, mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
-                 std: tuple[float, float, float] = (0.5, 0.5, 0.5), difficulty: str = "standard"):
+                 std: tuple[float, float, float] = (0.5, 0.5, 0.5), difficulty: str = "standard",
+                 scene: str = "standard"):
         if isinstance(num_samples, bool) or not isinstance(num_samples, int):
             raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         _check_geometry(image_size, patch_size)
         _check_index_args(seed, 0, split)
-        _check_difficulty(difficulty)
+        _check_scene(scene, difficulty)
         from .transforms import check_mean_std
 
         self.num_samples, self.seed, self.split = num_samples, seed, split
         self.image_size, self.patch_size, self.difficulty = image_size, patch_size, difficulty
+        self.scene = scene
         mean_t, std_t = check_mean_std(mean, std)
         self._scale = (1.0 / (255.0 * std_t)).view(3, 1, 1)
         self._shift = (-mean_t / std_t).view(3, 1, 1)
@@ -409,7 +462,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for a dataset of {self.num_samples} samples")
         return render_sample(self.seed, index, split=self.split, image_size=self.image_size,
-                             patch_size=self.patch_size, difficulty=self.difficulty)
+                             patch_size=self.patch_size, difficulty=self.difficulty, scene=self.scene)
 
     def __getitem__(self, index: int) -> dict:
         s = self.sample(index)
@@ -420,16 +473,94 @@ class SyntheticDataset(torch.utils.data.Dataset):
             "image": image,
             "caption": s.caption,
             "patch_labels": torch.from_numpy(s.patch_labels),
-            "id": f"synthetic-{self.split}-{self.seed}-{index}" + ("" if self.difficulty == "standard" else f"-{self.difficulty}"),
+            "id": f"synthetic-{self.split}-{self.seed}-{index}"
+                  + ("" if self.difficulty == "standard" else f"-{self.difficulty}")
+                  + ("" if self.scene == "standard" else f"-{self.scene}"),
         }
 
 
 def relevant_share(num_samples: int = 200, *, seed: int = 0, split: str = "test", image_size: int = 64,
-                   patch_size: int = 8, difficulty: str = "standard") -> float:
+                   patch_size: int = 8, difficulty: str = "standard", scene: str = "standard") -> float:
     """Mean share of an image's patches that show a caption-mentioned object, over the first
     ``num_samples`` samples: the share a perfect text-guided selector needs to keep."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     shares = [render_sample(seed, i, split=split, image_size=image_size, patch_size=patch_size,
-                            difficulty=difficulty).patch_labels.mean() for i in range(num_samples)]
+                            difficulty=difficulty, scene=scene).patch_labels.mean() for i in range(num_samples)]
     return float(np.mean(shares))
+
+
+def object_patch_labels(objects: list[SceneObject], image_size: int = 64, patch_size: int = 8) -> np.ndarray:
+    """(len(objects), S/p * S/p) bool: row ``o`` marks the patches that show a pixel of ``objects[o]``
+    (the per-object split of ``patch_labels``, which is the union of the mentioned objects' rows)."""
+    _check_geometry(image_size, patch_size)
+    g = image_size // patch_size
+    out = np.zeros((len(objects), g * g), dtype=bool)
+    for k, obj in enumerate(objects):
+        mask = np.zeros((image_size, image_size), dtype=bool)
+        window, inside = object_mask(obj, image_size)
+        mask[window] = inside
+        out[k] = patch_grid_labels(mask, patch_size) > 0
+    return out
+
+
+def random_keep_loss_probability(object_patches: np.ndarray, keep: int) -> float:
+    """Probability that ``keep`` patches drawn uniformly without replacement (random masking, FLIP) miss
+    every patch of at least one of the objects.
+
+    Args:
+        object_patches: (num_objects, N) bool, the patches of each object (they may share patches).
+        keep: number of patches kept, 0 <= keep <= N.
+
+    Exact, by inclusion-exclusion over the objects: ``P(miss the patch set U) = C(N - |U|, keep) / C(N, keep)``.
+    """
+    patches = np.asarray(object_patches, dtype=bool)
+    if patches.ndim != 2:
+        raise ValueError(f"object_patches must be (num_objects, N), got shape {patches.shape}")
+    n = patches.shape[1]
+    if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or not 0 <= keep <= n:
+        raise ValueError(f"keep must be an int in [0, {n}], got {keep!r}")
+    total = math.comb(n, int(keep))
+    prob = 0.0
+    m = patches.shape[0]
+    for subset in range(1, 1 << m):
+        members = [o for o in range(m) if subset >> o & 1]
+        union = int(np.any(patches[members], axis=0).sum())
+        prob += (-1) ** (len(members) + 1) * math.comb(n - union, int(keep)) / total
+    return float(prob)
+
+
+def random_keep_loss(num_samples: int = 256, *, keep_ratio: float = 0.25, seed: int = 0, split: str = "test",
+                     image_size: int = 64, patch_size: int = 8, difficulty: str = "standard",
+                     scene: str = "standard") -> dict:
+    """What a keep budget means on this data, measured over the first ``num_samples`` samples.
+
+    Returns a dict:
+        ``keep``: patches kept (``round(keep_ratio * N)``);
+        ``lost_mentioned_object``: mean probability that random masking to ``keep`` patches loses every
+        patch of at least one object the caption mentions (``random_keep_loss_probability``);
+        ``salient_share``: mean share of patches that show any object (what an image-only selector sees as
+        salient); ``salient_over_budget``: share of images with more salient patches than ``keep``;
+        ``relevant_share``: mean share of patches that show a mentioned object; ``objects_per_image``:
+        mean object count.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+    n = (image_size // patch_size) ** 2 if image_size % patch_size == 0 else 0
+    keep = max(1, round(keep_ratio * n))
+    lost, salient, over, relevant, count = [], [], [], [], []
+    for i in range(num_samples):
+        s = render_sample(seed, i, split=split, image_size=image_size, patch_size=patch_size,
+                          difficulty=difficulty, scene=scene)
+        rows = object_patch_labels(s.objects, image_size, patch_size)  # (objects, N) bool
+        lost.append(random_keep_loss_probability(rows[list(s.mentioned)], keep))
+        any_object = rows.any(axis=0)
+        salient.append(any_object.mean())
+        over.append(float(any_object.sum() > keep))
+        relevant.append(s.patch_labels.mean())
+        count.append(len(s.objects))
+    return {"keep": keep, "num_patches": n, "lost_mentioned_object": float(np.mean(lost)),
+            "salient_share": float(np.mean(salient)), "salient_over_budget": float(np.mean(over)),
+            "relevant_share": float(np.mean(relevant)), "objects_per_image": float(np.mean(count))}
