@@ -31,11 +31,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from bus_model.training.compile import BACKEND_HELP, COMPILE_HELP, check_compile_mode
+from bus_model.training.compile import check_compile_mode
 
 from .command import run_standalone
-from .harness import (count_flops, default_device, environment, markdown_table, median, parse_overrides, peak_bf16_flops,
-                      publish, save_plot, timed)
+from .harness import default_device, environment, markdown_table, median, parse_overrides, peak_bf16_flops, publish, save_plot, timed
+# the setup shared by the benchmarks that train lives in train_setup; re-exported (other modules import it from here)
+from .train_setup import SyntheticBatches, build_model_and_data, make_step, training_flops_per_sample  # noqa: F401
+from .train_suite import add_compile_arguments
 
 
 @dataclass
@@ -65,86 +67,6 @@ class TrainBenchSettings:
     def quick(cls) -> "TrainBenchSettings":
         """Seconds on a CPU: for the test suite."""
         return cls(model="bus-tiny", batch_size=4, steps=2, warmup=1)
-
-
-# ---------------------------------------------------------------------------------------------
-# setup shared by the benchmarks that train
-
-
-class SyntheticBatches:
-    """Batch ``i`` of the embedded synthetic data as the model's input tuple
-    ``(images, input_ids, attention_mask, patch_labels)`` on ``device`` (deterministic in ``(seed, i)``)."""
-
-    def __init__(self, config, tokenizer, batch_size: int, seed: int, device: torch.device, split: str = "train",
-                 pad_to_max_length: bool = False):
-        from bus_model.data import Collator, SyntheticDataset
-
-        v = config.vision
-        self.batch_size, self.device, self.tokenizer = batch_size, device, tokenizer
-        self.dataset = SyntheticDataset(10**9, seed=seed, split=split, image_size=v.image_size, patch_size=v.patch_size)
-        self.collate = Collator(tokenizer, image_size=v.image_size, patch_size=v.patch_size, max_length=config.max_text_len,
-                                pad_to_max_length=pad_to_max_length)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
-        batch = self.collate([self.dataset[j] for j in range(i * self.batch_size, (i + 1) * self.batch_size)])
-        labels = batch["patch_labels"].masked_fill(~batch["has_patch_labels"][:, None], -1.0)  # -1: no labels
-        return tuple(t.to(self.device) for t in (batch["images"], batch["input_ids"], batch["attention_mask"], labels))
-
-
-def build_model_and_data(name: str, batch_size: int, seed: int, image_size: int | None, device: torch.device,
-                         config_overrides: dict | None = None, pad_to_max_length: bool = False):
-    """A model sized for the synthetic tokenizer (seeded init) and its ``SyntheticBatches``;
-    ``config_overrides`` (flat ``section__field`` keys) change the named config; ``pad_to_max_length``:
-    every batch's captions padded to ``max_text_len`` (static shapes, for a compiled step)."""
-    from bus_model import create_model, get_config
-    from bus_model.data import build_synthetic_tokenizer
-    from bus_model.data.tokenizer import text_config_overrides
-
-    overrides = dict(config_overrides or {})
-    if image_size is not None:
-        overrides["vision"] = {"image_size": image_size}
-    config = get_config(name, **overrides)
-    tokenizer = build_synthetic_tokenizer(model_max_length=config.max_text_len)
-    overrides["text"] = text_config_overrides(tokenizer)
-    torch.manual_seed(seed)
-    model = create_model(name, **overrides).to(device)
-    return model, SyntheticBatches(model.config, tokenizer, batch_size, seed, device, pad_to_max_length=pad_to_max_length)
-
-
-def make_step(model, lr: float, amp: bool, device: torch.device, compile: str = "none", backend: str = "inductor"):
-    """A closure running one training step (forward, backward, AdamW) on a batch tuple. ``compile``: a
-    ``torch.compile`` mode; the model's forward (and backward) is then compiled in place, as ``bus train
-    --compile`` does, at the first step; the optimizer stays eager."""
-    from bus_model.training.compile import check_compile_config, compile_model, step_begin
-
-    check_compile_config(model.config, compile)
-    compile_model(model, compile, backend)
-    # the fused AdamW kernel (CPU and CUDA) is ~10x faster than the per-tensor loop on CPU: without it the
-    # optimizer, whose cost is the same for both models, dominates a CPU step and hides the model's cost
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
-
-    def step(batch):
-        step_begin(compile, backend, device)  # CUDA graphs: the previous step's outputs are dead
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(*batch)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return out.loss.detach()
-
-    return step
-
-
-def training_flops_per_sample(model, batch) -> float:
-    """FLOPs of forward + backward on ``batch``, divided by its size (the optimizer update is not counted).
-    Counted on the eager forward (``model.forward``: also for a model compiled in place), whose math the
-    compiled step repeats."""
-    def fwd_bwd():
-        model.forward(*batch).loss.backward()
-
-    flops = count_flops(fwd_bwd)
-    model.zero_grad(set_to_none=True)
-    return flops / batch[0].shape[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +250,7 @@ def equal_time_retrieval(names: list[str], settings: TrainBenchSettings, device:
 
 
 def render(result: dict) -> str:
-    if "cases" in result:
+    if "cases" in result or "variants" in result:  # --gpu-suite, --eager-vs-compiled
         from .train_suite import render as render_suite
 
         return render_suite(result)
@@ -374,7 +296,7 @@ def compiled_with(settings: dict) -> str:
 
 
 def plot(result: dict, path: str | None) -> str | None:
-    if "cases" in result:
+    if "cases" in result or "variants" in result:
         from .train_suite import plot as plot_suite
 
         return plot_suite(result, path)
@@ -406,16 +328,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", help="selection policy of the compared model (bus_model.selection.POLICIES)")
     parser.add_argument("--override", action="append", default=[], metavar="SECTION__FIELD=JSON",
                         help="set a config field of the compared model, e.g. losses__momentum=0 (repeatable)")
-    parser.add_argument("--compile", default=None, nargs="?", const="default", metavar="MODE",
-                        help=COMPILE_HELP.replace("Default: none", "Default: none; with --gpu-suite the compiled half "
-                                                  "uses reduce-overhead on CUDA (default elsewhere)"))
-    parser.add_argument("--compile-backend", default="inductor", metavar="BACKEND", help=BACKEND_HELP)
-    parser.add_argument("--gpu-suite", action="store_true",
-                        help="issue 22's paper-scale GPU set: bus-small batch 32 and bus-base batch 64 (224 px, bf16), "
-                        "each against its baseline, eager and compiled (--compile, default reduce-overhead = CUDA "
-                        "graphs); captions padded to max_text_len in every case; speedup, images/s, MFU and compile "
-                        "time side by side (JSON written after each case); needs CUDA (with --quick: bus-tiny on "
-                        "any device, a smoke test). --steps/--warmup apply (warm-up at least 3)")
+    add_compile_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (bus-tiny, 2 steps)")
     parser.add_argument("--json", help="write the result as JSON here")
     parser.add_argument("--plot", help="write a PNG bar chart here")
@@ -460,10 +373,10 @@ def main_from_args(args) -> int:
     from bus_model import list_models
 
     settings = settings_from_args(args)
-    if getattr(args, "gpu_suite", False):
+    if getattr(args, "gpu_suite", False) or getattr(args, "eager_vs_compiled", False):
         from .train_suite import main_from_args as suite_main
 
-        return suite_main(args, settings)
+        return suite_main(args, settings, run)
     if settings.model not in list_models() or f"{settings.model}-baseline" not in list_models():
         raise SystemExit(f"bus bench train: error: --model must be a BUS config with a -baseline twin, one of "
                          f"{[m for m in list_models() if not m.endswith('-baseline')]}, got {settings.model!r}")

@@ -12,6 +12,10 @@ models); ``bus bench train --model M --batch-size B [--compile MODE]`` measures 
 
 The JSON (``--json``) is rewritten after every case, so a run cut short keeps the cases it finished.
 ``--quick`` runs the same code on bus-tiny (batch 4, any device): the smoke test of the suite.
+
+``bus bench train --eager-vs-compiled`` measures, on any device, ``--model`` and its baseline each eager
+and compiled (``--compile``) with their steps interleaved (the order flips every step), so that machine
+noise hits all four alike: the honest eager/compiled step-time ratio on a busy CPU.
 """
 
 from __future__ import annotations
@@ -21,13 +25,33 @@ import sys
 
 import torch
 
-from .harness import default_device, environment, markdown_table, publish, save_plot, write_json
+from bus_model.training.compile import BACKEND_HELP, COMPILE_HELP
+
+from .harness import default_device, environment, markdown_table, median, publish, save_plot, timed, write_json
+from .train_setup import build_model_and_data, make_step
 
 # (BUS config, images per step on one GPU): bus-small as in the H200 measurement (README), bus-base at
 # the paper's per-GPU batch
 GPU_SUITE = (("bus-small", 32), ("bus-base", 64))
 QUICK_SUITE = (("bus-tiny", 4),)
 MIN_WARMUP = 3  # CUDA graph trees: a warm-up call, a recording call, then replays (measured)
+
+
+def add_compile_arguments(parser) -> None:
+    """``--compile``, ``--compile-backend``, ``--gpu-suite`` and ``--eager-vs-compiled`` of ``bus bench train``."""
+    parser.add_argument("--compile", default=None, nargs="?", const="default", metavar="MODE",
+                        help=COMPILE_HELP.replace("Default: none", "Default: none; the compiled half of --gpu-suite "
+                                                  "and --eager-vs-compiled: reduce-overhead on CUDA, default elsewhere"))
+    parser.add_argument("--compile-backend", default="inductor", metavar="BACKEND", help=BACKEND_HELP)
+    parser.add_argument("--gpu-suite", action="store_true",
+                        help="issue 22's paper-scale GPU set: bus-small batch 32 and bus-base batch 64 (224 px, bf16), "
+                        "each against its baseline, eager and compiled (--compile, default reduce-overhead = CUDA "
+                        "graphs); captions padded to max_text_len in every case; speedup, images/s, MFU and compile "
+                        "time side by side (JSON written after each case); needs CUDA (with --quick: bus-tiny on "
+                        "any device, a smoke test). --steps/--warmup apply (warm-up at least 3)")
+    parser.add_argument("--eager-vs-compiled", action="store_true",
+                        help="--model and its baseline, each eager and compiled (--compile), all four steps "
+                        "interleaved on the same padded batches: the eager/compiled step-time ratio (any device)")
 
 
 def check_compiles(settings, prog: str) -> None:
@@ -51,11 +75,10 @@ def suite_mode(requested: str | None, device: torch.device) -> str:
     return "reduce-overhead" if device.type == "cuda" else "default"
 
 
-def run_suite(base, pairs, modes, device: torch.device, json_path: str | None = None, log=print) -> dict:
-    """Every (BUS config, batch) of ``pairs`` in every mode of ``modes``; ``base`` (a ``TrainBenchSettings``)
-    supplies the rest (steps, warm-up, seed, amp, backend, overrides)."""
-    from .train_speed import run
-
+def run_suite(run, base, pairs, modes, device: torch.device, json_path: str | None = None, log=print) -> dict:
+    """Every (BUS config, batch) of ``pairs`` in every mode of ``modes``, each case measured by ``run``
+    (``train_speed.run``); ``base`` (a ``TrainBenchSettings``) supplies the rest (steps, warm-up, seed,
+    amp, backend, overrides)."""
     # "benchmark": "train", so that readme_results renders it (train_speed.render hands a result with
     # "cases" to this module's render)
     result = {"benchmark": "train", "suite": "gpu", "modes": list(modes), "cases": [], **environment(device)}
@@ -76,6 +99,35 @@ def run_suite(base, pairs, modes, device: torch.device, json_path: str | None = 
     return result
 
 
+def eager_vs_compiled(settings, device: torch.device, log=print) -> dict:
+    """``settings.model`` and its baseline, each eager and in ``settings.compile``, on the same padded batches;
+    the four steps of each batch interleaved, their order flipped every step."""
+    amp = device.type == "cuda" if settings.amp is None else settings.amp
+    names = [settings.model, f"{settings.model}-baseline"]
+    steps, batches = {}, None
+    for name in names:
+        for mode in ("none", settings.compile):
+            overrides = settings.overrides if name == settings.model else {}
+            model, data = build_model_and_data(name, settings.batch_size, settings.seed, settings.image_size, device,
+                                               overrides, pad_to_max_length=True)
+            steps[(name, mode)] = make_step(model, settings.lr, amp, device, mode, settings.compile_backend)
+            batches = batches or [data[i] for i in range(settings.warmup + settings.steps)]
+    times = {key: [] for key in steps}
+    for i, batch in enumerate(batches):
+        for key in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
+            times[key].append(timed(lambda: steps[key](batch), device))
+        log(f"step {i + 1}/{len(batches)}{' (warm-up)' if i < settings.warmup else ''}: "
+            + ", ".join(f"{n} {m} {times[(n, m)][-1]:.3f}s" for n, m in steps))
+    w = settings.warmup
+    variants = [{"model": name, "compile": mode, "median_step_s": median(t[w:]), "images_per_s": settings.batch_size / median(t[w:]),
+                 "first_step_s": t[0], "step_times_s": t[w:], "warmup_step_times_s": t[:w]}
+                for (name, mode), t in times.items()]
+    ratios = [{"model": name, "compile": settings.compile,
+               "speedup": median(times[(name, "none")][w:]) / median(times[(name, settings.compile)][w:])} for name in names]
+    return {"benchmark": "train", "variants": variants, "compiled_over_eager": ratios,
+            "settings": {**dataclasses.asdict(settings), "amp": amp, "pad_to_max_length": True}, **environment(device)}
+
+
 def rows_of(result: dict) -> list[dict]:
     """One row per case: the pair's numbers side by side."""
     rows = []
@@ -94,6 +146,8 @@ def rows_of(result: dict) -> list[dict]:
 
 def compiled_over_eager(result: dict) -> list[dict]:
     """Per model: eager step time / compiled step time, for every compiled mode measured."""
+    if "variants" in result:
+        return result["compiled_over_eager"]
     times = {}
     for case in result["cases"]:
         for name, m in case["models"].items():
@@ -107,6 +161,8 @@ def compiled_over_eager(result: dict) -> list[dict]:
 
 
 def render(result: dict) -> str:
+    if "variants" in result:
+        return render_interleaved(result)
     table = markdown_table(rows_of(result), [
         ("pair", "BUS config", ""), ("batch", "batch", "d"), ("compile", "compile", ""),
         ("bus_ms", "BUS step (ms)", ".1f"), ("base_ms", "baseline step (ms)", ".1f"),
@@ -130,7 +186,23 @@ def render(result: dict) -> str:
             f"backend {s.get('compile_backend')}; {result['device']}; torch {result['torch']}; commit {result['commit']}")
 
 
+def render_interleaved(result: dict) -> str:
+    s = result["settings"]
+    table = markdown_table(result["variants"], [
+        ("model", "model", ""), ("compile", "compile", ""), ("median_step_s", "median step (s)", ".3f"),
+        ("images_per_s", "images/s", ".2f"), ("first_step_s", "first step (s)", ".1f")])
+    table += "\n\n" + markdown_table(result["compiled_over_eager"], [
+        ("model", "model", ""), ("compile", "compile", ""), ("speedup", "eager step / compiled step", ".2f")])
+    return (f"{table}\n\nfour steps per batch interleaved (order flipped every step); first step = first call to first "
+            f"finished step (compile included); batch {s['batch_size']}, {s['steps']} measured steps after {s['warmup']} "
+            f"warm-up, amp={s['amp']}, captions padded to max_text_len, backend {s['compile_backend']}; "
+            f"{result['device']}; torch {result['torch']}; commit {result['commit']}")
+
+
 def plot(result: dict, path: str | None) -> str | None:
+    if "variants" in result:
+        return None
+
     def draw(ax):
         rows = rows_of(result)
         labels = [f"{r['pair']}\n{r['compile']}" for r in rows]
@@ -145,14 +217,20 @@ def plot(result: dict, path: str | None) -> str | None:
     return save_plot(path, draw)
 
 
-def main_from_args(args, settings) -> int:
-    """``bus bench train --gpu-suite`` (``settings``: the parsed ``TrainBenchSettings``)."""
+def main_from_args(args, settings, run) -> int:
+    """``bus bench train --gpu-suite`` or ``--eager-vs-compiled`` (``settings``: the parsed
+    ``TrainBenchSettings``; ``run``: ``train_speed.run``, which measures one case)."""
     device = default_device()
+    log = (lambda msg: print(msg, file=sys.stderr))
+    if args.eager_vs_compiled:
+        settings.compile = suite_mode(getattr(args, "compile", None), device)
+        check_compiles(settings, "bus bench train --eager-vs-compiled")
+        result = eager_vs_compiled(settings, device, log)
+        return publish(result, render(result), args.json)
     if device.type != "cuda" and not args.quick:
         raise SystemExit("bus bench train: error: --gpu-suite measures the paper-scale models on a GPU and needs "
                          "CUDA (add --quick for the bus-tiny smoke run on this device)")
     pairs = QUICK_SUITE if args.quick else GPU_SUITE
     modes = ("none", suite_mode(getattr(args, "compile", None), device))
-    log = (lambda msg: print(msg, file=sys.stderr))
-    result = run_suite(settings, pairs, modes, device, args.json, log)
+    result = run_suite(run, settings, pairs, modes, device, args.json, log)
     return publish(result, render(result), args.json, plot(result, args.plot))

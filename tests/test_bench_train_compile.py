@@ -60,6 +60,20 @@ def test_gpu_suite_quick_runs_every_case(tmp_path, capsys):
     assert "speedup over eager" in readme_results.render_results(str(folder))
 
 
+@pytest.mark.slow
+def test_eager_vs_compiled_interleaves_four_steps(tmp_path, capsys):
+    result = _bench(tmp_path, "--eager-vs-compiled", "--quick", "--compile-backend", "eager", "--steps", "2",
+                    "--warmup", "1")
+    assert [(v["model"], v["compile"]) for v in result["variants"]] == [
+        ("bus-tiny", "none"), ("bus-tiny", "default"), ("bus-tiny-baseline", "none"), ("bus-tiny-baseline", "default")]
+    for v in result["variants"]:
+        assert len(v["step_times_s"]) == 2 and len(v["warmup_step_times_s"]) == 1 and v["first_step_s"] > 0
+    times = {(v["model"], v["compile"]): v["median_step_s"] for v in result["variants"]}
+    for r in result["compiled_over_eager"]:
+        assert r["speedup"] == pytest.approx(times[(r["model"], "none")] / times[(r["model"], "default")])
+    assert "eager step / compiled step" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--quick", "--compile", "fast"], "--compile: unknown mode 'fast'"),
     (["--quick", "--compile", "reduce-overhead", "--compile-backend", "aot_eager"], "needs --compile-backend inductor"),
