@@ -1,8 +1,9 @@
 """``--compile MODE``: the training step's forward and backward under ``torch.compile`` (issue 22).
 
-Measured on one H200 (README, GPU section), an eager bus-small step is bound by its ~7000 dispatched
-ops, not by its FLOPs; a compiled step launches a few fused kernels instead, and ``reduce-overhead``
-replays them as one CUDA graph. What the model guarantees for that (DESIGN.md, "The step on a GPU"):
+Measured on one H200 (README, GPU section), an eager bus-small step is bound by the host's dispatch of
+its thousands of ops (about 7000 then), not by its FLOPs; a compiled step launches a few fused kernels
+instead, and ``reduce-overhead`` replays them as CUDA graphs. What the model guarantees for that
+(DESIGN.md, "The step on a GPU"):
 
 * ``fullgraph=True``: one graph for forward + backward, no graph breaks (``bus_model/packing.py``
   bypasses its identity-keyed cache while tracing). The ``bus_kernels`` ops stay opaque custom ops in
@@ -14,12 +15,14 @@ replays them as one CUDA graph. What the model guarantees for that (DESIGN.md, "
 * randomness from torch's RNG only (MLM masking, ITM negatives, random-policy masks: ``torch.rand``,
   ``randint`` inside the graph), which CUDA-graph capture accepts; no host-side numpy / Python draws.
 
-The optimizer step stays outside the graph: the fused AdamW kernel (``training/optim.py``) is a
-handful of launches per step on CUDA (one multi-tensor kernel per parameter group and dtype), so
-compiling it saves almost nothing, while a compiled optimizer would recompile whenever the learning
-rate schedule's Python float changed (unless made a tensor), would double compile time, and would tie
-the momentum EMA hook and gradient clipping into the graph. Gradients leave the backward graph into
-``.grad`` as in eager, so DDP's bucketed all-reduce, clipping and checkpoints are unchanged.
+The optimizer step stays outside the graph: fused AdamW (``training/optim.py``) dispatches 4 ops per
+step for bus-small's 408 parameters (one ``_fused_adamw_`` and one ``_foreach_add_`` of the step counts
+per parameter group; counted on CPU), each a multi-tensor kernel: a handful of launches on CUDA
+against the model step's thousands, so compiling it saves almost nothing. A compiled optimizer would
+also recompile whenever the schedule's Python-float learning rate changed (unless made a tensor),
+add its own compile time, and pull the momentum EMA hook and gradient clipping into the graph.
+Gradients leave the backward graph into ``.grad`` as in eager, so DDP's bucketed all-reduce,
+clipping and checkpoints are unchanged.
 
 Not compiled (refused with one clear error): ``keep_mode="mass"`` (per-image keep counts make the
 token count ragged: data-dependent shapes), ``attn_impl="varlen"`` (packs the valid tokens: the packed
