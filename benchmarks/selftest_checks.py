@@ -25,6 +25,7 @@ import torch
 
 import bus_kernels as bk
 from bus_kernels.backends import get_backend, registered_backends
+from bus_kernels.ops.varlen_attention.dense import dense_reasons
 from bus_kernels.ops.varlen_attention.limits import ATTENTION_LIMITS
 
 FWD_ULPS, BWD_ULPS = 4, 16
@@ -72,7 +73,12 @@ def _attention_case(name: str, lens_q: list[int], lens_k: list[int], causal: boo
 
     def needs(backend):
         limits = ATTENTION_LIMITS.get(backend)
-        return limits.reasons(D, key_bias) if limits is not None else []
+        if limits is None:
+            return []
+        reasons = limits.reasons(D, key_bias)
+        if limits.dense_only:  # the sdpa fast path: every sequence full length
+            reasons += dense_reasons(len(lens_q), sum(lens_q), sum(lens_k), max(lens_q), max(lens_k), causal)
+        return reasons
 
     grads = ("q", "k", "v") + (("key_bias",) if key_bias else ())
     return OpCase("varlen_attention", name, "varlen_attention", make, ("q", "k", "v"), grads, run, needs,
@@ -80,7 +86,7 @@ def _attention_case(name: str, lens_q: list[int], lens_k: list[int], causal: boo
 
 
 def cases(quick: bool = False) -> list[OpCase]:
-    """The checked cases: small odd shapes; ``quick`` keeps two of the five attention cases."""
+    """The checked cases: small odd shapes; ``quick`` keeps three of the six attention cases."""
     B, N, H, D, C = 3, 37, 3, 24, 40
 
     def tps_make(gen):
@@ -112,6 +118,8 @@ def cases(quick: bool = False) -> list[OpCase]:
     first = [
         _attention_case("self, lengths [1,17,0,65]", lens, lens, False, False),
         _attention_case("cross causal, q [5,0,17,33] k [9,4,20,40]", [5, 0, 17, 33], [9, 4, 20, 40], True, False),
+        # every sequence full length: what backend=None sends to the sdpa fast path
+        _attention_case("dense causal + key_bias, 2 x 19", [19, 19], [19, 19], True, True),
     ]
     attention = []
     if not quick:

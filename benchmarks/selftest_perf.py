@@ -23,6 +23,7 @@ from bus_kernels.backends import (
     registered_ops,
     select_backend,
 )
+from bus_kernels.ops.varlen_attention.dense import dense_reasons
 from bus_kernels.ops.varlen_attention.limits import ATTENTION_LIMITS
 
 from .host_syncs import step_sync_counts
@@ -45,15 +46,34 @@ def _sync(device: torch.device) -> None:
 # dispatch
 
 
+# self-attention sequence lengths the dispatch report asks about: a dense batch and a ragged one
+DISPATCH_LENGTHS = {True: [197] * 4, False: [197, 120, 150, 33]}
+
+
+def _attention_reasons(name: str, lengths: list[int]) -> list[str]:
+    """Why attention backend ``name`` cannot take head dim 64 without key_bias for self-attention over
+    sequences of these ``lengths``."""
+    limits = ATTENTION_LIMITS.get(name)
+    if limits is None:
+        return []
+    reasons = limits.reasons(ATTENTION_HEAD_DIM, False)
+    if limits.dense_only:
+        reasons += dense_reasons(len(lengths), sum(lengths), sum(lengths), max(lengths), max(lengths), False)
+    return reasons
+
+
 def dispatch_report(device: torch.device) -> list[dict]:
     """Per op and dtype (inputs requiring grad): the backend ``backend=None`` picks and why the ones
-    before it in the preference list were passed over. Attention is asked at head dim 64, no key_bias."""
+    before it in the preference list were passed over. Attention is asked at head dim 64, no key_bias,
+    for a ragged batch (op ``varlen_attention``) and a dense one (``varlen_attention dense``)."""
     rows = []
-    for op, prefs in sorted(registered_ops().items()):
+    ops = [(op, op, False) for op in sorted(registered_ops())]
+    ops.insert([o for o, _, _ in ops].index("varlen_attention") + 1, ("varlen_attention dense", "varlen_attention", True))
+    for label, op, dense in ops:
+        prefs = registered_ops()[op]
         for dtype in dtypes_for(device):
-            def extra(name, op=op):
-                limits = ATTENTION_LIMITS.get(name) if op == "varlen_attention" else None
-                return limits.reasons(ATTENTION_HEAD_DIM, False) if limits is not None else []
+            def extra(name, op=op, dense=dense):
+                return _attention_reasons(name, DISPATCH_LENGTHS[dense]) if op == "varlen_attention" else []
 
             try:
                 chosen = select_backend(op, device, dtype, True, None, extra)
@@ -65,7 +85,7 @@ def dispatch_report(device: torch.device) -> list[dict]:
             for name in prefs.get(device.type, []):
                 reasons = get_backend(name).not_supported_reasons(op, device.type, dtype, True) or extra(name)
                 considered.append({"backend": name, "usable": not reasons, "reasons": reasons})
-            rows.append({"op": op, "dtype": str(dtype).replace("torch.", ""), "chosen": chosen,
+            rows.append({"op": label, "dtype": str(dtype).replace("torch.", ""), "chosen": chosen,
                          "preference": considered, **({"error": note} if note else {})})
     return rows
 
@@ -89,8 +109,10 @@ def _time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> flo
     return sorted(times)[len(times) // 2] * 1e3
 
 
-def _timeable(op: str, device: torch.device, dtype: torch.dtype) -> list[tuple[str, str | None]]:
-    """(backend, reason not timed or None) for every backend implementing ``op``."""
+def _timeable(op: str, device: torch.device, dtype: torch.dtype,
+              lengths: list[int] | None = None) -> list[tuple[str, str | None]]:
+    """(backend, reason not timed or None) for every backend implementing ``op`` (attention: for
+    self-attention over sequences of these ``lengths``)."""
     out = []
     for name, backend in registered_backends().items():
         if op not in backend.ops:
@@ -99,7 +121,7 @@ def _timeable(op: str, device: torch.device, dtype: torch.dtype) -> list[tuple[s
         if why is None and name == "triton" and device.type == "cpu" and TRITON_INTERPRET:
             why = "Triton interpreter: a correctness tool, not timed"
         if why is None and op == "varlen_attention":
-            why = "; ".join(ATTENTION_LIMITS[name].reasons(ATTENTION_HEAD_DIM, False)) or None if name in ATTENTION_LIMITS else None
+            why = "; ".join(_attention_reasons(name, lengths)) or None
         out.append((name, why))
     return out
 
@@ -168,7 +190,7 @@ def timing_rows(device: torch.device, quick: bool, deadline: float, on_row: Call
             cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
             shape = f"{label}: B={B} N<={max_len} ({total} tokens) H={H} D={D}"
             qkv = lambda total=total: (randn(total, H, D), randn(total, H, D), randn(total, H, D))  # noqa: E731
-            for name, why in _timeable("varlen_attention", device, dtype):
+            for name, why in _timeable("varlen_attention", device, dtype, lengths):
                 if why:
                     add({"op": "varlen_attention", "backend": name, "status": "skipped", "reason": why})
                     continue

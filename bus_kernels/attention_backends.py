@@ -16,7 +16,8 @@ changed between torch releases) rather than failing with a TypeError at call tim
 All three follow flash-attn's semantics (bottom-right causal alignment). Differences the adapters do
 not paper over: xformers' bottom-right causal mask rejects a sequence with more queries than keys.
 On CUDA they come before the Triton kernels in the preference list (mature CUDA kernels, expected to
-be faster; not measured here), so ``backend=None`` picks them when installed and the inputs fit.
+be faster; not measured here), so ``backend=None`` picks them when installed and the inputs fit; only
+the dense fast path ``sdpa`` (every sequence full length) comes before them.
 """
 
 from __future__ import annotations
@@ -162,8 +163,8 @@ def _xformers_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 
 # ---------------------------------------------------------------------------------------------
 # Registration: each adapter as data (backend, implementation, limits) and its place in the CUDA
-# preference list, which starts as ["triton", "torch"] and becomes
-# ["flash_attn", "torch_varlen", "triton", "xformers", "torch"].
+# preference list, which starts as ["sdpa", "triton", "torch"] and becomes
+# ["sdpa", "flash_attn", "torch_varlen", "triton", "xformers", "torch"] (sdpa takes dense batches only).
 
 ADAPTERS = (
     (
@@ -175,7 +176,7 @@ ADAPTERS = (
         ),
         _flash_attn_impl,
         AttentionLimits(1, 256, 1, key_bias=False),  # flash-attn pads other head dims to a multiple of 8 itself
-        0,
+        1,
     ),
     (
         Backend(
@@ -186,7 +187,7 @@ ADAPTERS = (
         ),
         _torch_varlen_impl,
         AttentionLimits(8, 256, 8, key_bias=False),
-        1,
+        2,
     ),
     (
         Backend(
@@ -197,7 +198,7 @@ ADAPTERS = (
         ),
         _xformers_impl,
         AttentionLimits(1, None, 1, key_bias=False),
-        3,
+        4,
     ),
 )
 

@@ -238,6 +238,21 @@ register_backend(
     )
 )
 
-for _op in PRUNING_OPS | ATTENTION_OPS:
+register_backend(
+    Backend(
+        name="sdpa",
+        description="dense batches only (every sequence full length: total == B * max_seqlen for q and k): "
+        "torch scaled_dot_product_attention on a (B, S, H, D) view of the packed tensors, no copy",
+        ops=ATTENTION_OPS,
+        devices=frozenset({"cpu", "cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+        availability=_torch_availability,
+    )
+)
+
+for _op in PRUNING_OPS:
     # On CPU the interpreter is for testing, never the default.
     register_op(_op, {"cuda": ["triton", "torch"], "cpu": ["torch", "triton"], "meta": ["torch"]})
+# A dense batch goes to SDPA first (it rejects ragged ones, with the reason, at no host cost).
+register_op("varlen_attention", {"cuda": ["sdpa", "triton", "torch"], "cpu": ["sdpa", "torch", "triton"],
+                                 "meta": ["torch"]})

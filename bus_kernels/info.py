@@ -9,6 +9,7 @@ import torch
 
 from . import __version__
 from .backends import backend_status, registered_backends, registered_ops
+from .ops.varlen_attention import ATTENTION_LIMITS
 
 
 def _version(module: str) -> str:
@@ -39,6 +40,16 @@ def report() -> str:
     lines += ["", "preference (first available wins):"]
     for op, prefs in sorted(registered_ops().items()):
         lines.append(f"  {op}: " + "; ".join(f"{dev}: {' > '.join(names)}" for dev, names in sorted(prefs.items())))
+    lines += ["", "varlen_attention inputs per backend (beyond device and dtype):"]
+    for name, limits in ATTENTION_LIMITS.items():
+        dims = f"head dims {limits.min_head_dim}..{limits.max_head_dim or 'any'}"
+        if limits.head_dim_multiple > 1:
+            dims += f" (multiples of {limits.head_dim_multiple})"
+        what = [dims, "key_bias" if limits.key_bias else "no key_bias"]
+        if limits.dense_only:
+            what.append("dense batches only: every sequence full length (total == B * max_seqlen, q and k; "
+                        "causal only with equal q/k lengths), decided without a host sync")
+        lines.append(f"  {name}: " + ", ".join(what))
     return "\n".join(lines)
 
 

@@ -23,9 +23,13 @@ Triton path (programs never touch a padded row):
     program: no atomics.
 Head dims 1..256 of any size (80, 96, ...) run by masking the head dim to ``BLOCK_D = max(16, next_pow2(D))``.
 
+Dense batches (every sequence full length, e.g. a ViT before pruning) skip all of this: ``backend=None``
+runs them as PyTorch SDPA on a ``(B, S, H, D)`` view (backend ``sdpa``, ``dense.py``).
+
 Files: ``kernel_fwd.py`` / ``kernel_bwd.py`` (Triton kernels), ``tiles.py`` (tile configs and the
-block table), ``launch.py`` (custom ops, autograd, backend registration), ``limits.py`` (head dims
-and features per backend), ``api.py`` (the public function), ``aot.py`` (ahead-of-time variants).
+block table), ``launch.py`` (custom ops, autograd, backend registration), ``dense.py`` (the SDPA fast
+path), ``limits.py`` (head dims and features per backend), ``api.py`` (the public function), ``aot.py``
+(ahead-of-time variants).
 """
 
 from .aot import aot_specs

@@ -16,7 +16,9 @@ from ..._validation import (
     check_tensor,
 )
 from ...backends import get_impl, select_backend
+from . import dense  # noqa: F401  (registers the sdpa fast path for dense batches)
 from . import launch  # noqa: F401  (registers the triton and torch implementations)
+from .dense import dense_reasons
 from .limits import ATTENTION_LIMITS
 
 
@@ -69,8 +71,11 @@ def varlen_attention(
             Differentiable. Supported by the triton and torch backends.
         check_seqlens: read ``cu_seqlens_*`` on the host to check their values (a device sync on
             CUDA). Skipped automatically while ``torch.compile`` traces.
-        backend: ``"triton"``, ``"torch"``, ``"flash_attn"``, ``"xformers"``, ``"torch_varlen"`` or
-            ``None`` (best available; env ``BUS_KERNELS_BACKEND``).
+        backend: ``"triton"``, ``"torch"``, ``"sdpa"``, ``"flash_attn"``, ``"xformers"``,
+            ``"torch_varlen"`` or ``None`` (best available; env ``BUS_KERNELS_BACKEND``). ``None`` sends a
+            dense batch (every sequence full length: ``total_q == B * max_seqlen_q`` and ``total_k ==
+            B * max_seqlen_k``, decided without reading ``cu_seqlens``) to ``"sdpa"``, PyTorch's
+            ``scaled_dot_product_attention`` on a ``(B, S, H, D)`` view (``varlen_attention/dense.py``).
 
     Returns:
         ``(total_q, H, D)`` in q's dtype. Differentiable in q, k, v (and key_bias).
@@ -130,7 +135,12 @@ def varlen_attention(
 
     def extra(name: str) -> list[str]:
         limits = ATTENTION_LIMITS.get(name)
-        return limits.reasons(D, key_bias is not None) if limits is not None else []
+        if limits is None:
+            return []
+        reasons = limits.reasons(D, key_bias is not None)
+        if limits.dense_only:  # host integers only: no read of cu_seqlens
+            reasons += dense_reasons(cu_seqlens_q.shape[0] - 1, total_q, total_k, max_seqlen_q, max_seqlen_k, causal)
+        return reasons
 
     name = select_backend("varlen_attention", q.device, q.dtype, requires_grad, backend, extra)
     impl = get_impl("varlen_attention", name)

@@ -10,13 +10,15 @@ TRITON_MAX_HEAD_DIM = 256
 
 @dataclass(frozen=True)
 class AttentionLimits:
-    """Head dims a backend takes (``min_head_dim <= D <= max_head_dim``, ``D % head_dim_multiple == 0``)
-    and whether it takes ``key_bias``."""
+    """Head dims a backend takes (``min_head_dim <= D <= max_head_dim``, ``D % head_dim_multiple == 0``),
+    whether it takes ``key_bias``, and whether it takes only dense batches (every sequence full length,
+    ``dense.dense_reasons``: the ``sdpa`` fast path)."""
 
     min_head_dim: int
     max_head_dim: int | None
     head_dim_multiple: int
     key_bias: bool
+    dense_only: bool = False
 
     def reasons(self, head_dim: int, has_key_bias: bool) -> list[str]:
         reasons = []
@@ -32,6 +34,7 @@ class AttentionLimits:
 ATTENTION_LIMITS: dict[str, AttentionLimits] = {
     "torch": AttentionLimits(1, None, 1, key_bias=True),
     "triton": AttentionLimits(TRITON_MIN_HEAD_DIM, TRITON_MAX_HEAD_DIM, 1, key_bias=True),
+    "sdpa": AttentionLimits(1, None, 1, key_bias=True, dense_only=True),
 }
 
 
