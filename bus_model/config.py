@@ -18,6 +18,7 @@ from typing import Any
 
 from .selection import KEEP_ROUNDING, POLICIES, RATIO_OF, TEXT_FREE  # noqa: F401  (POLICIES re-exported)
 ATTN_IMPLS = ("sdpa", "varlen")
+ITC_IMAGE = ("guided", "detached", "text_free")  # LossConfig.itc_image
 
 
 @dataclass
@@ -129,6 +130,14 @@ class LossConfig:
     alpha_ramp_steps: int = 1000  # alpha ramps linearly from 0 over these training steps (ALBEF: the first epoch)
     prefix_split: str = "none"  # PrefixLM (SimVLM/mPLUG): "random" splits each caption at a random point, the
     # prefix is decoder context and the loss covers the rest; "none": plain captioning (empty prefix)
+    # where the ITC image embedding comes from when the caption guides selection (bus, elip; issue 24). "guided":
+    # the one ViT pass that the caption steered, whose selection scores carry gradient into the fused token, so
+    # in-batch ITC sees each positive image conditioned on its own caption while retrieval encodes images
+    # without one (a shortcut). "detached": that pass with the scores detached where the dropped tokens are
+    # fused (ELIP selects under no_grad with constant merge weights): no loss but PTM steers the selector.
+    # "text_free": ITC reads a caption-free pass (the policy's text-free mode, what retrieval encodes; mPLUG's
+    # plain ViT pass) that shares the blocks before the first selection layer with the guided pass
+    itc_image: str = "guided"
 
 
 @dataclass
@@ -230,6 +239,8 @@ def _validate_distillation(lc: "LossConfig") -> None:
         value = getattr(lc, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "queue_size" else 0):
             raise ValueError(f"losses.{name} must be an int >= {1 if name == 'queue_size' else 0}, got {value!r}")
+    if lc.itc_image not in ITC_IMAGE:
+        raise ValueError(f"losses.itc_image must be one of {ITC_IMAGE}, got {lc.itc_image!r}")
     if lc.prefix_split not in ("none", "random"):
         raise ValueError(f"losses.prefix_split must be 'none' or 'random', got {lc.prefix_split!r}")
 

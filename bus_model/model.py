@@ -292,7 +292,15 @@ class BusModel(nn.Module):
         else:
             text = self._text_encoding(self.text_encoder(input_ids, attention_mask), attention_mask)
         t_cls = text.hidden[:, 0]
-        image = self.encode_image(images, t_cls if self._uses_text_query() else None)
+        itc_image = lc.itc_image if self._uses_text_query() and (lc.itc or lc.itm) else "guided"
+        if itc_image == "text_free":  # ITC (and ITM's mining) reads a caption-free pass, as retrieval does
+            feats, free = self.vision.forward_features_and_text_free(images, t_cls)
+            image = ImageEncoding(self._image_embedding(free), *self._visual_memory(feats), feats)
+        elif itc_image == "detached":  # the selector's scores reach the tokens without gradient (ELIP)
+            feats = self.vision.forward_features(images, t_cls, detach_scores=True)
+            image = ImageEncoding(self._image_embedding(feats), *self._visual_memory(feats), feats)
+        else:
+            image = self.encode_image(images, t_cls if self._uses_text_query() else None)
         memory, memory_mask = image.memory, image.memory_mask
         losses: dict[str, torch.Tensor] = {}
         sim = None

@@ -260,7 +260,8 @@ class BusViT(nn.Module):
         return policy
 
     def forward_features(
-        self, images: torch.Tensor, text_query: torch.Tensor | None = None, policy: str | None = None
+        self, images: torch.Tensor, text_query: torch.Tensor | None = None, policy: str | None = None,
+        *, detach_scores: bool = False,
     ) -> VisionFeatures:
         """Encode images, selecting tokens as configured.
 
@@ -269,6 +270,8 @@ class BusViT(nn.Module):
             text_query: ``(B, text_width)`` text [CLS] embedding for bus/elip; None: text-free (what a
                 policy then does is ``selection.text_free``: bus -> EViT image [CLS], elip -> nothing).
             policy: override the configured policy for this call (e.g. ``"none"``).
+            detach_scores: bus: fuse the dropped tokens with detached scores (no gradient from the tokens
+                into the selector; ``SelectionRecord.scores`` stays differentiable for PTM).
 
         Returns:
             ``VisionFeatures(tokens (B, N', C), mask (B, N') bool or None, selections, sizes)``.
@@ -276,9 +279,35 @@ class BusViT(nn.Module):
         self._check_inputs(images, text_query)
         policy = self.effective_policy(policy or self.selection.policy, text_query is not None)
         text_query = self._text_in_vision_width(text_query)
+        return self._blocks_from(self._embed(images), 0, policy, text_query, detach_scores)
+
+    def forward_features_and_text_free(
+        self, images: torch.Tensor, text_query: torch.Tensor, *, detach_scores: bool = False
+    ) -> tuple[VisionFeatures, VisionFeatures]:
+        """The caption-guided features and the caption-free ones (what retrieval encodes), with the blocks
+        before the first selection layer run once for both: ``(guided, text_free)``, each as
+        ``forward_features`` returns. ``text_query``: ``(B, text_width)``."""
+        self._check_inputs(images, text_query)
+        guided = self.effective_policy(self.selection.policy, True)
+        free = self.effective_policy(self.selection.policy, False)
+        text_query = self._text_in_vision_width(text_query)
+        first = min(self.selection.layers) if self.selection.layers and guided != "none" else len(self.blocks)
+        x = self._embed(images)
+        for block in self.blocks[:first]:  # no selection before ``first``: every row full, no mask
+            x = block.feed_forward(block.attend(x, None, self.attn_impl)[0], None, self.attn_impl)
+        return (self._blocks_from(x, first, guided, text_query, detach_scores),
+                self._blocks_from(x, first, free, None, False))
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, 1 + num_patches, C): [CLS] + patch embeddings + positions."""
         B = images.shape[0]
         x = self.patch_embed(images)  # (B, num_patches, C)
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed
+        return torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed
+
+    def _blocks_from(self, x: torch.Tensor, start: int, policy: str, text_query: torch.Tensor | None,
+                     detach_scores: bool) -> VisionFeatures:
+        """Blocks ``start..depth-1`` on full rows ``x (B, N, C)`` (no selection has run yet), then ``norm``."""
+        B = x.shape[0]
         mask = None
         size = None  # tome: (B, N) float32 patches per token
         positions = self.patch_ids.expand(B, -1)  # (B, n) original patch ids
@@ -286,7 +315,8 @@ class BusViT(nn.Module):
         layers = set(self.selection.layers) if policy != "none" else set()
         fuse, backend = self.selection.fuse, self.kernel_backend
         packed = None  # (rows, xs (total, C)): x's valid tokens while a ragged stage runs packed
-        for i, block in enumerate(self.blocks):
+        for i in range(start, len(self.blocks)):
+            block = self.blocks[i]
             if self.attn_impl == "varlen" and mask is not None and size is None and i not in layers:
                 # Ragged rows between two selection steps stay packed: gathered once per stage, not per block.
                 rows, cu, max_len = packing(mask, B, x.shape[1], x.device)  # cached for this mask
@@ -318,7 +348,14 @@ class BusViT(nn.Module):
                 cand_mask = None if mask is None else mask[:, 1:]
                 scores = score_candidates(query, k[:, :, 1:].transpose(1, 2), cand_mask, backend)  # keys (B, n, H, D)
                 keep = self._keep(i, scores, mask)
-                x, mask, positions, rec = apply_selection(x, mask, positions, scores, keep, fuse=fuse, backend=backend, layer=i)
+                if detach_scores and policy == "bus":  # ELIP's rule: no loss steers the selection through the
+                    # fused token's weights; the record keeps the live scores, so PTM still trains the selector
+                    x, mask, positions, rec = apply_selection(x, mask, positions, scores.detach(), keep, fuse=fuse,
+                                                              backend=backend, layer=i)
+                    rec.scores = scores
+                else:
+                    x, mask, positions, rec = apply_selection(x, mask, positions, scores, keep, fuse=fuse,
+                                                              backend=backend, layer=i)
                 records.append(rec)
             elif i in layers and policy == "tome":  # between attention and MLP (ToMe §3)
                 r = self._merge_count(i, x.shape[1] - 1)
