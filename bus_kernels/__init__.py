@@ -12,6 +12,7 @@ Public API (shapes and dtypes in each docstring):
     available_backends(device)                -> which backends run here (python -m bus_kernels.info)
 """
 
+from ._capture import CaptureError
 from .backends import BackendNotSupportedError, available_backends, backend_status
 from .ops import (
     MergePlan,
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendNotSupportedError",
+    "CaptureError",
     "MergePlan",
     "TopkGatherOutput",
     "TopkGatherVarlenOutput",

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._capture import host_reads_allowed, refuse_capture
 from .._validation import check_int, check_rank, check_tensor
 
 
@@ -36,7 +37,8 @@ def unpad(x: torch.Tensor, mask: torch.Tensor) -> UnpadOutput:
     Returns:
         ``UnpadOutput(x_packed (total, ...), indices (total,) int64, cu_seqlens (B + 1,) int32,
         max_seqlen int)`` with ``total = mask.count_nonzero()``. Reads the row counts on the host
-        (for ``max_seqlen``). Differentiable in ``x``.
+        (for ``max_seqlen``), so it cannot run inside a CUDA graph capture (``CaptureError``).
+        Differentiable in ``x``.
     """
     check_tensor("x", x)
     check_tensor("mask", mask)
@@ -49,6 +51,7 @@ def unpad(x: torch.Tensor, mask: torch.Tensor) -> UnpadOutput:
         raise ValueError(f"mask has shape {tuple(mask.shape)}, expected x's (B, S) = {tuple(x.shape[:2])}")
     if mask.device != x.device:
         raise ValueError(f"mask is on {mask.device} but x is on {x.device}; all inputs must be on one device")
+    refuse_capture(x, "unpad")
     B, S = mask.shape
     keep = mask if mask.dtype == torch.bool else mask != 0
     seqlens = keep.sum(dim=1, dtype=torch.int32)  # (B,)
@@ -88,7 +91,7 @@ def pad(x_packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) 
         )
     batch = check_int("batch", batch, 0)
     seqlen = check_int("seqlen", seqlen, 0)
-    if indices.numel() > 0 and not torch.compiler.is_compiling():
+    if indices.numel() > 0 and host_reads_allowed(indices):  # not while tracing or capturing a CUDA graph
         low, high = torch.stack(indices.aminmax()).tolist()  # one reduction, one host read
         if low < 0 or high >= batch * seqlen:
             raise ValueError(f"indices must lie in [0, batch * seqlen = {batch * seqlen}), got values in [{low}, {high}]")

@@ -29,6 +29,7 @@ import torch
 import triton
 
 from .. import reference
+from .._capture import refuse_capture
 from .._validation import check_dim_size, check_float, check_int, check_rank, check_same_device, check_tensor
 from ..backends import get_impl, register_impl, select_backend
 from ..reference.pruning import FUSE_EPS
@@ -307,7 +308,8 @@ def topk_gather_varlen(
         k: ``(B,)`` integer tensor on x's device, ``0 <= k[b] <= N`` (e.g. from ``keep_by_mass``).
         fuse, backend: as in ``topk_gather`` (so is the ranking of NaN and infinite scores).
         check_k: read ``k`` on the host to check its range (a device sync on CUDA); pass False for
-            counts valid by construction (e.g. ``keep_by_mass``). The output sizes are read once anyway.
+            counts valid by construction (e.g. ``keep_by_mass``). The output sizes are read once anyway,
+            so this op cannot run inside a CUDA graph capture (``CaptureError``; ``topk_gather`` can).
 
     Returns:
         ``TopkGatherVarlenOutput(tokens (total, C), index (sum k,) int64, cu_seqlens (B + 1,) int32,
@@ -325,6 +327,7 @@ def topk_gather_varlen(
         raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
     if not isinstance(check_k, bool):
         raise TypeError(f"check_k must be a bool, got {type(check_k).__name__}")
+    refuse_capture(x, "topk_gather_varlen")
     k = k.to(torch.int64)
     if check_k and B > 0:
         counts = k.tolist()  # one host read (a sync on CUDA), no reduction kernels

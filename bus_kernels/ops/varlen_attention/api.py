@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..._capture import host_reads_allowed
 from ..._validation import (
     check_dim_size,
     check_dtype,
@@ -70,7 +71,7 @@ def varlen_attention(
             ``log(n_j)`` gives proportional attention for a token standing for ``n_j`` patches).
             Differentiable. Supported by the triton and torch backends.
         check_seqlens: read ``cu_seqlens_*`` on the host to check their values (a device sync on
-            CUDA). Skipped automatically while ``torch.compile`` traces.
+            CUDA). Skipped automatically while ``torch.compile`` traces or a CUDA graph is captured.
         backend: ``"triton"``, ``"torch"``, ``"sdpa"``, ``"flash_attn"``, ``"xformers"``,
             ``"torch_varlen"`` or ``None`` (best available; env ``BUS_KERNELS_BACKEND``). ``None`` sends a
             dense batch (every sequence full length: ``total_q == B * max_seqlen_q`` and ``total_k ==
@@ -123,7 +124,7 @@ def varlen_attention(
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if check_seqlens and not torch.compiler.is_compiling():
+    if check_seqlens and host_reads_allowed(cu_seqlens_q):
         offsets = torch.cat([cu_seqlens_q, cu_seqlens_k]).tolist()  # one host read (one sync on CUDA)
         n = cu_seqlens_q.shape[0]
         _check_cu_seqlens("cu_seqlens_q", offsets[:n], total_q, "max_seqlen_q", max_seqlen_q)

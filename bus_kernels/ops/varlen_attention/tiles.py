@@ -9,6 +9,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 
+from ..._capture import capturing
 from ...backends import TRITON_INTERPRET
 from .._triton_utils import next_pow2
 
@@ -165,29 +166,47 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 # Block tables by cu_seqlens object: {id: (weak reference, version counter, {(total, block): table})}.
+# The id alone is never trusted: an entry counts only while its weak reference still points at this very
+# object (a freed tensor's id may be reused by a new one; its entry is dropped when it dies) and its
+# version counter is unchanged (an in-place change of the offsets rebuilds the table).
 _TABLES: dict[int, tuple] = {}
 
 
-def _version(t: torch.Tensor) -> int:
+def _version(t: torch.Tensor) -> int | None:
     try:
         return t._version
-    except RuntimeError:  # inference tensors have no version counter (and cannot change in place)
-        return -1
+    except RuntimeError:  # inference tensors have no version counter: an in-place change cannot be seen
+        return None
 
 
 def _block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``_build_block_table``, built once per ``cu_seqlens`` object (while it lives and is not changed in
     place): a model packs its tokens once and runs every layer's attention, forward and backward, on the
-    same offsets, so the table's small kernels run once per packing instead of three times per layer."""
-    key, version = id(cu_seqlens), _version(cu_seqlens)
+    same offsets, so the table's small kernels run once per packing instead of three times per layer.
+
+    Not cached (built every call) for inference tensors (no version counter) and while a CUDA graph is
+    captured (``bus_kernels._capture``): there the table's kernels become part of the graph and re-run
+    on every replay, so a replay after an in-place change of the offsets reads a fresh table, and no
+    graph-pool memory leaks into the eager cache."""
+    version = _version(cu_seqlens)
+    if version is None or capturing(cu_seqlens):
+        return _build_block_table(cu_seqlens, total, block)
+    key = id(cu_seqlens)
     entry = _TABLES.get(key)
     if entry is None or entry[0]() is not cu_seqlens or entry[1] != version:
-        entry = (weakref.ref(cu_seqlens, lambda _ref, key=key: _TABLES.pop(key, None)), version, {})
+        entry = (weakref.ref(cu_seqlens, lambda _ref, key=key: _drop(key, _ref)), version, {})
         _TABLES[key] = entry
     table = entry[2].get((total, block))
     if table is None:
         table = entry[2][(total, block)] = _build_block_table(cu_seqlens, total, block)
     return table
+
+
+def _drop(key: int, ref: weakref.ref) -> None:
+    """A cu_seqlens object died: drop its entry (only if the entry is still its own)."""
+    entry = _TABLES.get(key)
+    if entry is not None and entry[0] is ref:
+        del _TABLES[key]
 
 
 def _build_block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
