@@ -11,14 +11,18 @@ no GPU time is estimated.
    them): the pruning ops on native C++ custom ops where built (one op each, as Triton's), varlen attention
    on the PyTorch reference, whose aten ops are counted one by one. The "Triton path" count repeats the
    step with every bus_kernels op on its Triton custom op (a child process under TRITON_INTERPRET=1, on
-   the narrow stand-in below at a small image size): the ops a GPU dispatches.
+   the narrow stand-in below): the ops a GPU dispatches.
 2. Host milliseconds per step on a narrow stand-in: the same configs with every width 48 (vision.width,
    text.hidden_size, the MLP sizes, the ITC embedding; head counts the largest divisor of 48 not above
-   the config's; a ViT 64 wide where the config's ViT and text widths differ), so compute is negligible
-   and the step time is the host's. The stand-in's op count is checked against the config's (same op
-   graph). Eager, and with ``--compile`` the model compiled by ``torch.compile`` (backend ``aot_eager`` by
-   default: the traced graph run op by op, the host cost of the compiled graph without a GPU; sdpa only;
-   fullgraph, or where that fails its error and a run with graph breaks). The models' steps alternate (the
+   the config's; a ViT 64 wide where the config's ViT and text widths differ) and 64 px images (at most
+   the config's), so that compute is small and the step time is mostly the host's. The stand-in's op count
+   is checked against the config's (same op graph). Steps with bf16 autocast (the counted step) and in fp32
+   (the same graph without the autocast casts): bf16 matmuls are emulated on CPUs without AVX512-BF16 or
+   AMX, so there even a 48-wide bf16 step computes for a good share of its time; each row gives the share
+   of a profiled step spent in matmuls, attention and convolution ("compute share"). Eager, and with
+   ``--compile`` the model compiled by ``torch.compile`` (backend ``aot_eager`` by default: the traced
+   graph run op by op, the host cost of the compiled graph without a GPU; sdpa only; fullgraph, or where
+   that fails its error and a run with graph breaks). The models' steps alternate (the
    order rotates every round), and the median and lower quartile of all step times are reported, wall
    clock and this thread's CPU time (which leaves out the time other processes hold the core: the
    development machines are shared). One torch thread throughout (host cost is single-threaded; on a
@@ -61,13 +65,16 @@ class OverheadSettings:
     batch_size: int = 2
     attn_impls: tuple[str, ...] = ("sdpa", "varlen")
     width: int = 48  # every width of the narrow stand-in
+    image_size: int = 64  # the stand-in's images (at most the config's): fewer tokens, the same op graph (checked)
+    precisions: tuple[str, ...] = ("bf16", "fp32")  # stand-in steps: bf16 autocast (the counted step) and fp32
+    # (the same graph without the autocast casts; bf16 matmuls are emulated on CPUs without AVX512-BF16/AMX,
+    # about 25x slower than fp32 here, so the bf16 stand-in is not free of compute)
     rounds: int = 8  # interleaved timing rounds (host ms per step)
     steps_per_round: int = 2  # timed steps per model per round
     warmup: int = 2  # unmeasured steps per model first
     compile: bool = False  # also time the step with the model compiled (sdpa only)
     compile_backend: str = "aot_eager"
     triton_path: bool = True  # count the step with every bus_kernels op on Triton (interpreter child)
-    triton_image_size: int = 64  # image size of that count (the op graph does not depend on it; checked)
     op_rounds: int = 9  # interleaved timing rounds (per-op host time)
     op_calls: int = 200  # calls per timed block (forward; forward+backward: a quarter)
     count_configs: bool = True  # also count the full-width configs (else only the stand-in)
@@ -78,7 +85,7 @@ class OverheadSettings:
     def quick(cls) -> "OverheadSettings":
         """Seconds on a CPU: for the test suite."""
         return cls(models=("bus-tiny", "bus-tiny-baseline"), rounds=2, steps_per_round=1, warmup=1,
-                   triton_path=False, triton_image_size=32, op_rounds=2, op_calls=8)
+                   triton_path=False, op_rounds=2, op_calls=8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,15 +97,20 @@ def _heads(width: int, heads: int) -> int:
     return max(h for h in range(1, min(width, heads) + 1) if width % h == 0)
 
 
-def narrow_overrides(name: str, width: int) -> dict:
+def narrow_overrides(name: str, width: int, image_size: int | None = None) -> dict:
     """Flat config overrides that set every width of ``name`` to ``width``: same op graph, negligible compute.
     Where the config's ViT is wider or narrower than its text tower (a projection maps the text [CLS] for
-    selection), the ViT gets ``width + 16`` so that the stand-in keeps that projection."""
+    selection), the ViT gets ``width + 16`` so that the stand-in keeps that projection. ``image_size``: at
+    most the config's, rounded down to whole patches (at least 2 x 2)."""
     from bus_model import get_config
 
     c = get_config(name)
     v_width = width if c.vision.width == c.text.hidden_size else width + 16
-    return {
+    size = {}
+    if image_size is not None:
+        patch = c.vision.patch_size
+        size["vision__image_size"] = max(2 * patch, min(image_size, c.vision.image_size) // patch * patch)
+    return {**size,
         "vision__width": v_width, "vision__num_heads": _heads(v_width, c.vision.num_heads), "vision__mlp_ratio": 1.0,
         "text__hidden_size": width, "text__num_heads": _heads(width, c.text.num_heads),
         "text__intermediate_size": width, "pad__mlp_ratio": 1.0, "losses__embed_dim": width,
@@ -115,7 +127,7 @@ def _build(name: str, settings: OverheadSettings, overrides: dict):
 
 
 def _standin(name: str, settings: OverheadSettings, impl: str) -> dict:
-    return {"attn_impl": impl, **narrow_overrides(name, settings.width)}
+    return {"attn_impl": impl, **narrow_overrides(name, settings.width, settings.image_size)}
 
 
 def kernel_backends() -> dict:
@@ -139,7 +151,7 @@ def _count(name: str, settings: OverheadSettings, overrides: dict) -> dict:
     from .dispatch_count import count_step_ops
 
     model, batch, optimizer = _build(name, settings, overrides)
-    result = count_step_ops(model, batch, amp=True, optimizer=optimizer)
+    result = count_step_ops(model, batch, amp=True, optimizer=optimizer)  # batch 2, bf16 autocast, fused AdamW
     result["by_op"] = dict(list(result["by_op"].items())[:12])  # the most frequent ops
     return result
 
@@ -162,23 +174,16 @@ def count_ops(settings: OverheadSettings, log=print) -> list[dict]:
 
 
 def _triton_count_child(settings: OverheadSettings) -> dict:
-    """In the TRITON_INTERPRET=1 child: the step's ops with every bus_kernels op on Triton, per model and impl.
-    Also the torch-path count at this image size, to show it equals the full-size stand-in's."""
-    from bus_kernels.backends import ENV_VAR
-
+    """In the TRITON_INTERPRET=1 child: the stand-in step's ops with every bus_kernels op on Triton (the
+    interpreter runs the kernels: the stand-in keeps it to minutes), per model and impl."""
     rows = []
     for name in settings.models:
         for impl in settings.attn_impls:
-            overrides = {**_standin(name, settings, impl), "vision__image_size": settings.triton_image_size}
             row = {"model": name, "attn_impl": impl}
             try:
-                row["triton_path"] = _count(name, settings, overrides)
-                os.environ.pop(ENV_VAR)
-                row["torch_path_total_small_image"] = _count(name, settings, overrides)["total"]
+                row["triton_path"] = _count(name, settings, _standin(name, settings, impl))
             except Exception as err:  # noqa: BLE001 - recorded, the other rows still run
-                row["error"] = f"{type(err).__name__}: {str(err)[:500]}"
-            finally:
-                os.environ[ENV_VAR] = "triton"
+                row["error"] = _error(err)
             rows.append(row)
     return {"rows": rows, "backends": kernel_backends()}
 
@@ -200,9 +205,9 @@ def _error(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).strip()[:800]}"
 
 
-def _make_step(model, optimizer):
+def _make_step(model, optimizer, amp: bool):
     def step(batch):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             out = model(*batch)
         out.loss.backward()
         optimizer.step()
@@ -211,18 +216,20 @@ def _make_step(model, optimizer):
     return step
 
 
-def _compiled_entry(name: str, settings: OverheadSettings, log) -> dict:
+def _compiled_entry(name: str, precision: str, settings: OverheadSettings, log) -> dict:
     """A compiled stand-in step (sdpa): fullgraph first; where that fails, its error and a run with graph breaks."""
     import torch._dynamo
 
-    entry = {"model": name, "attn_impl": "sdpa", "mode": f"compiled ({settings.compile_backend})"}
+    entry = {"model": name, "attn_impl": "sdpa", "precision": precision,
+             "mode": f"compiled ({settings.compile_backend})"}
     for fullgraph in (True, False):
         model, batch, optimizer = _build(name, settings, _standin(name, settings, "sdpa"))
-        log(f"compiling the {name} stand-in step (backend {settings.compile_backend}, fullgraph={fullgraph}) ...")
+        log(f"compiling the {name} stand-in step ({precision}, backend {settings.compile_backend}, "
+            f"fullgraph={fullgraph}) ...")
         torch._dynamo.utils.counters.clear()
         try:
             compiled = torch.compile(model, backend=settings.compile_backend, fullgraph=fullgraph, dynamic=False)
-            step = _make_step(compiled, optimizer)
+            step = _make_step(compiled, optimizer, precision == "bf16")
             entry["compile_s"] = timed(lambda: step(batch), DEVICE)  # the first step traces and compiles
             entry["fullgraph"] = fullgraph
             entry["graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
@@ -235,16 +242,37 @@ def _compiled_entry(name: str, settings: OverheadSettings, log) -> dict:
     return entry
 
 
-def time_steps(settings: OverheadSettings, counts: dict, log=print) -> list[dict]:
-    """Per (model, impl, mode): step times of the stand-in, interleaved."""
+# the ops that compute (the rest of a stand-in step is host work): matmuls, attention, the patch embedding
+_COMPUTE_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product",
+                "aten::_slow_conv2d", "aten::mkldnn_convolution", "aten::convolution_backward")
+
+
+def compute_share(step, batch) -> float:
+    """Share of one profiled step's self CPU time spent in ``_COMPUTE_OPS`` (the profiler's own cost counts
+    as the rest, so this is a lower bound)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step(batch)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    compute = sum(e.self_cpu_time_total for e in events if e.key.startswith(_COMPUTE_OPS))
+    return compute / total if total else 0.0
+
+
+def time_steps(settings: OverheadSettings, log=print) -> list[dict]:
+    """Per (model, impl, precision, mode): step times of the stand-in, interleaved; eager steps also counted."""
+    from .dispatch_count import count_step_ops
+
     entries = []
     for impl in settings.attn_impls:
-        for name in settings.models:
-            model, batch, optimizer = _build(name, settings, _standin(name, settings, impl))
-            entries.append({"model": name, "attn_impl": impl, "mode": "eager", "step": _make_step(model, optimizer),
-                            "batch": batch})
+        for precision in settings.precisions:
+            for name in settings.models:
+                model, batch, optimizer = _build(name, settings, _standin(name, settings, impl))
+                amp = precision == "bf16"
+                ops = count_step_ops(model, batch, amp=amp, optimizer=optimizer)["total"]
+                entries.append({"model": name, "attn_impl": impl, "precision": precision, "mode": "eager", "ops": ops,
+                                "step": _make_step(model, optimizer, amp), "batch": batch})
     if settings.compile and "sdpa" in settings.attn_impls:
-        entries += [_compiled_entry(name, settings, log) for name in settings.models]
+        entries += [_compiled_entry(name, p, settings, log) for p in settings.precisions for name in settings.models]
     live = [e for e in entries if "step" in e]
     for e in live:
         for _ in range(settings.warmup):
@@ -264,10 +292,10 @@ def time_steps(settings: OverheadSettings, counts: dict, log=print) -> list[dict
             wall = [w * 1e3 for w, _ in e["times"]]
             cpu = [c * 1e3 for _, c in e["times"]]
             row.update(median_ms=quantile(wall, 0.5), p25_ms=quantile(wall, 0.25), cpu_median_ms=quantile(cpu, 0.5),
-                       cpu_p25_ms=quantile(cpu, 0.25), steps=len(wall), step_times_ms=wall, step_cpu_ms=cpu)
-            ops = counts.get((e["model"], e["attn_impl"]))
-            if ops and e["mode"] == "eager":  # a compiled graph runs other (decomposed) ops
-                row.update(ops=ops, cpu_us_per_op=row["cpu_median_ms"] * 1e3 / ops)
+                       cpu_p25_ms=quantile(cpu, 0.25), steps=len(wall), step_times_ms=wall, step_cpu_ms=cpu,
+                       compute_share=compute_share(e["step"], e["batch"]))
+            if "ops" in row:  # eager (a compiled graph runs other, decomposed ops)
+                row["cpu_us_per_op"] = row["cpu_median_ms"] * 1e3 / row["ops"]
         rows.append(row)
     return rows
 
@@ -447,7 +475,7 @@ def _run(settings: OverheadSettings, log) -> dict:
     rows = count_ops(settings, log)
     clock["counts_s"] = time.perf_counter() - t0
     if settings.triton_path:
-        log(f"counting the Triton path (TRITON_INTERPRET=1 child, stand-in at {settings.triton_image_size} px) ...")
+        log("counting the Triton path (TRITON_INTERPRET=1 child, on the stand-ins) ...")
         t0 = time.perf_counter()
         triton = _run_child("triton-count", settings)
         clock["triton_path_s"] = time.perf_counter() - t0
@@ -457,12 +485,10 @@ def _run(settings: OverheadSettings, log) -> dict:
             if "triton_path" in t:
                 row["triton_path_total"] = t["triton_path"]["total"]
                 row["triton_path"] = t["triton_path"]
-                row["triton_path_same_op_graph"] = t["torch_path_total_small_image"] == row["standin_total"]
             else:
                 row["triton_path_error"] = t.get("error") or triton.get("error", "not counted")
     t0 = time.perf_counter()
-    counts = {(r["model"], r["attn_impl"]): r["standin_total"] for r in rows}
-    steps = time_steps(settings, counts, log)
+    steps = time_steps(settings, log)
     clock["step_times_s"] = time.perf_counter() - t0
     log("timing one public call of each bus_kernels op, kernels stubbed (TRITON_INTERPRET=1 child) ...")
     t0 = time.perf_counter()
@@ -518,22 +544,27 @@ def render(result: dict) -> str:
     if extra:
         parts += ["", "BUS minus its baseline: " + "; ".join(extra)]
     same = [r.get("same_op_graph") for r in rows if "same_op_graph" in r]
-    parts += ["", f"Stand-in (width {s['width']}) op counts equal the configs': {all(same) if same else 'not checked'}"]
+    parts += ["", f"Stand-in (width {s['width']}, images at most {s['image_size']} px) op counts equal the configs': "
+              f"{all(same) if same else 'not checked'}"]
 
     steps = [dict(r) for r in result["host_ms_per_step"]]
     for r in steps:
+        r["compute_pct"] = 100 * r["compute_share"] if "compute_share" in r else None
         r["note"] = "; ".join(x for x in (
             f"compile {r['compile_s']:.1f} s, fullgraph={r['fullgraph']}, {r.get('graphs')} graph(s)"
             if "compile_s" in r else "",
             f"fullgraph failed: {r['fullgraph_error'][:120]}" if "fullgraph_error" in r else "",
             f"failed: {r['error'][:160]}" if "error" in r else "") if x)
-    parts += ["", f"Host milliseconds per training step on CPU, narrow stand-in (every width {s['width']}), "
+    parts += ["", f"Host milliseconds per training step on CPU, narrow stand-in (every width {s['width']}, "
+              f"images at most {s['image_size']} px), "
               f"{s['rounds']} interleaved rounds x {s['steps_per_round']} steps:", "",
-              markdown_table(steps, [("model", "model", ""), ("attn_impl", "attn", ""), ("mode", "mode", ""),
+              markdown_table(steps, [("model", "model", ""), ("attn_impl", "attn", ""), ("precision", "precision", ""),
+                                     ("mode", "mode", ""),
                                      ("median_ms", "wall ms median", ".1f"),
                                      ("p25_ms", "wall ms lower quartile", ".1f"),
                                      ("cpu_median_ms", "thread CPU ms median", ".1f"), ("ops", "ops (eager)", "d"),
-                                     ("cpu_us_per_op", "thread CPU us per op", ".1f"), ("note", "note", "")])]
+                                     ("cpu_us_per_op", "thread CPU us per op", ".1f"),
+                                     ("compute_pct", "compute share %", ".0f"), ("note", "note", "")])]
 
     ops = result["op_host_us"]
     if "rows" in ops:
@@ -578,8 +609,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-backend", default=d.compile_backend, help="torch.compile backend for --compile")
     parser.add_argument("--no-triton-path", action="store_true",
                         help="skip the count with every bus_kernels op on Triton (interpreter child)")
-    parser.add_argument("--triton-image-size", type=int, default=d.triton_image_size,
-                        help="image size of the Triton-path count (the interpreter is slow)")
+    parser.add_argument("--image-size", type=int, default=d.image_size,
+                        help="image size of the stand-in (at most the config's; same op graph, fewer tokens)")
+    parser.add_argument("--precisions", nargs="+", default=list(d.precisions), choices=["bf16", "fp32"],
+                        help="stand-in steps timed with bf16 autocast and/or in fp32")
     parser.add_argument("--no-config-counts", action="store_true",
                         help="count only the narrow stand-ins, not the full-width configs")
     parser.add_argument("--op-rounds", type=int, default=d.op_rounds, help="interleaved timing rounds (per op)")
@@ -597,12 +630,14 @@ def settings_from_args(args) -> OverheadSettings:
         settings.compile = args.compile
         settings.compile_backend = args.compile_backend
         settings.attn_impls = tuple(args.attn_impls)
+        settings.precisions = tuple(args.precisions)
     else:
         settings = OverheadSettings(
             models=tuple(args.models), batch_size=args.batch_size, attn_impls=tuple(args.attn_impls), width=args.width,
             rounds=args.rounds, steps_per_round=args.steps_per_round, warmup=args.warmup, compile=args.compile,
             compile_backend=args.compile_backend, triton_path=not args.no_triton_path,
-            triton_image_size=args.triton_image_size, op_rounds=args.op_rounds, op_calls=args.op_calls,
+            image_size=args.image_size, precisions=tuple(args.precisions), op_rounds=args.op_rounds,
+            op_calls=args.op_calls,
             count_configs=not args.no_config_counts)
     unknown = [m for m in settings.models if m not in list_models()]
     if unknown:

@@ -36,11 +36,15 @@ def test_bench_overhead_quick_writes_json_and_markdown(tmp_path, capsys):
         assert bus["total"] > base["total"] and bus["by_part"]["selection"] > 0 and "PAD" not in base["by_part"]
     assert set(result["kernel_backends"]) == {"text_patch_scores", "topk_gather", "varlen_attention"}
 
-    steps = result["host_ms_per_step"]
-    assert {(r["model"], r["attn_impl"], r["mode"]) for r in steps} == {(m, a, "eager") for m, a in rows}
-    for r in steps:
+    steps = {(r["model"], r["attn_impl"], r["precision"], r["mode"]): r for r in result["host_ms_per_step"]}
+    assert set(steps) == {(m, a, p, "eager") for m, a in rows for p in ("bf16", "fp32")}
+    for (m, a, p, _), r in steps.items():
         assert 0 < r["p25_ms"] <= r["median_ms"] and r["cpu_median_ms"] > 0 and r["steps"] == 2
-        assert r["ops"] == rows[r["model"], r["attn_impl"]]["standin_total"] and r["cpu_us_per_op"] > 0
+        assert r["cpu_us_per_op"] > 0 and 0 < r["compute_share"] < 1
+        if p == "bf16":  # the timed stand-in is the counted one
+            assert r["ops"] == rows[m, a]["standin_total"] == rows[m, a]["total"]
+        else:  # the same graph without the autocast casts
+            assert r["ops"] < steps[m, a, "bf16", "eager"]["ops"]
 
     ops = result["op_host_us"]
     assert ops["stubbed_kernels"] and ops["ops_without_stubbed_launch"] == []
@@ -129,7 +133,12 @@ def test_narrow_stand_in_keeps_heads_integral():
     small = overhead.narrow_overrides("bus-small", 48)
     assert small["vision__width"] == small["text__hidden_size"] == 48 and small["vision__num_heads"] == 6
     tiny = overhead.narrow_overrides("bus-tiny", 48)  # its ViT (64) is wider than its text tower (48): kept so
-    assert tiny["vision__width"] == 64 and tiny["text__hidden_size"] == 48
+    assert tiny["vision__width"] == 64 and tiny["text__hidden_size"] == 48 and "vision__image_size" not in tiny
+    # images: at most the config's, whole patches, at least 2 x 2 of them
+    assert overhead.narrow_overrides("bus-small", 48, 64)["vision__image_size"] == 64
+    assert overhead.narrow_overrides("bus-small", 48, 70)["vision__image_size"] == 64
+    assert overhead.narrow_overrides("bus-small", 48, 8)["vision__image_size"] == 32
+    assert overhead.narrow_overrides("bus-tiny", 48, 64)["vision__image_size"] == 32
 
 
 def test_a_failing_compile_is_recorded_not_raised(monkeypatch):
@@ -138,10 +147,11 @@ def test_a_failing_compile_is_recorded_not_raised(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     settings = overhead.OverheadSettings.quick()
-    settings.models, settings.attn_impls, settings.compile = ("bus-tiny",), ("sdpa",), True
-    rows = overhead.time_steps(settings, {("bus-tiny", "sdpa"): 123}, log=lambda msg: None)
+    settings.models, settings.attn_impls, settings.precisions = ("bus-tiny",), ("sdpa",), ("fp32",)
+    settings.compile = True
+    rows = overhead.time_steps(settings, log=lambda msg: None)
     eager, compiled = rows
-    assert eager["mode"] == "eager" and eager["median_ms"] > 0 and eager["ops"] == 123
+    assert eager["mode"] == "eager" and eager["median_ms"] > 0 and eager["ops"] > 100
     assert compiled["mode"] == "compiled (aot_eager)" and "median_ms" not in compiled
     assert "no compiler here" in compiled["fullgraph_error"] and "no compiler here" in compiled["error"]
 
