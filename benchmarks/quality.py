@@ -1,15 +1,26 @@
 """``bus bench quality``: accuracy against training time for every selection policy, on held-out synthetic data.
 
 BUS claims ~1.5x faster training at comparable accuracy. This benchmark trains, from the same initial
-seed on the same data stream, every variant the model offers: the ``-baseline`` twin, each selection
-policy of ``bus_model.selection.POLICY_INFO`` on the model at its keep schedule (bus, elip, evit,
-random = FLIP masking, tome = token merging, and any policy added later), and ``bus-noptm`` (BUS
-without the PTM loss), each for the same training-time budget. It then reports, per variant, held-out
-retrieval (R@1/5/10 both ways, ITC ranking then ITM re-ranking, as ``bus eval``), captioning CIDEr,
-the selector recall of each selection layer (share of the caption-relevant patches, from the exact
-synthetic patch labels, still present after it), the accuracy-vs-time curve, the time to reach the
-baseline's final mean R@1 and the speedup to it, step time and FLOPs per sample; mean and spread
-over seeds.
+seed on the same data stream, the variants the model offers: the ``-baseline`` twin, each selection
+policy of ``bus_model.selection.POLICY_INFO`` on the model at one keep schedule (bus, elip, evit, random =
+FLIP masking, tome = token merging, and any policy added later), ``bus-noptm`` (BUS without the PTM loss)
+and BUS with each other ITC image embedding (``losses.itc_image``: ``bus-detached``, ``bus-text-free``),
+each for the same training-time budget. The default run trains baseline, bus and random
+(``--policies all``: every variant).
+
+What it reports (issue 24), on the same weights for every policy:
+
+* held-out retrieval on named paths (``quality_eval``): ``unpruned`` (every patch, no caption),
+  ``deployed`` (what the policy does without a caption at retrieval time) and ``rerank`` (ITM re-ranks the
+  deployed ITC top k; its pass lets the caption guide the selection);
+* in galleries: ``heldout_pairs`` pairs ranked in galleries of ``gallery_size``; R@1 (image->text and
+  text->image averaged) is the mean over galleries, its standard error comes from them;
+* paired differences per seed (bus - random, bus - baseline, each policy - baseline) with a 95% bootstrap
+  interval over seeds and galleries; "not significant" where it covers 0;
+* the declared verdict path and metric (``VERDICT``), fixed before any run: the curve, the target (the
+  baseline's final value) and time-to-target use it;
+* the selector recall of the caption-relevant patches on the training path (the caption guides) and on
+  the caption-free path that retrieval uses; FLOPs per sample and step time.
 
 How time is measured: on a shared, noisy machine a wall clock during training would measure the other
 processes. So each variant's step time is measured first, with all variants' steps interleaved round
@@ -22,7 +33,6 @@ variant's learning-rate schedule (warm-up, cosine) spans its own step budget.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +42,8 @@ import torch
 
 from .command import run_standalone
 from .harness import default_device, environment, markdown_table, parse_overrides, publish, save_plot
-from .quality_metrics import mean_and_spread, mean_curve, speedup_to_target, time_to_target
+from .quality_eval import PATHS, HeldOut, evaluate_paths
+from .quality_metrics import gallery_summary, mean_curve, paired_bootstrap_ci, speedup_to_target, time_to_target
 from .quality_oracle import oracle_txt2img_r1
 from .quality_train import (
     BASELINE,
@@ -43,44 +54,63 @@ from .quality_train import (
     data_kwargs,
     eval_steps,
     evaluate_model,
-    headline,
     measure_step_times,
     policy_specs,
     selector_recalls,
 )
 
-FINAL_KEYS = ("img2txt_r1", "txt2img_r1", "mean_r1", "img2txt_r5", "txt2img_r5", "img2txt_r10", "txt2img_r10",
-              "itc_mean_r1", "rerank_img2txt_r1", "rerank_txt2img_r1", "rerank_mean_r1", "cider", "bleu4")
+DEFAULT_POLICIES = [BASELINE, "bus", "random"]
+# Declared before any run (issue 24 item 1): the path and metric of the curve, the target and the verdict.
+VERDICT = {
+    "path": "unpruned",
+    "metric": "mean_r1",
+    "why": "every policy's model is encoded the same way on this path (every patch, no caption), so a difference "
+           "comes from training alone, which is the question (does text-guided selection train a better model in "
+           "the same time?); 'deployed' adds what each policy does at retrieval without a caption (bus: the EViT "
+           "fallback; random: nothing dropped) and is reported beside it; mean R@1 = (image->text + text->image) / 2, "
+           "averaged over galleries",
+}
+SCENE_WHY = {
+    "cluttered": "the default: 12-16 objects, more salient patches than a 25% keep budget holds, so an image-only "
+                 "selector cannot keep every object and random keep-25% loses a mentioned object most of the time; "
+                 "the scene on which the caption can decide the question",
+    "standard": "3-5 objects (about 34% of the patches): an image-only selector keeps them all inside a 50% budget, "
+                "so text guidance has little to add",
+}
 
 
 @dataclass
 class QualitySettings:
     model: str = "bus-mini"
-    policies: list[str] | None = None  # None: every variant the model offers
+    policies: list[str] | None = None  # None: DEFAULT_POLICIES; ["all"]: every variant the model offers
     budget_s: float = 60.0  # training time per variant and seed (steps x measured step time)
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     batch_size: int = 32
     lr: float = 1e-3
     warmup_share: float = 0.1  # linear warm-up over this share of a variant's steps
     weight_decay: float = 0.02
-    candidates: int = 256  # held-out images (one caption each) ranked by every evaluation
-    rerank_k: int = 0  # curve and target: ITM re-ranks this many ITC candidates (0: ITC ranking only)
-    final_rerank_k: int = 8  # the final evaluation also re-ranks this many by ITM (bus eval: --rerank-k)
+    heldout_pairs: int = 2048  # held-out pairs (one caption per image), ranked in galleries
+    gallery_size: int = 256  # candidates per ranking; heldout_pairs must be a multiple
+    rerank_k: int = 4  # the final evaluation's "rerank" path: ITM re-ranks this many ITC candidates (0: none)
     evals: int = 3  # held-out evaluations per run (the curve); time-to-target resolution is budget_s / evals
-    difficulty: str = "standard"  # synthetic task (bus_model.data.synthetic.DIFFICULTIES)
+    scene: str = "cluttered"  # synthetic scene (bus_model.data.synthetic.SCENES); SCENE_WHY says why the default
+    difficulty: str = "standard"  # the standard scene's distractors (DIFFICULTIES)
+    keep_ratios: list[float] | None = field(default_factory=lambda: [0.5, 0.5])  # every selection variant's
+    # selection__keep_ratios (bus-mini: after blocks 1 and 2, so 25% of the patches go on); None: the model's own
     data_seed: int = 0  # seed of the held-out split (test); training seed s reads the train split of seed s
     timing_warmup: int = 2
     timing_steps: int = 12
     min_steps: int = 2
+    bootstrap_reps: int = 4000
     amp: bool | None = None  # bf16 autocast; None: on for CUDA only
     out: str | None = None  # keep each variant's final model (seed = seeds[0]) at out/NAME
     overrides: dict = field(default_factory=dict)  # flat section__field config changes for every variant (--override)
 
     @classmethod
     def quick(cls) -> "QualitySettings":
-        """Seconds on a CPU, for the test suite: tiny batches, a few steps, 16 candidates."""
-        return cls(budget_s=0.5, seeds=[0], batch_size=4, candidates=16, final_rerank_k=2, evals=2,
-                   timing_warmup=1, timing_steps=1, min_steps=2)
+        """Seconds on a CPU, for the test suite: tiny batches, a few steps, 2 galleries of 16."""
+        return cls(budget_s=0.5, seeds=[0], batch_size=4, heldout_pairs=32, gallery_size=16, rerank_k=2, evals=2,
+                   timing_warmup=1, timing_steps=1, min_steps=2, bootstrap_reps=200)
 
 
 def _tokenizer_and_overrides(model: str):
@@ -95,12 +125,15 @@ def _tokenizer_and_overrides(model: str):
 def select_specs(settings: QualitySettings, text_overrides: dict):
     """(variants to train, {name: why skipped}); unknown names in ``settings.policies`` raise SystemExit."""
     specs = policy_specs(settings.model)
+    keep = {} if settings.keep_ratios is None else {"selection__keep_ratios": list(settings.keep_ratios)}
     for spec in specs.values():  # a variant's own keys (its policy, bus-noptm's ptm) win
-        spec.overrides = {**settings.overrides, **spec.overrides}
-    wanted = settings.policies or list(specs)
+        spec.overrides = {**keep, **settings.overrides, **spec.overrides}
+    wanted = settings.policies or list(DEFAULT_POLICIES)
+    if wanted == ["all"]:
+        wanted = list(specs)
     unknown = [p for p in wanted if p not in specs]
     if unknown:
-        raise SystemExit(f"error: --policies: unknown {unknown}; {settings.model} offers {list(specs)}")
+        raise SystemExit(f"error: --policies: unknown {unknown}; {settings.model} offers {list(specs)} (or 'all')")
     if BASELINE not in wanted:
         wanted = [BASELINE] + wanted  # the target is the baseline's final accuracy
     chosen, skipped = {}, {}
@@ -115,55 +148,41 @@ def select_specs(settings: QualitySettings, text_overrides: dict):
     return chosen, skipped
 
 
-def _final_eval(model, held_out, tokenizer, settings, device, amp) -> dict:
-    """Retrieval + captioning + selector recall; for text-guided policies also the ITC retrieval with the
-    other text-free mode (prune nothing), which measures the train/eval mismatch (README)."""
-    from bus_model.selection import POLICY_INFO
-
-    k = max(settings.rerank_k, settings.final_rerank_k)
-    full = evaluate_model(model, held_out, tokenizer, device=device, rerank_k=k, captions=True, amp=amp)
-    metrics = {**headline(full, settings.rerank_k > 0), "itc_mean_r1": full["itc_mean_r1"],
-               "rerank_img2txt_r1": full["rerank_img2txt_r1"], "rerank_txt2img_r1": full["rerank_txt2img_r1"],
-               "rerank_mean_r1": full["rerank_mean_r1"], "rerank_k": k, "cider": full["cider"],
-               "bleu4": full["bleu4"]}
-    metrics["selector_recall"] = selector_recalls(model, held_out, tokenizer, device=device)
-    sel = model.config.selection
-    if sel.policy in POLICY_INFO and POLICY_INFO[sel.policy].uses_text:
-        original = model.vision.selection
-        other = "none" if original.text_free in ("auto", "evit") and POLICY_INFO[sel.policy].text_free == "evit" else "evit"
-        model.vision.selection = dataclasses.replace(original, text_free=other)
-        try:
-            alt = evaluate_model(model, held_out, tokenizer, device=device, rerank_k=0, captions=False, amp=amp)
-        finally:
-            model.vision.selection = original
-        metrics["text_free_alternative"] = {"text_free": other, "itc_mean_r1": alt["itc_mean_r1"]}
-    return metrics
+def _final_eval(model, held: HeldOut, first_gallery, tokenizer, settings, device, amp) -> dict:
+    """Every path in galleries, the selector recall on both paths, captioning on the first gallery."""
+    paths = evaluate_paths(model, held, settings.gallery_size, device=device, amp=amp, rerank_k=settings.rerank_k)
+    caps = evaluate_model(model, first_gallery, tokenizer, device=device, rerank_k=0, captions=True, amp=amp)
+    return {
+        "paths": paths,  # path -> (G, 2) per-gallery R@1 (dropped before the JSON)
+        "captioning": {"cider": caps.get("cider"), "bleu4": caps.get("bleu4"), "images": len(first_gallery)},
+        "selector_recall": {
+            "training": selector_recalls(model, first_gallery, tokenizer, device=device, captions=True),
+            "text_free": selector_recalls(model, first_gallery, tokenizer, device=device, captions=False),
+        },
+    }
 
 
 def train_variant(spec, seed: int, steps: int, step_time: float, settings: QualitySettings, text_overrides: dict,
-                  stream: TrainStream, held_out, tokenizer, device, amp, log=print) -> dict:
-    """One variant, one seed: ``steps`` optimizer steps with held-out evaluations along the way."""
+                  stream: TrainStream, held: HeldOut, first_gallery, tokenizer, device, amp, log=print) -> dict:
+    """One variant, one seed: ``steps`` optimizer steps with held-out evaluations (verdict path) along the way."""
     model = build_model(spec, text_overrides, seed, device)
     trainer = Trainer(model, lr=settings.lr, weight_decay=settings.weight_decay, total_steps=steps,
                       warmup_steps=round(settings.warmup_share * steps), amp=amp, device=device)
     points = eval_steps(steps, settings.evals)
     curve, final, losses = [], None, []
+    path = VERDICT["path"]
     for step in range(1, steps + 1):
         losses.append(trainer.step(stream[step - 1]))
         if step in points:
-            last = step == steps
-            if last:
-                metrics = _final_eval(model, held_out, tokenizer, settings, device, amp)
-                final = metrics
+            if step == steps:
+                final = _final_eval(model, held, first_gallery, tokenizer, settings, device, amp)
+                per_gallery = final["paths"][path]
             else:
-                full = evaluate_model(model, held_out, tokenizer, device=device, rerank_k=settings.rerank_k,
-                                      captions=False, amp=amp)
-                metrics = {**headline(full, settings.rerank_k > 0), "itc_mean_r1": full["itc_mean_r1"]}
-            curve.append({"time_s": step * step_time, "step": step, "mean_r1": metrics["mean_r1"],
-                          "itc_mean_r1": metrics["itc_mean_r1"]})
+                per_gallery = evaluate_paths(model, held, settings.gallery_size, device=device, amp=amp)[path]
+            value = gallery_summary(per_gallery)["mean_r1"]
+            curve.append({"time_s": step * step_time, "step": step, "mean_r1": value})
             log(f"{spec.name} seed {seed}: step {step}/{steps} ({step * step_time:.1f}s of training) "
-                f"mean R@1 {metrics['mean_r1']:.3f} (ITC only {metrics['itc_mean_r1']:.3f}), "
-                f"loss {sum(losses[-10:]) / len(losses[-10:]):.3f}")
+                f"{path} mean R@1 {value:.4f}, loss {sum(losses[-10:]) / len(losses[-10:]):.3f}")
     return {"model": model, "final": final, "curve": curve, "last_loss": losses[-1]}
 
 
@@ -174,8 +193,32 @@ def _save(model, tokenizer, directory: Path) -> None:
     save_tokenizer(tokenizer, directory / "tokenizer")  # bus eval --checkpoint DIR finds it there
 
 
+def comparison_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """bus - random, bus - baseline, then every other policy - baseline (those present)."""
+    pairs = [("bus", "random"), ("bus", BASELINE)] + [(n, BASELINE) for n in names if n not in (BASELINE, "bus")]
+    return [(a, b) for a, b in pairs if a in names and b in names]
+
+
+def compare(runs: dict, names: list[str], seeds: list[int], reps: int) -> list[dict]:
+    """Paired differences of mean R@1 per seed and gallery on every path both variants have, with the
+    bootstrap interval (``paired_bootstrap_ci``) and whether it excludes 0."""
+    out = []
+    for a, b in comparison_pairs(names):
+        for path in PATHS:
+            if not all(path in runs[n][s]["final"]["paths"] for n in (a, b) for s in seeds):
+                continue
+            diffs = torch.stack([runs[a][s]["final"]["paths"][path].mean(dim=1)
+                                 - runs[b][s]["final"]["paths"][path].mean(dim=1) for s in seeds])  # (S, G)
+            diff, lo, hi = paired_bootstrap_ci(diffs.numpy(), reps=reps)
+            out.append({"a": a, "b": b, "path": path, "diff": diff, "ci95": [lo, hi],
+                        "per_seed": [float(d.mean()) for d in diffs], "significant": not lo <= 0.0 <= hi})
+    return out
+
+
 def run(settings: QualitySettings, device: torch.device | None = None, log=print) -> dict:
+    from bus_model import get_config
     from bus_model.data import SyntheticDataset
+    from bus_model.data.synthetic import random_keep_loss
 
     start = time.perf_counter()
     device = device or default_device()
@@ -184,69 +227,93 @@ def run(settings: QualitySettings, device: torch.device | None = None, log=print
     specs, skipped = select_specs(settings, text_overrides)
     for name, why in skipped.items():
         log(f"skipping {name}: {why}")
-    from bus_model import get_config
-
     config = get_config(specs[BASELINE].config, text=text_overrides)
-    held_kwargs = data_kwargs(config, num_samples=settings.candidates, seed=settings.data_seed, split="test",
-                              difficulty=settings.difficulty)
-    held_out = SyntheticDataset(held_kwargs["num_samples"], **{k: v for k, v in held_kwargs.items() if k != "num_samples"})
-    oracle = oracle_txt2img_r1([held_out.sample(i) for i in range(len(held_out))])
+    held_kwargs = data_kwargs(config, num_samples=settings.heldout_pairs, seed=settings.data_seed, split="test",
+                              difficulty=settings.difficulty, scene=settings.scene)
+    dataset = SyntheticDataset(**held_kwargs)
+    held = HeldOut.build(dataset, tokenizer, config)
+    first_gallery = SyntheticDataset(**{**held_kwargs, "num_samples": settings.gallery_size})
+    samples = [dataset.sample(i) for i in range(len(dataset))]
+    g = settings.gallery_size
+    oracles = [oracle_txt2img_r1(samples[i : i + g]) for i in range(0, len(samples), g)]  # within each gallery
+    oracle = {k: sum(o[k] for o in oracles) / len(oracles) for k in oracles[0]}
+    bus_cfg = get_config(settings.model, **specs.get("bus", specs[BASELINE]).overrides, text=text_overrides)
+    kept_share = 1.0
+    for r in bus_cfg.selection.keep_ratios:
+        kept_share *= r
+    scene_stats = random_keep_loss(min(256, settings.heldout_pairs), keep_ratio=kept_share, seed=settings.data_seed,
+                                   image_size=config.vision.image_size, patch_size=config.vision.patch_size,
+                                   difficulty=settings.difficulty, scene=settings.scene)
 
     log(f"measuring step times of {list(specs)} (interleaved)")
-    timing = measure_step_times(specs, text_overrides, TrainStream(config, tokenizer, settings.batch_size, 0,
-                                settings.difficulty, device), lr=settings.lr, warmup=settings.timing_warmup,
+    timing_stream = TrainStream(config, tokenizer, settings.batch_size, 0, settings.difficulty, device,
+                                scene=settings.scene)
+    timing = measure_step_times(specs, text_overrides, timing_stream, lr=settings.lr, warmup=settings.timing_warmup,
                                 steps=settings.timing_steps, amp=amp, device=device, log=log)
     steps = {n: max(settings.min_steps, int(settings.budget_s / timing[n]["step_time_s"])) for n in specs}
 
     runs: dict[str, dict[int, dict]] = {n: {} for n in specs}
     for seed in settings.seeds:
-        stream = TrainStream(config, tokenizer, settings.batch_size, seed, settings.difficulty, device)
+        stream = TrainStream(config, tokenizer, settings.batch_size, seed, settings.difficulty, device,
+                             scene=settings.scene, cache=True)  # every variant reads the batches made once
         for name, spec in specs.items():
             r = train_variant(spec, seed, steps[name], timing[name]["step_time_s"], settings, text_overrides, stream,
-                              held_out, tokenizer, device, amp, log)
+                              held, first_gallery, tokenizer, device, amp, log)
             if settings.out and seed == settings.seeds[0]:
                 _save(r["model"], tokenizer, Path(settings.out) / name)
             del r["model"]
             runs[name][seed] = r
+        del stream
 
-    base_final, _ = mean_and_spread([runs[BASELINE][s]["final"]["mean_r1"] for s in settings.seeds])
+    path = VERDICT["path"]
+    base_final = gallery_summary(torch.stack([runs[BASELINE][s]["final"]["paths"][path]
+                                              for s in settings.seeds]).mean(0))["mean_r1"]
     policies = {}
     for name, spec in specs.items():
         per_seed = runs[name]
-        finals = [per_seed[s]["final"] for s in settings.seeds]
-        final, final_std = {}, {}
-        for key in FINAL_KEYS:
-            final[key], final_std[key] = mean_and_spread([f.get(key) for f in finals])
-        recalls = [f["selector_recall"] for f in finals]
-        final["selector_recall"] = None if recalls[0] is None else [
-            mean_and_spread([r[k] for r in recalls])[0] for k in range(len(recalls[0]))]
-        alts = [f.get("text_free_alternative") for f in finals]
-        if alts[0] is not None:  # the train/eval mismatch: retrieval with the other text-free mode
-            final["text_free_alternative"] = {"text_free": alts[0]["text_free"],
-                                              "itc_mean_r1": mean_and_spread([a["itc_mean_r1"] for a in alts])[0]}
+        names = [p for p in PATHS if all(p in per_seed[s]["final"]["paths"] for s in settings.seeds)]
+        final = {p: gallery_summary(torch.stack([per_seed[s]["final"]["paths"][p] for s in settings.seeds]).mean(0))
+                 for p in names}  # galleries averaged over seeds, then summarised over galleries
         curve = mean_curve([per_seed[s]["curve"] for s in settings.seeds])
+
+        def mean_of(values):
+            present = [v for v in values if v is not None]
+            return sum(present) / len(present) if present else None
+
+        recall = {}
+        for kind in ("training", "text_free"):
+            rs = [per_seed[s]["final"]["selector_recall"][kind] for s in settings.seeds]
+            recall[kind] = None if rs[0] is None else [mean_of([r[k] for r in rs]) for k in range(len(rs[0]))]
         policies[name] = {
             "config": spec.config, "overrides": spec.overrides, "summary": spec.summary,
-            "final": final, "final_std": final_std, "curve": curve,
-            "time_to_target_s": time_to_target(curve, base_final),
+            "final": final,
+            "per_seed": [{"seed": s, **{p: gallery_summary(per_seed[s]["final"]["paths"][p]) for p in names},
+                          "curve": per_seed[s]["curve"], "last_loss": per_seed[s]["last_loss"],
+                          "time_to_target_s": time_to_target(per_seed[s]["curve"], base_final)}
+                         for s in settings.seeds],
+            "curve": curve, "time_to_target_s": time_to_target(curve, base_final),
+            "selector_recall": recall,
+            "captioning": {k: mean_of([per_seed[s]["final"]["captioning"][k] for s in settings.seeds])
+                           for k in ("cider", "bleu4")},
             "step_time_s": timing[name]["step_time_s"], "step_times_s": timing[name]["step_times_s"],
             "flops_per_sample": timing[name]["flops_per_sample"], "steps": steps[name],
-            "seeds": {str(s): {"final": per_seed[s]["final"], "curve": per_seed[s]["curve"],
-                               "time_to_target_s": time_to_target(per_seed[s]["curve"], base_final),
-                               "last_loss": per_seed[s]["last_loss"]} for s in settings.seeds},
         }
     base_time = policies[BASELINE]["time_to_target_s"]
     for p in policies.values():
         p["speedup_to_target"] = speedup_to_target(base_time, p["time_to_target_s"])
     env = environment(device)
     return {
-        "benchmark": "quality", "model": settings.model, "candidates": settings.candidates,
-        "budget_s": settings.budget_s, "device": env["device"], "commit": env["commit"], "data": held_kwargs,
-        "target": {"metric": "mean_r1", "value": base_final,
-                   "definition": "the baseline's final held-out mean R@1 (img->txt and txt->img averaged, after "
-                                 "ITM re-ranking), mean over seeds"},
+        "benchmark": "quality", "version": 2, "model": settings.model, "scene": settings.scene,
+        "scene_why": SCENE_WHY.get(settings.scene), "heldout_pairs": settings.heldout_pairs,
+        "gallery_size": settings.gallery_size, "seeds": list(settings.seeds), "data": held_kwargs,
+        "budget_s": settings.budget_s, "device": env["device"], "commit": env["commit"],
+        "verdict": VERDICT, "kept_share": kept_share, "scene_statistics": scene_stats,
+        "target": {"metric": VERDICT["metric"], "path": path, "value": base_final,
+                   "definition": f"the baseline's final held-out mean R@1 on the {path} path (galleries of "
+                                 f"{settings.gallery_size}, averaged over galleries and seeds)"},
         "policies": policies, "skipped_policies": skipped,
-        "oracle_txt2img_r1": oracle,  # what R@1 each level of attribute knowledge allows (quality_oracle.py)
+        "comparisons": compare(runs, list(specs), settings.seeds, settings.bootstrap_reps),
+        "oracle_txt2img_r1": oracle,  # what R@1 each level of attribute knowledge allows, within a gallery
         "time_measurement": "training time = optimizer steps x the variant's step time (lower quartile of "
                             f"{settings.timing_steps} rounds), measured before training with every variant's steps "
                             "interleaved round by round (rotated order); each variant trains budget_s / step time "
@@ -256,11 +323,67 @@ def run(settings: QualitySettings, device: torch.device | None = None, log=print
     }
 
 
+def _fmt_path(summary: dict | None) -> str:
+    if not summary:
+        return "n/a"
+    se = summary.get("mean_r1_se")
+    return f"{summary['mean_r1']:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+
+
+def render(result: dict) -> str:
+    if "heldout_pairs" not in result:
+        return _render_v1(result)
+    rows = []
+    for name, p in result["policies"].items():
+        f, rec = p["final"], p.get("selector_recall") or {}
+        rows.append({
+            "policy": name, "steps": p["steps"], "step_time_s": p["step_time_s"], "gflops": p["flops_per_sample"] / 1e9,
+            "unpruned": _fmt_path(f.get("unpruned")), "deployed": _fmt_path(f.get("deployed")),
+            "rerank": _fmt_path(f.get("rerank")), "ttt": p["time_to_target_s"], "speedup": p["speedup_to_target"],
+            "recall": _fmt_recall(rec.get("training")), "recall_free": _fmt_recall(rec.get("text_free")),
+            "cider": (p.get("captioning") or {}).get("cider"),
+        })
+    s = result["settings"]
+    table = markdown_table(rows, [
+        ("policy", "policy", ""), ("steps", "steps", "d"), ("step_time_s", "step (s)", ".3f"),
+        ("gflops", "GFLOPs/sample", ".3f"), ("unpruned", "unpruned R@1 ± se", ""),
+        ("deployed", "deployed R@1 ± se", ""), ("rerank", f"ITM re-rank top {s['rerank_k']} R@1 ± se", ""),
+        ("ttt", "time to target (s)", ".1f"), ("speedup", "speedup to target", ".2f"),
+        ("recall", "selector recall, caption", ""), ("recall_free", "selector recall, no caption", ""),
+        ("cider", "CIDEr", ".2f"),
+    ])
+    comp = [{"cmp": f"{c['a']} - {c['b']}", "path": c["path"], "diff": c["diff"],
+             "ci": f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]",
+             "per_seed": " / ".join(f"{d:+.4f}" for d in c.get("per_seed", [])),
+             "sig": "significant" if c["significant"] else "not significant"} for c in result["comparisons"]]
+    comp_table = markdown_table(comp, [("cmp", "comparison", ""), ("path", "path", ""), ("diff", "diff", "+.4f"),
+                                       ("ci", "95% interval", ""), ("per_seed", "per seed", ""), ("sig", "", "")])
+    v, st = result["verdict"], result.get("scene_statistics") or {}
+    skipped = "; ".join(f"{k}: {w}" for k, w in result.get("skipped_policies", {}).items()) or "none"
+    oracle = "; ".join(f"{name} {r:.3f}" for name, r in (result.get("oracle_txt2img_r1") or {}).items())
+    return (
+        f"{table}\n\n{comp_table}\n\n"
+        f"Verdict path and metric (declared before running): {v['path']} {v['metric']}: {v['why']}. Target = the "
+        f"baseline's final value {result['target']['value']:.4f}. R@1 in {result['heldout_pairs'] // result['gallery_size']} "
+        f"galleries of {result['gallery_size']} held-out pairs (chance {1 / result['gallery_size']:.4f}), ± standard "
+        f"error over galleries; differences paired per seed and gallery, 95% bootstrap interval over seeds and "
+        f"galleries ({s['bootstrap_reps']} replicates). Scene {result['scene']} ({result.get('scene_why')}); "
+        f"{result['kept_share']:.0%} of the patches kept by the selection variants: random keep loses a mentioned "
+        f"object {st.get('lost_mentioned_object', float('nan')):.2f} of the time, salient patches "
+        f"{st.get('salient_share', float('nan')):.2f} of the image. Within-gallery ceilings (text->image R@1 of "
+        f"ideal rankers knowing only these attributes): {oracle}. Budget {result['budget_s']:g}s of training per "
+        f"variant and seed (steps x interleaved step time, lower quartile), seeds {result['seeds']}, batch "
+        f"{s['batch_size']}, lr {s['lr']:g}, keep ratios {s.get('keep_ratios') or 'the model default'}, overrides "
+        f"{s.get('overrides') or 'none'}. Skipped: {skipped}. "
+        f"{result['device']}; torch {result['torch']}; wall {result['wall_s'] / 60:.1f} min; commit {result['commit']}")
+
+
 def _fmt_recall(recall) -> str:
     return "n/a" if recall is None else " / ".join(f"{r:.2f}" if r is not None else "n/a" for r in recall)
 
 
-def render(result: dict) -> str:
+def _render_v1(result: dict) -> str:
+    """The table of the recorded runs before issue 24 (one 256-candidate set, no paths)."""
     rows = []
     for name, p in result["policies"].items():
         f, sd = p["final"], p["final_std"]
@@ -305,14 +428,18 @@ def render(result: dict) -> str:
 
 
 def plot(result: dict, path: str | None) -> str | None:
+    chance = 1 / result.get("gallery_size", result.get("candidates", 1))
+    where = (f"{result['verdict']['path']} path, galleries of {result['gallery_size']}" if "verdict" in result
+             else f"{result.get('candidates')} candidates")
+
     def draw(ax):
         for name, p in result["policies"].items():
             xs = [0.0] + [c["time_s"] for c in p["curve"]]
-            ys = [1 / result["candidates"]] + [c["mean_r1"] for c in p["curve"]]
+            ys = [chance] + [c["mean_r1"] for c in p["curve"]]
             ax.plot(xs, ys, marker="o", markersize=3, label=name, linestyle="--" if name == "baseline" else "-")
         ax.axhline(result["target"]["value"], color="gray", linewidth=0.8, linestyle=":", label="target")
         ax.set_xlabel("training time (s): steps x interleaved step time (lower quartile)")
-        ax.set_ylabel(f"held-out mean R@1 ({result['candidates']} candidates)")
+        ax.set_ylabel(f"held-out mean R@1 ({where})")
         ax.set_title(f"{result['model']}: accuracy vs training time\n{result['device']}", fontsize=8)
         ax.legend(fontsize=7)
 
@@ -322,26 +449,33 @@ def plot(result: dict, path: str | None) -> str | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = QualitySettings()
     parser.add_argument("--model", default=d.model, help=f"a BUS config with a -baseline twin (default {d.model})")
-    parser.add_argument("--policies", nargs="+", default=None, help="variants to train (default: every one the "
-                        "model offers: baseline, each selection policy, bus-noptm)")
+    parser.add_argument("--policies", nargs="+", default=None, help=f"variants to train (default {DEFAULT_POLICIES}; "
+                        "'all': every one the model offers: baseline, each selection policy, bus-noptm, bus-detached, "
+                        "bus-text-free)")
     parser.add_argument("--budget-s", type=float, default=d.budget_s, help="training seconds per variant and seed "
                         f"(steps x measured step time; default {d.budget_s:g})")
-    parser.add_argument("--seeds", type=int, nargs="+", default=d.seeds, help="initial seeds (default 0 1)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=d.seeds, help=f"initial seeds (default {d.seeds})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
-    parser.add_argument("--candidates", type=int, default=d.candidates, help="held-out images ranked (>= 256 for "
-                        "the recorded runs)")
-    parser.add_argument("--rerank-k", type=int, default=d.rerank_k, help="curve and target: ITM re-ranks the top K "
-                        f"ITC candidates (default {d.rerank_k}: ITC ranking only)")
-    parser.add_argument("--final-rerank-k", type=int, default=d.final_rerank_k, help="the final evaluation also "
-                        f"reports R@1 after ITM re-ranking of the top K (default {d.final_rerank_k})")
+    parser.add_argument("--heldout-pairs", type=int, default=d.heldout_pairs, help="held-out image-caption pairs "
+                        f"(default {d.heldout_pairs}; a multiple of --gallery-size)")
+    parser.add_argument("--gallery-size", type=int, default=d.gallery_size, help="candidates per ranking "
+                        f"(default {d.gallery_size})")
+    parser.add_argument("--rerank-k", type=int, default=d.rerank_k, help="the final 'rerank' path: ITM re-ranks the "
+                        f"top K ITC candidates (default {d.rerank_k}; 0: no rerank path)")
     parser.add_argument("--evals", type=int, default=d.evals, help="held-out evaluations per run (the curve)")
-    parser.add_argument("--difficulty", default=d.difficulty, help="synthetic task: easy, standard or hard")
+    parser.add_argument("--scene", default=d.scene, help=f"synthetic scene: cluttered or standard (default {d.scene}: "
+                        "the one where the caption can matter)")
+    parser.add_argument("--difficulty", default=d.difficulty, help="the standard scene's distractors: easy, standard "
+                        "or hard")
+    parser.add_argument("--keep-ratios", type=float, nargs="+", default=d.keep_ratios, help="selection__keep_ratios "
+                        f"of every selection variant (default {d.keep_ratios}: 25%% of bus-mini's patches go on)")
+    parser.add_argument("--model-keep-ratios", action="store_true", help="keep the model's own keep schedule")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: GPU only)")
     parser.add_argument("--override", action="append", default=[], metavar="SECTION__FIELD=JSON",
                         help="set a config field of every variant, e.g. vision__initializer_range=0.02 (repeatable; "
                         "not selection__policy, which names the variants)")
-    parser.add_argument("--quick", action="store_true", help="seconds: tiny batches, a few steps, 16 candidates")
+    parser.add_argument("--quick", action="store_true", help="seconds: tiny batches, a few steps, 2 galleries of 16")
     parser.add_argument("--json", help="write the result as JSON here")
     parser.add_argument("--plot", help="write a PNG of mean R@1 against training time here")
     parser.add_argument("--out", help="keep each variant's final model (first seed) at OUT/NAME")
@@ -350,29 +484,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args) -> QualitySettings:
     if args.quick:
         settings = QualitySettings.quick()
-        settings.model, settings.policies = args.model, args.policies
+        settings.model, settings.policies, settings.scene = args.model, args.policies, args.scene
     else:
         settings = QualitySettings(model=args.model, policies=args.policies, budget_s=args.budget_s,
                                    seeds=list(args.seeds), batch_size=args.batch_size, lr=args.lr,
-                                   candidates=args.candidates, rerank_k=args.rerank_k,
-                                   final_rerank_k=args.final_rerank_k, evals=args.evals,
-                                   difficulty=args.difficulty)
+                                   heldout_pairs=args.heldout_pairs, gallery_size=args.gallery_size,
+                                   rerank_k=args.rerank_k, evals=args.evals, scene=args.scene,
+                                   difficulty=args.difficulty, keep_ratios=list(args.keep_ratios))
+    if args.model_keep_ratios:
+        settings.keep_ratios = None
     settings.amp, settings.out = args.amp, args.out
     settings.overrides = parse_overrides(getattr(args, "override", []), "bus bench quality")
     if "selection__policy" in settings.overrides:
         raise SystemExit("bus bench quality: error: --override selection__policy: the variants set the policy; "
                          "choose them with --policies")
+    if settings.policies and "all" in settings.policies and settings.policies != ["all"]:
+        raise SystemExit("error: --policies all stands alone")
     if settings.budget_s <= 0:
         raise SystemExit("error: --budget-s must be > 0")
-    for name in ("batch_size", "candidates", "evals"):
+    for name in ("batch_size", "gallery_size", "evals"):
         if getattr(settings, name) < (2 if name != "evals" else 1):
             raise SystemExit(f"error: --{name.replace('_', '-')} is too small: {getattr(settings, name)}")
-    if min(settings.rerank_k, settings.final_rerank_k) < 0 or not settings.seeds or len(set(settings.seeds)) != len(settings.seeds):
+    if settings.heldout_pairs < settings.gallery_size or settings.heldout_pairs % settings.gallery_size:
+        raise SystemExit(f"error: --heldout-pairs ({settings.heldout_pairs}) must be a multiple of --gallery-size "
+                         f"({settings.gallery_size})")
+    if settings.rerank_k < 0 or not settings.seeds or len(set(settings.seeds)) != len(settings.seeds):
         raise SystemExit("error: --rerank-k must be >= 0 and --seeds distinct")
-    from bus_model.data.synthetic import DIFFICULTIES
+    from bus_model.data.synthetic import DIFFICULTIES, SCENES
 
+    if settings.scene not in SCENES:
+        raise SystemExit(f"error: --scene must be one of {sorted(SCENES)}, got {settings.scene!r}")
     if settings.difficulty not in DIFFICULTIES:
         raise SystemExit(f"error: --difficulty must be one of {sorted(DIFFICULTIES)}")
+    if settings.scene != "standard" and settings.difficulty != "standard":
+        raise SystemExit("error: --difficulty applies to --scene standard only")
     return settings
 
 

@@ -90,3 +90,69 @@ def mean_curve(curves: Sequence[Sequence[dict]], metric: str = "mean_r1") -> lis
         mean, spread = mean_and_spread([p[metric] for p in points])
         out.append({"time_s": points[0]["time_s"], "step": points[0]["step"], metric: mean, f"{metric}_std": spread})
     return out
+
+
+def gallery_recalls(image_emb: torch.Tensor, text_emb: torch.Tensor, gallery_size: int) -> torch.Tensor:
+    """R@1 both ways within each gallery of one-to-one pairs.
+
+    Args:
+        image_emb: ``(N, E)`` image embeddings; text_emb: ``(N, E)``, caption ``i`` describes image ``i``.
+        gallery_size: pairs per gallery; ``N`` must be a multiple. Gallery ``g`` holds pairs
+            ``g * gallery_size ... (g + 1) * gallery_size - 1`` and ranks only among them.
+
+    Returns:
+        ``(G, 2)`` float64: per gallery, image->text R@1 and text->image R@1 (ties go to the lower index).
+    """
+    if image_emb.dim() != 2 or image_emb.shape != text_emb.shape:
+        raise ValueError(f"image_emb and text_emb must be (N, E) of one shape, got {tuple(image_emb.shape)} "
+                         f"and {tuple(text_emb.shape)}")
+    n = image_emb.shape[0]
+    if isinstance(gallery_size, bool) or not isinstance(gallery_size, int) or gallery_size < 1 or n % gallery_size:
+        raise ValueError(f"gallery_size must be a positive int dividing N = {n}, got {gallery_size!r}")
+    g = n // gallery_size
+    img = image_emb.double().reshape(g, gallery_size, -1)
+    txt = text_emb.double().reshape(g, gallery_size, -1)
+    sim = img @ txt.transpose(1, 2)  # (G, n, n): sim[g, i, t]
+    own = torch.arange(gallery_size)
+    i2t = (sim.argmax(dim=2) == own).double().mean(dim=1)
+    t2i = (sim.argmax(dim=1) == own).double().mean(dim=1)
+    return torch.stack([i2t, t2i], dim=1)
+
+
+def gallery_summary(per_gallery: torch.Tensor) -> dict:
+    """``(G, 2)`` per-gallery (i->t, t->i) R@1 -> means over galleries and the standard error of the mean
+    R@1 over them (``mean_r1_se``: sample std of the galleries' mean R@1 / sqrt(G); None for one gallery)."""
+    per = per_gallery.double()
+    mean = per.mean(dim=1)  # (G,) each gallery's mean R@1
+    g = mean.shape[0]
+    se = float(mean.std(unbiased=True) / math.sqrt(g)) if g > 1 else None
+    return {"img2txt_r1": float(per[:, 0].mean()), "txt2img_r1": float(per[:, 1].mean()),
+            "mean_r1": float(mean.mean()), "mean_r1_se": se, "galleries": g}
+
+
+def paired_bootstrap_ci(diffs, reps: int = 4000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of paired differences and its bootstrap interval, resampling seeds, then galleries within each.
+
+    Args:
+        diffs: ``(S, G)`` per seed and gallery, a - b of one metric on the same galleries and training stream.
+        reps: bootstrap replicates (a fixed generator: the interval is reproducible).
+        level: coverage of the percentile interval.
+
+    Returns:
+        ``(mean, lo, hi)``.
+    """
+    import numpy as np
+
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim != 2 or d.size == 0:
+        raise ValueError(f"diffs must be a non-empty (seeds, galleries) array, got shape {d.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    s, g = d.shape
+    rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, s, size=(reps, s))  # (reps, S) seeds drawn
+    galleries = rng.integers(0, g, size=(reps, s, g))  # (reps, S, G) galleries drawn within each
+    means = d[seeds[:, :, None], galleries].mean(axis=(1, 2))
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha])
+    return float(d.mean()), float(lo), float(hi)

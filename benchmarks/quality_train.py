@@ -17,6 +17,10 @@ from .quality_metrics import selector_recall
 
 BASELINE = "baseline"
 NO_PTM = "bus-noptm"  # the ablation: BUS selection trained without the patch-text matching loss
+ITC_VARIANTS = {  # losses.itc_image choice -> summary; variant name bus-<choice> ("_" -> "-")
+    "detached": "BUS, ITC without gradient through the selection scores (ELIP's rule)",
+    "text_free": "BUS, ITC from a caption-free pass (what retrieval encodes)",
+}
 
 
 @dataclass
@@ -31,7 +35,8 @@ class PolicySpec:
 
 def policy_specs(model: str) -> dict[str, PolicySpec]:
     """Every variant ``model`` offers, discovered from ``bus_model.selection.POLICY_INFO`` (a policy added
-    there appears here): the ``-baseline`` twin, each selection policy on ``model``, and ``bus`` without PTM."""
+    there appears here): the ``-baseline`` twin, each selection policy on ``model``, ``bus`` without PTM and
+    ``bus`` with each other ITC image embedding (``ITC_VARIANTS``)."""
     from bus_model.selection import POLICY_INFO
 
     specs = {BASELINE: PolicySpec(BASELINE, f"{model}-baseline", {}, "the -baseline twin: every patch, no PAD")}
@@ -42,6 +47,10 @@ def policy_specs(model: str) -> dict[str, PolicySpec]:
         if name == "bus":
             specs[NO_PTM] = PolicySpec(NO_PTM, model, {"selection__policy": "bus", "losses__ptm": False},
                                        "ablation: BUS without the PTM loss")
+            for choice, summary in ITC_VARIANTS.items():  # the other ITC image embeddings (losses.itc_image)
+                specs[f"bus-{choice.replace('_', '-')}"] = PolicySpec(
+                    f"bus-{choice.replace('_', '-')}", model, {"selection__policy": "bus", "losses__itc_image": choice},
+                    summary)
     return specs
 
 
@@ -63,32 +72,46 @@ def build_model(spec: PolicySpec, text_overrides: dict, seed: int, device: torch
     return create_model(spec.config, **spec.overrides, text=text_overrides).to(device)
 
 
-def data_kwargs(config, *, num_samples: int, seed: int, split: str, difficulty: str) -> dict:
+def data_kwargs(config, *, num_samples: int, seed: int, split: str, difficulty: str, scene: str = "standard") -> dict:
     """Keyword arguments of a ``SyntheticDataset`` at the model's geometry, normalised as ``bus train`` /
     ``bus eval --data synthetic`` normalise (ImageNet mean/std), so a checkpoint re-evaluates the same."""
     v = config.vision
     return {"num_samples": num_samples, "seed": seed, "split": split, "image_size": v.image_size,
             "patch_size": v.patch_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "difficulty": difficulty}
+            "difficulty": difficulty, "scene": scene}
 
 
 class TrainStream:
-    """Batch ``i`` of the training split for one seed: the same for every policy (model input tuples)."""
+    """Batch ``i`` of the training split for one seed: the same for every policy (model input tuples).
 
-    def __init__(self, config, tokenizer, batch_size: int, seed: int, difficulty: str, device: torch.device):
+    ``cache=True`` keeps each batch once made (CPU tensors), so the policies trained on one seed's stream
+    generate it once (a cluttered 64 px sample takes ~2 ms: 64 ms a batch of 32, as long as a training step)."""
+
+    def __init__(self, config, tokenizer, batch_size: int, seed: int, difficulty: str, device: torch.device,
+                 scene: str = "standard", cache: bool = False):
         from bus_model.data import Collator, SyntheticDataset
 
-        kw = data_kwargs(config, num_samples=10**9, seed=seed, split="train", difficulty=difficulty)
+        kw = data_kwargs(config, num_samples=10**9, seed=seed, split="train", difficulty=difficulty, scene=scene)
         self.dataset = SyntheticDataset(kw.pop("num_samples"), **kw)
         v = config.vision
         self.collate = Collator(tokenizer, image_size=v.image_size, patch_size=v.patch_size,
                                 max_length=config.max_text_len)
         self.batch_size, self.device = batch_size, device
+        self.cache: dict[int, tuple[torch.Tensor, ...]] | None = {} if cache else None
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+    def _make(self, i: int) -> tuple[torch.Tensor, ...]:
         b = self.collate([self.dataset[j] for j in range(i * self.batch_size, (i + 1) * self.batch_size)])
         labels = b["patch_labels"].masked_fill(~b["has_patch_labels"][:, None], -1.0)
-        return tuple(t.to(self.device) for t in (b["images"], b["input_ids"], b["attention_mask"], labels))
+        return b["images"], b["input_ids"], b["attention_mask"], labels
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        if self.cache is None:
+            batch = self._make(i)
+        else:
+            batch = self.cache.get(i)
+            if batch is None:
+                batch = self.cache[i] = self._make(i)
+        return tuple(t.to(self.device) for t in batch)
 
 
 class Trainer:
@@ -173,10 +196,13 @@ def eval_steps(total_steps: int, evals: int) -> list[int]:
 
 
 @torch.no_grad()
-def selector_recalls(model, held_out, tokenizer, *, device: torch.device, batch_size: int = 64) -> list[float] | None:
+def selector_recalls(model, held_out, tokenizer, *, device: torch.device, batch_size: int = 64,
+                     captions: bool = True) -> list[float] | None:
     """Per selection layer: the share of the held-out images' caption-relevant patches still present after
-    it, with each image's own caption guiding the policies that read text, run as in training (``random``
-    drops in training mode only). None for a model that selects nothing."""
+    it, with each image's own caption guiding the policies that read text (``captions=False``: no caption,
+    the path retrieval encodes, run in eval mode as retrieval runs: bus falls back to its text-free mode,
+    random drops nothing), with a caption run as in training (``random`` drops in training mode only). None
+    for a model that selects nothing on that path."""
     from bus_model.data import Collator
 
     if model.config.selection.policy == "none":
@@ -184,14 +210,14 @@ def selector_recalls(model, held_out, tokenizer, *, device: torch.device, batch_
     v = model.config.vision
     collate = Collator(tokenizer, image_size=v.image_size, patch_size=v.patch_size, max_length=model.config.max_text_len)
     was_training = model.training
-    model.train()  # selection as in training; no dropout anywhere in BusModel, so nothing else changes
+    model.train(captions)  # selection as in training (or as retrieval); no dropout in BusModel, nothing else changes
     kept: list[list[torch.Tensor]] = []
     labels = []
     try:
         for start in range(0, len(held_out), batch_size):
             b = collate([held_out[i] for i in range(start, min(start + batch_size, len(held_out)))])
             ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
-            query = model.encode_text(ids, mask).hidden[:, 0] if model._uses_text_query() else None
+            query = model.encode_text(ids, mask).hidden[:, 0] if captions and model._uses_text_query() else None
             feats = model.vision.forward_features(b["images"].to(device), query)
             if not kept:
                 kept = [[] for _ in feats.selections]
@@ -200,6 +226,8 @@ def selector_recalls(model, held_out, tokenizer, *, device: torch.device, batch_
             labels.append(b["patch_labels"])
     finally:
         model.train(was_training)
+    if not kept or not kept[0]:
+        return None  # the text-free path selects nothing (e.g. text_free="none")
     all_labels = torch.cat(labels)
     return [selector_recall(_pad_cat(layer), all_labels) for layer in kept]
 
