@@ -290,10 +290,16 @@ def _make_scene(rng: np.random.Generator, level: Difficulty = DIFFICULTIES["stan
             continue
         radius = SIZES[size] * scale
         centre = _place(draws, radius, objects, gap=gap)
-        if centre is not None:
-            objects.append(SceneObject(shape, colour, size, centre[0], centre[1], radius))
+        if centre is None:
+            continue
+        obj = SceneObject(shape, colour, size, centre[0], centre[1], radius)
+        # the pair needs a relation: always true at full radii (centres >= 0.16 apart, > margin on one axis),
+        # not at the cluttered scene's smaller ones, where a pair too close on both axes is redrawn
+        if objects and not _valid_relations(objects[0], obj):
+            continue
+        objects.append(obj)
     a, b = objects
-    relations = _valid_relations(a, b)  # non-empty: centres are >= 0.16 apart, > margin on one axis
+    relations = _valid_relations(a, b)  # non-empty (above)
     relation = relations[draws.choice(len(relations))]
 
     # Distractors: the first ``level.echo`` echo a mentioned object's colour / shape (/ both), in turn (hard
