@@ -132,7 +132,10 @@ def _amp(settings: TrainBenchSettings, device: torch.device) -> bool:
     return device.type == "cuda" if settings.amp is None else settings.amp
 
 
-def run(settings: TrainBenchSettings, device: torch.device | None = None, log=print) -> dict:
+def run(settings: TrainBenchSettings, device: torch.device | None = None, log=print,
+        flops_cache: dict | None = None) -> dict:
+    """``flops_cache``: FLOPs per sample by model name, filled and reused (the eager and compiled cases of
+    ``--gpu-suite`` run the same math: counting once spares an eager fp32 step beside CUDA graph pools)."""
     device = device or default_device()
     amp = _amp(settings, device)
     names = [settings.model, f"{settings.model}-baseline"]
@@ -160,11 +163,14 @@ def run(settings: TrainBenchSettings, device: torch.device | None = None, log=pr
         log(f"{where}: " + ", ".join(f"{n} {now[n]:.3f}s" for n in names))
 
     peak, peak_key = peak_bf16_flops(device) if amp else (None, None)  # MFU against the bf16 peak only
+    flops_cache = {} if flops_cache is None else flops_cache
     rows = []
     for name in names:
         step_s = median(times[name])
-        log(f"counting the training FLOPs per sample of {name} (one step under a FLOP counter) ...")
-        flops = training_flops_per_sample(models[name], batches[0])
+        if name not in flops_cache:
+            log(f"counting the training FLOPs per sample of {name} (one step under a FLOP counter) ...")
+            flops_cache[name] = training_flops_per_sample(models[name], batches[0])
+        flops = flops_cache[name]
         first = (warmup_times[name] or times[name])[0]
         row = {
             "model": name,

@@ -83,13 +83,14 @@ def run_suite(run, base, pairs, modes, device: torch.device, json_path: str | No
     # "cases" to this module's render)
     result = {"benchmark": "train", "suite": "gpu", "modes": list(modes), "cases": [], **environment(device)}
     for model, batch in pairs:
+        flops = {}  # counted in the first (eager) case, reused by the compiled one: same model, same batches
         for mode in modes:
             settings = dataclasses.replace(base, model=model, batch_size=batch, compile=mode, memory=False,
                                            pad_to_max_length=True, eval_seconds=0.0,
                                            warmup=max(base.warmup, MIN_WARMUP if mode != "none" else 1))
             check_compiles(settings, "bus bench train --gpu-suite")
             log(f"== {model} vs {model}-baseline, batch {batch}, compile {mode} ==")
-            case = run(settings, device, log)
+            case = run(settings, device, log, flops)
             result["cases"].append({k: case[k] for k in ("speedup", "flops_ratio", "models", "settings",
                                                           "peak_bf16_flops", "peak_entry")})
             write_json(json_path, result)  # a run cut short keeps the finished cases
@@ -224,6 +225,8 @@ def main_from_args(args, settings, run) -> int:
     log = (lambda msg: print(msg, file=sys.stderr))
     if args.eager_vs_compiled:
         settings.compile = suite_mode(getattr(args, "compile", None), device)
+        if settings.compile == "reduce-overhead":
+            settings.warmup = max(settings.warmup, MIN_WARMUP)
         check_compiles(settings, "bus bench train --eager-vs-compiled")
         result = eager_vs_compiled(settings, device, log)
         return publish(result, render(result), args.json)

@@ -50,7 +50,12 @@ def test_gpu_suite_quick_runs_every_case(tmp_path, capsys):
         bus, base = case["models"]["bus-tiny"], case["models"]["bus-tiny-baseline"]
         assert case["speedup"] == pytest.approx(base["median_step_s"] / bus["median_step_s"])
     assert result["cases"][1]["settings"]["warmup"] == train_suite.MIN_WARMUP  # CUDA graphs: warm-up, record
-    out = capsys.readouterr().out
+    eager, compiled = result["cases"]
+    for name in eager["models"]:  # counted once, in the eager case
+        assert compiled["models"][name]["flops_per_sample"] == eager["models"][name]["flops_per_sample"] > 0
+    captured = capsys.readouterr()
+    assert captured.err.count("counting the training FLOPs") == 2
+    out = captured.out
     assert "| bus-tiny | 4 | default |" in out and "speedup over eager" in out
     rows = train_suite.compiled_over_eager(result)
     assert {r["model"] for r in rows} == {"bus-tiny", "bus-tiny-baseline"} and all(r["speedup"] > 0 for r in rows)
