@@ -162,6 +162,28 @@ def test_bfloat16_matches_float64(B, N, C, k):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,N,C,k", [(3, 41, 700, 17), (1, 9, 513, 9), (2, 30, 256, 1)])
+def test_channel_blocks_match_float64(dtype, B, N, C, k):
+    """The gather runs per (row, channel block) of 256 channels, as the CUDA kernel splits it: several
+    blocks, a partial last one, one row, nothing dropped, one exact block; values and gradients."""
+    x = torch.randn(B, N, C).to(dtype).requires_grad_(True)
+    s = torch.rand(B, N, requires_grad=True)
+    out = bk.topk_gather(x, s, k, backend="native")
+    leaves = (x.detach().double().requires_grad_(True), s.detach().double().requires_grad_(True))
+    ref = bk.topk_gather(*leaves, k, backend="torch")
+    assert torch.equal(out.index, ref.index)
+    torch.testing.assert_close(out.tokens[:, :k].double(), ref.tokens[:, :k], atol=0, rtol=0)  # copies
+    fused_tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out.tokens[:, k].double(), ref.tokens[:, k].detach(), **fused_tol)
+    g = torch.randn(out.tokens.shape).to(dtype)
+    got = torch.autograd.grad(out.tokens, (x, s), g)
+    want = torch.autograd.grad(ref.tokens, leaves, g.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-4 if dtype == torch.float32 else 2e-2, rtol=1e-3)
+
+
+@needs_native
 def test_results_do_not_depend_on_the_thread_count():
     x = torch.randn(5, 301, 33, requires_grad=True)
     s = torch.rand(5, 301, requires_grad=True)

@@ -109,6 +109,23 @@ BUS_HD bool topk_keeps(const TopkRule& r, uint32_t key, uint32_t tie_rank) {
   return key > r.threshold || (key == r.threshold && tie_rank < r.ties_needed);
 }
 
+// ---- packed output layout -----------------------------------------------------------------------
+
+// Row b's segments in the packed outputs, from the kept count of the rows before it
+// (``kept_before = sum_{b' < b} k[b']``): its kept (then fused) tokens start at this row of `tokens`
+// (k + fuse rows per row), its positions at entry ``kept_before`` of `index` (k per row).
+BUS_HD int64_t token_segment_start(int64_t kept_before, int64_t b, bool fuse) { return kept_before + (fuse ? b : 0); }
+
+// The channel vectors [lo, hi) of block `cb` when a row's V vectors are split into blocks of `per_block`.
+BUS_HD int64_t channel_block_begin(int64_t cb, int64_t per_block, int64_t V) {
+  const int64_t lo = cb * per_block;
+  return lo < V ? lo : V;
+}
+BUS_HD int64_t channel_block_end(int64_t cb, int64_t per_block, int64_t V) {
+  const int64_t hi = (cb + 1) * per_block;
+  return hi < V ? hi : V;
+}
+
 // ---- fused token ------------------------------------------------------------------------------
 
 // Weight of token j in the fused token: its score if dropped, 0 if kept.

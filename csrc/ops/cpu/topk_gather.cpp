@@ -1,7 +1,8 @@
-// CPU kernels of bus::topk_gather and its backward (BUS TSPS, Sec. 3.2): the CUDA algorithm run
-// row by row, rows in parallel (at::parallel_for). Per row: keys + radix select of the k-th largest
-// score (common/pruning.h), one ascending pass that assigns slots, copies the kept tokens and
-// accumulates the fused token in fp32.
+// CPU kernels of bus::topk_gather and its backward (BUS TSPS, Sec. 3.2): the CUDA algorithm in two
+// parallel passes (at::parallel_for). Per row: keys + radix select of the k-th largest score
+// (common/pruning.h) and one ascending pass that assigns the slots and sums the fuse weights; then per
+// (row, channel block), as the CUDA kernel splits it: the kept tokens copied, the fused token
+// accumulated in fp32.
 #include "ops.h"
 
 #include <ATen/ATen.h>
@@ -28,12 +29,11 @@ RowOffsets row_offsets(const int64_t* k, int64_t B, bool fuse) {
   RowOffsets o;
   o.out.resize(B);
   o.index.resize(B);
-  int64_t out = 0, index = 0;
+  int64_t kept_before = 0;
   for (int64_t b = 0; b < B; ++b) {
-    o.out[b] = out;
-    o.index[b] = index;
-    out += k[b] + (fuse ? 1 : 0);
-    index += k[b];
+    o.out[b] = token_segment_start(kept_before, b, fuse);
+    o.index[b] = kept_before;
+    kept_before += k[b];
   }
   return o;
 }
@@ -53,6 +53,9 @@ TopkRule select_row(const uint32_t* keys, int64_t N, int64_t k) {
   return topk_rule(st, k);
 }
 
+// Channels of a row one gather task copies / accumulates (the CUDA kernels' channel blocks, in elements).
+constexpr int64_t kChannelBlock = 256;
+
 template <typename T>
 void forward_rows(const at::Tensor& x, const at::Tensor& s32, const int64_t* k, const RowOffsets& off, bool fuse,
                   at::Tensor& tokens, at::Tensor& index, at::Tensor& slot, at::Tensor& fused, at::Tensor& den) {
@@ -65,47 +68,57 @@ void forward_rows(const at::Tensor& x, const at::Tensor& s32, const int64_t* k, 
   int32_t* slp = slot.data_ptr<int32_t>();
   float* fp = fused.data_ptr<float>();
   float* dp = den.data_ptr<float>();
+  // 1. per row: keys, radix select, slots (ascending), index and the fuse weight sum
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint32_t> keys(N);
-    std::vector<float> acc(C);
     for (int64_t b = b0; b < b1; ++b) {
       const float* s = sp + b * N;
-      const T* xb = xp + b * sxb;
-      T* out = tp + off.out[b] * C;
       int64_t* idx = ip + off.index[b];
       int32_t* sl = slp + b * N;
       for (int64_t n = 0; n < N; ++n) keys[n] = score_key(s[n]);
       const TopkRule rule = select_row(keys.data(), N, k[b]);
-      std::fill(acc.begin(), acc.end(), 0.f);
       uint32_t tie_rank = 0;
       int32_t kept = 0;
       float weight_sum = 0.f;
       for (int64_t n = 0; n < N; ++n) {
         const bool keep = topk_keeps(rule, keys[n], tie_rank);
         tie_rank += keys[n] == rule.threshold ? 1u : 0u;
-        if (keep) {
-          sl[n] = kept;
-          idx[kept] = n;
-          std::memcpy(out + kept * C, xb + n * sxn, C * sizeof(T));
-          ++kept;
-        } else {
-          sl[n] = -1;
-          if (fuse) {
-            const float w = fuse_weight(false, s[n]);
-            weight_sum += w;
-            axpy_f32(acc.data(), w, xb + n * sxn, C);
-          }
+        sl[n] = keep ? kept : -1;
+        if (keep) idx[kept++] = n;
+        weight_sum += fuse ? fuse_weight(keep, s[n]) : 0.f;
+      }
+      if (fuse) dp[b] = weight_sum;
+    }
+  });
+  // 2. per (row, channel block), as the CUDA kernel splits the gather: kept tokens copied to their slot,
+  // dropped ones accumulated in fp32 into the fused token (ascending positions: the same sums)
+  const int64_t blocks = C > kChannelBlock ? (C + kChannelBlock - 1) / kChannelBlock : 1;
+  at::parallel_for(0, B * blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(kChannelBlock);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / blocks;
+      const int64_t lo = channel_block_begin(t % blocks, kChannelBlock, C);
+      const int64_t width = channel_block_end(t % blocks, kChannelBlock, C) - lo;
+      const float* s = sp + b * N;
+      const int32_t* sl = slp + b * N;
+      const T* xb = xp + b * sxb + lo;
+      T* out = tp + off.out[b] * C + lo;
+      std::fill(acc.begin(), acc.begin() + width, 0.f);
+      for (int64_t n = 0; n < N; ++n) {
+        if (sl[n] >= 0) {
+          std::memcpy(out + sl[n] * C, xb + n * sxn, width * sizeof(T));
+        } else if (fuse) {
+          axpy_f32(acc.data(), fuse_weight(false, s[n]), xb + n * sxn, width);
         }
       }
       if (fuse) {
-        const float inv = 1.f / fuse_denominator(weight_sum);
-        float* f = fp + b * C;
+        const float inv = 1.f / fuse_denominator(dp[b]);
+        float* f = fp + b * C + lo;
         T* fused_out = out + k[b] * C;
-        for (int64_t c = 0; c < C; ++c) {
+        for (int64_t c = 0; c < width; ++c) {
           f[c] = acc[c] * inv;
           fused_out[c] = static_cast<T>(f[c]);
         }
-        dp[b] = weight_sum;
       }
     }
   });
@@ -176,9 +189,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_gath
   auto tokens = at::empty({total_kept + B * (fuse ? 1 : 0), C}, x.options());
   auto index = at::empty({total_kept}, x.options().dtype(at::kLong));
   auto slot = at::empty({B, N}, x.options().dtype(at::kInt));
-  auto fused = at::zeros({B, C}, x.options().dtype(at::kFloat));
-  auto den = at::zeros({B}, x.options().dtype(at::kFloat));
-  if (B == 0 || N == 0) return {tokens, index, slot, fused, den};
+  // written by forward_rows when fuse (the only case the backward reads them): no fills
+  auto fused = at::empty({B, C}, x.options().dtype(at::kFloat));
+  auto den = at::empty({B}, x.options().dtype(at::kFloat));
+  if (B == 0) return {tokens, index, slot, fused, den};
+  if (N == 0) {
+    // no token, so k == 0 in every row: each row is its fused token alone, zeros (nothing dropped)
+    tokens.zero_();
+    fused.zero_();
+    den.zero_();
+    return {tokens, index, slot, fused, den};
+  }
   const RowOffsets off = row_offsets(k.data_ptr<int64_t>(), B, fuse);
   BUS_DISPATCH_KERNEL_TYPES(x.scalar_type(), "bus_topk_gather_cpu", [&] {
     forward_rows<scalar_t>(x, s32, k.data_ptr<int64_t>(), off, fuse, tokens, index, slot, fused, den);

@@ -65,6 +65,32 @@ __device__ __forceinline__ float block_sum(float v, float* buf) {
   return total;
 }
 
+// Sum of one int64 per thread over the block, returned to every thread. `buf`: THREADS / 32 long longs.
+template <int THREADS>
+__device__ __forceinline__ int64_t block_sum_i64(int64_t v, long long* buf) {
+  constexpr int kWarps = THREADS / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  long long w = static_cast<long long>(v);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(kFullMask, w, o);
+  if (lane == 0) buf[warp] = w;
+  __syncthreads();
+  long long total = 0;
+#pragma unroll
+  for (int i = 0; i < kWarps; ++i) total += buf[i];
+  __syncthreads();  // buf may be reused right after
+  return static_cast<int64_t>(total);
+}
+
+// sum_{b' < b} k[b'] (the kept tokens of the rows before row b), computed by the whole block: where row
+// b's segments of the packed outputs start, with no cumsum launches on the host side.
+template <int THREADS>
+__device__ __forceinline__ int64_t kept_before_row(const int64_t* k, int64_t b, long long* buf) {
+  int64_t part = 0;
+  for (int64_t i = threadIdx.x; i < b; i += THREADS) part += k[i];
+  return block_sum_i64<THREADS>(part, buf);
+}
+
 // Exclusive prefix sum of one int per thread over the block (thread order); `total` gets the sum.
 // `buf`: THREADS / 32 + 1 ints of shared memory.
 template <int THREADS>

@@ -27,12 +27,6 @@ void raise_if(const char* err) { TORCH_CHECK(err == nullptr, bus::msg("bus nativ
 
 void* current_stream() { return static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()); }
 
-// Start of each row in the packed tokens (k + fuse rows) and in the packed index (k), on the device.
-std::tuple<at::Tensor, at::Tensor> row_offsets(const at::Tensor& k, bool fuse) {
-  const at::Tensor lengths = fuse ? k + 1 : k;
-  return {at::cumsum(lengths, 0) - lengths, at::cumsum(k, 0) - k};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_gather_op(
     const at::Tensor& x_in, const at::Tensor& scores, const at::Tensor& k_in, int64_t total_kept, bool fuse) {
   check_topk_gather(x_in, scores, k_in, total_kept);
@@ -44,18 +38,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_gath
   auto tokens = at::empty({total_kept + B * (fuse ? 1 : 0), C}, x.options());
   auto index = at::empty({total_kept}, x.options().dtype(at::kLong));
   auto slot = at::empty({B, N}, x.options().dtype(at::kInt));
-  auto fused = at::zeros({B, C}, x.options().dtype(at::kFloat));
-  auto den = at::zeros({B}, x.options().dtype(at::kFloat));
-  if (B == 0 || N == 0) return {tokens, index, slot, fused, den};
-  auto [out_off, index_off] = row_offsets(k, fuse);
+  // written by the kernel when fuse (the only case the backward reads them): no fills
+  auto fused = at::empty({B, C}, x.options().dtype(at::kFloat));
+  auto den = at::empty({B}, x.options().dtype(at::kFloat));
+  if (B == 0) return {tokens, index, slot, fused, den};
+  if (N == 0) {
+    // no token, so k == 0 in every row: each row is its fused token alone, zeros (nothing dropped)
+    tokens.zero_();
+    fused.zero_();
+    den.zero_();
+    return {tokens, index, slot, fused, den};
+  }
   TopkGatherForwardArgs a{};
   a.x = x.data_ptr();
   a.stride_xb = x.stride(0);
   a.stride_xn = x.stride(1);
   a.scores = s32.data_ptr<float>();
   a.k = k.data_ptr<int64_t>();
-  a.out_offset = out_off.data_ptr<int64_t>();
-  a.index_offset = index_off.data_ptr<int64_t>();
   a.B = B;
   a.N = N;
   a.C = C;
@@ -90,7 +89,6 @@ std::tuple<at::Tensor, at::Tensor> topk_gather_backward_op(const at::Tensor& gra
   auto grad_x = at::empty({B, N, C}, x.options());
   auto grad_s = at::empty({B, N}, x.options().dtype(at::kFloat));
   if (B > 0 && N > 0) {
-    auto [out_off, index_off] = row_offsets(k, fuse);
     TopkGatherBackwardArgs a{};
     a.grad_tokens = g.data_ptr();
     a.x = x.data_ptr();
@@ -98,7 +96,6 @@ std::tuple<at::Tensor, at::Tensor> topk_gather_backward_op(const at::Tensor& gra
     a.stride_xn = x.stride(1);
     a.scores = s32.data_ptr<float>();
     a.k = k.data_ptr<int64_t>();
-    a.out_offset = out_off.data_ptr<int64_t>();
     a.slot = slot_c.data_ptr<int32_t>();
     a.fused = fused_c.data_ptr<float>();
     a.den = den_c.data_ptr<float>();

@@ -16,9 +16,7 @@ struct TopkGatherForwardArgs {
   const void* x;  // (B, N, C)
   int64_t stride_xb, stride_xn;
   const float* scores;         // (B, N) contiguous
-  const int64_t* k;            // (B,)
-  const int64_t* out_offset;   // (B,) first row of each segment of `tokens`
-  const int64_t* index_offset; // (B,) first entry of each segment of `index`
+  const int64_t* k;  // (B,); each row's segments start where the rows before it end (summed in the kernel)
   int64_t B, N, C;
   int64_t total_kept;  // rows of `index`; `tokens` has total_kept + B * fuse rows
   bool fuse;
@@ -27,7 +25,8 @@ struct TopkGatherForwardArgs {
   int32_t* slot;   // (B, N): row within the segment, -1 = dropped
   float* fused;    // (B, C)
   float* den;      // (B,) sum of the dropped scores
-  // (B, 2N) scratch for the keys and slot map of rows too long for shared memory; null: on-chip
+  // (B, 2N) scratch for the keys and slot map of rows too long for shared memory; null: on-chip (the
+  // launcher then gives each row one block instead of one per channel block)
   uint32_t* scratch;
 };
 
@@ -41,7 +40,6 @@ struct TopkGatherBackwardArgs {
   int64_t stride_xb, stride_xn;
   const float* scores;  // (B, N) contiguous
   const int64_t* k;
-  const int64_t* out_offset;
   const int32_t* slot;
   const float* fused;
   const float* den;

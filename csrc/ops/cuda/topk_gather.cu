@@ -1,15 +1,22 @@
 // CUDA kernels of bus::topk_gather and its backward (BUS TSPS, Sec. 3.2).
 //
-// Forward, one block per row, everything on-chip:
+// Forward, one block per (row, channel block), everything on-chip, one launch:
+//   0. the row's segment offsets: the kept counts of the rows before it, summed by the block
+//      (no cumsum launches);
 //   1. the row's scores -> order-preserving uint32 keys in shared memory (common/pruning.h);
 //   2. radix select of the k-th largest key: 4 passes of a 256-bin shared-memory histogram;
 //   3. tie ranks and output slots by two block-wide prefix sums over contiguous per-thread segments
 //      (ties go to the lower position, kept positions come out ascending);
-//   4. one pass over x with 16-byte loads: kept rows are stored to their slot, dropped rows are
-//      accumulated in fp32 into the fused token (row groups x channel vectors, reduced in shared memory).
-// Backward, a warp per token row: grad_x is written once per element (a copy of the kept row's
-// gradient, or the fused token's gradient times s_j / denom): no atomics; grad_scores is a warp
-// reduction over the channels.
+//   4. one pass over the block's channels of x with 16-byte loads: kept rows are stored to their slot,
+//      dropped rows are accumulated in fp32 into the fused token (row groups x channel vectors, reduced
+//      in shared memory).
+// Steps 1-3 are the row's selection, repeated by each of its channel blocks (N scores against N x C
+// tokens: a few percent of the block's traffic) so that the gather is spread over (row, channel block)
+// -- B x C / (16 vectors) blocks instead of B -- without a second launch or a round trip through global
+// memory; the first channel block writes the row's slot map, index and weight sum.
+// Backward, a warp per token row, (row, 32-token block) blocks: grad_x is written once per element (a
+// copy of the kept row's gradient, or the fused token's gradient times s_j / denom): no atomics;
+// grad_scores is a warp reduction over the channels.
 #include "device_utils.cuh"
 #include "launch.h"
 #include "../common/pruning.h"
@@ -25,27 +32,37 @@ constexpr int kFwdMinBlocks = 2;
 constexpr int kBwdThreads = 256;
 constexpr int kBwdRowsPerBlock = 32;
 constexpr int kStaticSmemLimit = 48 * 1024;
+// Bytes of each row a forward block gathers: 256 (16 vectors of 16 bytes), narrowed down to 64 while
+// the grid would leave SMs idle (fewer than kBlocksPerSm blocks per SM).
+constexpr int64_t kChannelBytes = 256;
+constexpr int64_t kMinChannelBytes = 64;
+constexpr int64_t kBlocksPerSm = 2;
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks) topk_gather_fwd_kernel(TopkGatherForwardArgs a) {
+__global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks) topk_gather_fwd_kernel(TopkGatherForwardArgs a,
+                                                                                     int64_t vecs_per_block) {
   extern __shared__ uint32_t dyn[];
-  // (N,) keys, then the fuse weights (as float), and (N,) slots: on-chip, or for very long rows in global scratch
+  // (N,) keys, then the fuse weights (as float), and (N,) slots: on-chip, or for very long rows in global
+  // scratch (one channel block per row then: gridDim.y == 1)
   uint32_t* keys = a.scratch != nullptr ? a.scratch + 2 * a.N * static_cast<int64_t>(blockIdx.x) : dyn;
   int32_t* slots = reinterpret_cast<int32_t*>(keys + a.N);
   float* weights = reinterpret_cast<float*>(keys);
   __shared__ int hist[kRadixBins];
   __shared__ int scan_buf[kFwdThreads / 32 + 1];
   __shared__ float sum_buf[kFwdThreads / 32];
+  __shared__ long long offset_buf[kFwdThreads / 32];
   __shared__ RadixState radix_shared;
   __shared__ float red[kFwdThreads * VEC];
 
   const int tid = threadIdx.x;
   const int64_t b = blockIdx.x;
+  const bool row_writer = blockIdx.y == 0;  // writes the row's slot map, index and weight sum
   const int64_t N = a.N, C = a.C;
   const int64_t k = a.k[b];
-  const int64_t out_row = a.out_offset[b];
-  const int64_t index_row = a.index_offset[b];
-  // inconsistent k / offsets (never from bus_kernels): write nothing rather than out of bounds
+  const int64_t kept_before = kept_before_row<kFwdThreads>(a.k, b, offset_buf);  // every thread takes part
+  const int64_t out_row = token_segment_start(kept_before, b, a.fuse);
+  const int64_t index_row = kept_before;
+  // inconsistent k (never from bus_kernels): write nothing rather than out of bounds
   if (k < 0 || k > N || out_row + k + (a.fuse ? 1 : 0) > a.total_kept + (a.fuse ? a.B : 0) ||
       index_row + k > a.total_kept) {
     return;
@@ -103,27 +120,33 @@ __global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks) topk_gather_fwd_ke
       tie_rank += key == rule.threshold ? 1u : 0u;
       const int slot = keep ? next++ : -1;
       slots[n] = slot;
-      a.slot[b * N + n] = slot;
-      if (keep) a.index[index_row + slot] = n;
+      if (row_writer) {
+        a.slot[b * N + n] = slot;
+        if (keep) a.index[index_row + slot] = n;
+      }
       const float w = a.fuse ? fuse_weight(keep, s[n]) : 0.f;
       weights[n] = w;  // the key of n is no longer needed (this thread owns position n)
       weight_sum += w;
     }
   }
   const float den = block_sum<kFwdThreads>(weight_sum, sum_buf);  // also syncs slots / weights
-  if (tid == 0 && a.fuse) a.den[b] = den;
+  if (tid == 0 && a.fuse && row_writer) a.den[b] = den;
 
-  // 4. gather + fused accumulation: TV threads across the row's channel vectors, G row groups
+  // 4. gather + fused accumulation over this block's channel vectors [v_lo, v_hi): TV threads across
+  // them, G row groups
   const T* xb = static_cast<const T*>(a.x) + b * a.stride_xb;
   T* out = static_cast<T*>(a.tokens) + out_row * C;
   const int64_t V = C / VEC;
-  const int TV = static_cast<int>(V == 0 ? 1 : (V < kFwdThreads ? V : kFwdThreads));
+  const int64_t v_lo = channel_block_begin(blockIdx.y, vecs_per_block, V);
+  const int64_t v_hi = channel_block_end(blockIdx.y, vecs_per_block, V);
+  const int64_t width = vecs_per_block < V ? vecs_per_block : V;  // block-uniform: every thread loops alike
+  const int TV = static_cast<int>(width < 1 ? 1 : (width < kFwdThreads ? width : kFwdThreads));
   const int G = kFwdThreads / TV;
   const int g = tid / TV, lane = tid % TV;
   const float inv_den = 1.f / fuse_denominator(den);
-  for (int64_t vb = 0; vb < V; vb += TV) {
+  for (int64_t vb = v_lo; vb < v_hi; vb += TV) {
     const int64_t v = vb + lane;
-    const bool active = g < G && v < V;
+    const bool active = g < G && v < v_hi;
     float acc[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) acc[j] = 0.f;
@@ -171,11 +194,12 @@ __global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks) topk_gather_fwd_ke
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kBwdThreads) topk_gather_bwd_kernel(TopkGatherBackwardArgs a) {
+  __shared__ long long offset_buf[kBwdThreads / 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t b = blockIdx.x;
   const int64_t N = a.N, C = a.C, V = C / VEC;
   const int64_t k = a.k[b];
-  const int64_t out_row = a.out_offset[b];
+  const int64_t out_row = token_segment_start(kept_before_row<kBwdThreads>(a.k, b, offset_buf), b, a.fuse);
   const bool rows_ok = k >= 0 && k <= N && out_row + k + (a.fuse ? 1 : 0) <= a.total_rows;
   const T* g_seg = static_cast<const T*>(a.grad_tokens) + out_row * C;
   const T* g_fused = g_seg + k * C;
@@ -239,6 +263,30 @@ size_t max_dynamic_smem() {
   return max_optin > 16 * 1024 ? static_cast<size_t>(max_optin) - 16 * 1024 : 0;
 }
 
+int sm_count() {
+  int device = 0, count = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+  return count > 0 ? count : 1;
+}
+
+// Channel vectors per forward block: kChannelBytes of each row, halved (down to kMinChannelBytes)
+// while B rows x channel blocks would give fewer than kBlocksPerSm blocks per SM. One block per row when
+// the row's keys live in global scratch (sized for one block per row).
+template <typename T, int VEC>
+int64_t forward_vecs_per_block(const TopkGatherForwardArgs& a) {
+  constexpr int64_t kVecBytes = static_cast<int64_t>(sizeof(T)) * VEC;
+  const int64_t V = a.C / VEC;
+  if (a.scratch != nullptr || V <= 1) return V > 1 ? V : 1;
+  int64_t per = kChannelBytes / kVecBytes > 1 ? kChannelBytes / kVecBytes : 1;
+  const int64_t min_per = kMinChannelBytes / kVecBytes > 1 ? kMinChannelBytes / kVecBytes : 1;
+  const int64_t want = kBlocksPerSm * sm_count();
+  while (per > min_per && a.B * ((V + per - 1) / per) < want) per /= 2;
+  const int64_t max_blocks = 65535;  // grid.y limit
+  if ((V + per - 1) / per > max_blocks) per = (V + max_blocks - 1) / max_blocks;
+  return per;
+}
+
 template <typename T, int VEC>
 const char* launch_forward(const TopkGatherForwardArgs& a, cudaStream_t stream) {
   const size_t smem = a.scratch != nullptr ? 0 : static_cast<size_t>(topk_gather_row_smem_bytes(a.N));
@@ -248,7 +296,11 @@ const char* launch_forward(const TopkGatherForwardArgs& a, cudaStream_t stream) 
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return cudaGetErrorString(err);
   }
-  kernel<<<static_cast<unsigned>(a.B), kFwdThreads, smem, stream>>>(a);
+  const int64_t per = forward_vecs_per_block<T, VEC>(a);
+  const int64_t V = a.C / VEC;
+  const int64_t channel_blocks = V > per ? (V + per - 1) / per : 1;
+  const dim3 grid(static_cast<unsigned>(a.B), static_cast<unsigned>(channel_blocks));
+  kernel<<<grid, kFwdThreads, smem, stream>>>(a, per);
   return check_launch();
 }
 
