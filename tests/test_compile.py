@@ -154,6 +154,7 @@ def test_compile_errors_name_the_flag():
 @pytest.mark.parametrize("extra, message", [
     (["--compile", "fast"], "--compile: unknown mode 'fast'"),
     (["--compile", "default", "--fsdp"], "--compile with --fsdp is not supported"),
+    (["--compile", "reduce-overhead", "--accum-steps", "2"], "--compile reduce-overhead with --accum-steps > 1"),
     (["--model", "bus-tiny.json", "--compile", "default"], 'keep_mode="mass"'),
 ])
 def test_bus_train_rejects_what_cannot_compile(tmp_path, capsys, extra, message):

@@ -103,6 +103,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.bf16_weights and (args.fsdp or args.accum_steps > 1):
         raise UsageError("--bf16-weights works with DDP and --accum-steps 1 (FSDP has its own mixed precision; "
                          "micro-batch gradients would add up in bf16)")
+    if args.compile == "reduce-overhead" and args.accum_steps > 1:
+        raise UsageError("--compile reduce-overhead with --accum-steps > 1 is not supported: each CUDA graph replay "
+                         "reuses the gradient buffers the previous micro-batch accumulated into; use a larger "
+                         "--batch-size with --accum-steps 1, or --compile default")
     if args.compile != "none" and args.fsdp:
         raise UsageError("--compile with --fsdp is not supported (FSDP2's per-block hooks need compiled autograd); "
                          "use DDP (the default under torchrun) or --compile none")

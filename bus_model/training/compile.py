@@ -27,7 +27,9 @@ clipping and checkpoints are unchanged.
 Not compiled (refused with one clear error): ``keep_mode="mass"`` (per-image keep counts make the
 token count ragged: data-dependent shapes), ``attn_impl="varlen"`` (packs the valid tokens: the packed
 size is data-dependent and read on the host), ``--fsdp`` (FSDP2's per-block hooks need compiled
-autograd; DDP is supported).
+autograd; DDP is supported), and ``reduce-overhead`` with ``--accum-steps > 1`` (a CUDA graph replay
+overwrites the gradient buffers the previous micro-batch left in ``.grad``). A batch of another size
+(e.g. a short last batch) compiles one more static graph, once.
 """
 
 from __future__ import annotations
