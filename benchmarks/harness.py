@@ -95,6 +95,19 @@ def peak_bf16_flops(device: torch.device) -> tuple[float | None, str | None]:
     return None, None
 
 
+def peak_memory_bandwidth(device: torch.device) -> tuple[float | None, str | None]:
+    """(peak DRAM bytes/s, how it was found) of ``device``, from what the GPU reports: double data rate x
+    memory clock x bus width (H100 SXM: 2 x 2619 MHz x 5120 bit = 3.35 TB/s, the data sheet's figure);
+    (None, None) on CPU or when the device reports no clock."""
+    if torch.device(device).type != "cuda":
+        return None, None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if not clock_khz or not bus_bits:
+        return None, None
+    return 2 * clock_khz * 1e3 * bus_bits / 8, f"2 x {clock_khz / 1e3:.0f} MHz x {bus_bits} bit (device properties)"
+
+
 # ---------------------------------------------------------------------------------------------
 # timing
 

@@ -1,9 +1,18 @@
 """``bus selftest`` measuring sections: dispatch choices, op timings against their peers, one training
 step per pruning backend, and the host syncs of a step.
 
-Timing: ``triton.testing.do_bench`` (CUDA events, median) on a GPU; on a CPU the Triton interpreter is
-never timed and the other backends get a plain median of wall-clock runs (a CPU number is not a GPU
-result). Every measurement first checks the section's deadline and is skipped, with that reason, past it.
+Op timing, three numbers per op, backend and phase (forward; forward + backward) on a GPU:
+  * whole call: ``triton.testing.do_bench`` (CUDA events, median; host work included, so a host-bound
+    call is timed at its host cost);
+  * CUDA graph: ``triton.testing.do_bench_cudagraph`` (the call replayed from a graph: what it costs once
+    the host is out of the way; warm L2);
+  * kernel only: the device time of the call's kernels in ``torch.profiler``, L2 flushed before each call
+    (cold, as inside a training step) -- the basis of the achieved bandwidth (text_patch_scores,
+    topk_gather: the bytes they cannot avoid moving, over the device's peak from its memory clock and
+    bus width) and TFLOP/s (attention: useful FLOPs, over the peak dense bf16 FLOP/s of ``harness``).
+On a CPU the Triton interpreter is never timed, the other backends get a plain median of wall-clock runs
+(a CPU number is not a GPU result), and only the work counts (MB, GFLOP) are reported beside them. Every
+measurement first checks the section's deadline and is skipped, with that reason, past it.
 """
 
 from __future__ import annotations
@@ -95,10 +104,11 @@ def dispatch_report(device: torch.device) -> list[dict]:
 
 
 def _time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> float:
+    """Whole-call time: host work included (a host-bound call is timed at its host cost)."""
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
+        return float(triton.testing.do_bench(fn, warmup=10 if quick else 20, rep=30 if quick else 50,
                                              return_mode="median"))
     fn()  # warm-up
     times = []
@@ -107,6 +117,50 @@ def _time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> flo
         fn()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2] * 1e3
+
+
+def _graph_ms(fn: Callable[[], object]) -> tuple[float | None, str | None]:
+    """Time per call replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``): no host work, warm
+    L2. (None, why) when the call cannot be captured (e.g. a peer that reads sequence lengths on the host)."""
+    import triton.testing
+
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")), None
+    except Exception as e:  # noqa: BLE001 - a capture failure is a finding, not a crash
+        torch.cuda.synchronize()
+        return None, f"not capturable: {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
+
+
+# flushed between profiled calls so that every call reads its inputs from DRAM (H200 L2: 50 MB)
+_FLUSH_BYTES = 256 * 2**20
+
+
+def _kernel_ms(fn: Callable[[], object], device: torch.device, iters: int) -> tuple[float | None, str | None]:
+    """Kernel-only time per call, L2 flushed before each: the device time of every kernel, memset and memcpy
+    the profiler sees in ``iters`` calls (forward and backward threads alike), less the flushes' own kernels,
+    over ``iters``. (None, why) when the profiler sees no device work."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    flush = torch.empty(_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    fn()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            with record_function("bus_selftest_flush"):
+                flush.zero_()
+            fn()
+        torch.cuda.synchronize(device)
+    events = prof.events()
+    # device-side events: kernels, memsets, memcopies -- not the GPU spans of the record_function ranges
+    device_us = sum(e.time_range.elapsed_us() for e in events
+                    if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+                    and e.activity_type != "gpu_user_annotation" and e.name != "bus_selftest_flush")
+    flush_us = sum(e.device_time_total for e in events
+                   if e.name == "bus_selftest_flush" and e.device_type == DeviceType.CPU)
+    if device_us <= 0:
+        return None, "the profiler saw no device work"
+    return max(device_us - flush_us, 0.0) / iters / 1e3, None
 
 
 def _timeable(op: str, device: torch.device, dtype: torch.dtype,
@@ -126,7 +180,14 @@ def _timeable(op: str, device: torch.device, dtype: torch.dtype,
     return out
 
 
-def _fwd_and_full(make_inputs: Callable[[], tuple], forward: Callable[[tuple], torch.Tensor], device, quick) -> dict:
+# backends whose call reads device values on the host (not capturable in a CUDA graph): not even tried
+NOT_CAPTURABLE = {"xformers": "reads the sequence lengths on the host (BlockDiagonalMask.from_seqlens)"}
+
+
+def _fwd_and_full(make_inputs: Callable[[], tuple], forward: Callable[[tuple], torch.Tensor], device, quick,
+                  not_capturable: str | None = None) -> dict:
+    """Forward and forward + backward: whole-call ms; on a GPU also ms replayed from a CUDA graph and kernel-only
+    ms (profiler, cold L2), with the reason where one could not be measured."""
     a = make_inputs()
     out = forward(a)
     g = torch.randn_like(out)
@@ -139,14 +200,96 @@ def _fwd_and_full(make_inputs: Callable[[], tuple], forward: Callable[[tuple], t
     def full():
         torch.autograd.grad(forward(a), leaves, g)
 
-    return {"fwd_ms": _time_ms(fwd, device, quick), "fwd_bwd_ms": _time_ms(full, device, quick)}
+    row = {"fwd_ms": _time_ms(fwd, device, quick), "fwd_bwd_ms": _time_ms(full, device, quick)}
+    if device.type == "cuda":
+        notes = []
+        for name, fn in (("fwd", fwd), ("fwd_bwd", full)):
+            row[f"{name}_graph_ms"], why = (None, f"not capturable: {not_capturable}") if not_capturable else _graph_ms(fn)
+            if why:
+                notes.append(f"{name} graph: {why}")
+            try:
+                row[f"{name}_kernel_ms"], why = _kernel_ms(fn, device, 5 if quick else 10)
+            except Exception as e:  # noqa: BLE001 - the profiler failing costs this column only
+                row[f"{name}_kernel_ms"], why = None, f"{type(e).__name__}: {str(e)[:150]}"
+            if why:
+                notes.append(f"{name} kernel: {why}")
+        if notes:
+            row["timing_notes"] = "; ".join(notes)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# work per call (the floor each kernel is judged against)
+
+
+def attention_flops(lengths_q: list[int], lengths_k: list[int], H: int, D: int, causal: bool = False) -> tuple[float, float]:
+    """(forward, forward + backward) FLOPs of attention over these sequences: 4 H D Lq Lk forward (two
+    matmuls), 2.5x that backward (FlashAttention-2's count); causal halves it. Useful work only: what
+    padding would add is not counted, so padded and packed runs of the same batch compare directly."""
+    fwd = 4.0 * H * D * sum(lq * lk for lq, lk in zip(lengths_q, lengths_k)) * (0.5 if causal else 1.0)
+    return fwd, 3.5 * fwd
+
+
+def tps_bytes(B: int, N: int, H: int, D: int, esize: int) -> tuple[float, float]:
+    """(forward, forward + backward) DRAM bytes text_patch_scores cannot avoid: read the keys and query, write
+    the (B, N) fp32 scores; backward reads them and the (B, N) gradient again and writes their gradients."""
+    keys, query, scores = B * N * H * D * esize, B * H * D * esize, B * N * 4
+    fwd = keys + query + scores
+    bwd = keys + query + scores + keys + query  # read keys, query, grad; write dkeys, dquery
+    return float(fwd), float(fwd + bwd)
+
+
+def topk_gather_bytes(B: int, N: int, C: int, k: int, esize: int, fuse: bool = True) -> tuple[float, float]:
+    """(forward, forward + backward) DRAM bytes topk_gather cannot avoid: read x and the fp32 scores, write the
+    kept (+ fused) tokens and the int64 index; backward reads the tokens' gradient, the dropped rows of x and
+    the scores, and writes grad_x and grad_scores."""
+    rows_out = k + int(fuse)
+    fwd = B * N * C * esize + B * N * 4 + B * rows_out * C * esize + B * k * 8
+    bwd = B * rows_out * C * esize + B * (N - k) * C * esize * int(fuse) + B * N * 4 + B * N * C * esize + B * N * 4
+    return float(fwd), float(fwd + bwd)
+
+
+def achieved(row: dict, device: torch.device, *, flops: tuple[float, float] | None = None,
+             bytes_moved: tuple[float, float] | None = None) -> dict:
+    """The work counts of a timed row and, on a GPU, what its kernel-only times achieve: TFLOP/s (attention)
+    or GB/s (memory-bound ops), each as a share of the device's peak, and whole-call / kernel time."""
+    from .harness import peak_bf16_flops, peak_memory_bandwidth
+
+    out = {}
+    for i, phase in enumerate(("fwd", "fwd_bwd")):
+        if flops is not None:
+            out[f"{phase}_gflop"] = flops[i] / 1e9
+        if bytes_moved is not None:
+            out[f"{phase}_mb"] = bytes_moved[i] / 1e6
+        kernel_ms = row.get(f"{phase}_kernel_ms") or row.get(f"{phase}_graph_ms")
+        if device.type != "cuda" or not kernel_ms:
+            continue
+        out[f"{phase}_time_basis"] = "kernel" if row.get(f"{phase}_kernel_ms") else "graph"
+        if row.get(f"{phase}_ms"):
+            out[f"{phase}_call_over_kernel"] = row[f"{phase}_ms"] / kernel_ms
+        if flops is not None:
+            tflops = flops[i] / (kernel_ms * 1e-3) / 1e12
+            out[f"{phase}_tflops"] = tflops
+            peak, _ = peak_bf16_flops(device)
+            if peak:
+                out[f"{phase}_peak_pct"] = 100.0 * tflops * 1e12 / peak
+        if bytes_moved is not None:
+            gbps = bytes_moved[i] / (kernel_ms * 1e-3) / 1e9
+            out[f"{phase}_gbps"] = gbps
+            peak, _ = peak_memory_bandwidth(device)
+            if peak:
+                out[f"{phase}_peak_pct"] = 100.0 * gbps * 1e9 / peak
+    return out
 
 
 def timing_rows(device: torch.device, quick: bool, deadline: float, on_row: Callable[[dict], None]) -> list[dict]:
-    """Each op on each backend that runs here, and the attention peers, at ViT shapes."""
+    """Each op on each backend that runs here, and the attention peers, at ViT shapes: whole-call time, and on a
+    GPU the time replayed from a CUDA graph and the kernel-only time, with the bandwidth (text_patch_scores,
+    topk_gather) or TFLOP/s (attention) the kernels achieve as a share of the device's peak."""
     from .kernels import realistic_lengths
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    esize = torch.empty((), dtype=dtype).element_size()
     if device.type == "cuda":
         B, H, D, C = 32, 12, ATTENTION_HEAD_DIM, 768
         token_counts = (197,) if quick else (197, 577)
@@ -159,12 +302,13 @@ def timing_rows(device: torch.device, quick: bool, deadline: float, on_row: Call
         rows.append(row)
         on_row(row)
 
-    def measure(op, shape, backend, make_inputs, forward):
+    def measure(op, shape, backend, make_inputs, forward, **work):
         row = {"op": op, "shape": shape, "backend": backend, "dtype": str(dtype).replace("torch.", "")}
         if time.time() > deadline:
             return add({**row, "status": "skipped", "reason": "time budget spent"})
         try:
-            add({**row, "status": "ok", **_fwd_and_full(make_inputs, forward, device, quick)})
+            timed = _fwd_and_full(make_inputs, forward, device, quick, NOT_CAPTURABLE.get(backend))
+            add({**row, "status": "ok", **timed, **achieved(timed, device, **work)})
         except Exception as e:  # a failing peer never stops the section
             add({**row, "status": "error", **_error(e)})
 
@@ -178,17 +322,20 @@ def timing_rows(device: torch.device, quick: bool, deadline: float, on_row: Call
                 add({"op": "text_patch_scores", "backend": name, "status": "skipped", "reason": why})
                 continue
             measure("text_patch_scores", f"B={B} N={N} H={H} D={D}", name, lambda: (randn(B, H, D), randn(B, N, H, D)),
-                    lambda a, name=name: bk.text_patch_scores(*a, backend=name))
+                    lambda a, name=name: bk.text_patch_scores(*a, backend=name),
+                    bytes_moved=tps_bytes(B, N, H, D, esize))
         for name, why in _timeable("topk_gather", device, dtype):
             if why:
                 add({"op": "topk_gather", "backend": name, "status": "skipped", "reason": why})
                 continue
             measure("topk_gather", f"B={B} N={N} C={C} k={k}", name, lambda: (randn(B, N, C), torch.rand(B, N, device=device, requires_grad=True)),
-                    lambda a, name=name, k=k: bk.topk_gather(a[0], a[1], k, backend=name).tokens)
+                    lambda a, name=name, k=k: bk.topk_gather(a[0], a[1], k, backend=name).tokens,
+                    bytes_moved=topk_gather_bytes(B, N, C, k, esize))
         for label, lengths in (("dense", [N] * B), ("ragged", realistic_lengths(B, N - 2))):
             total, max_len = sum(lengths), max(lengths)
             cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
             shape = f"{label}: B={B} N<={max_len} ({total} tokens) H={H} D={D}"
+            flops = attention_flops(lengths, lengths, H, D)
             qkv = lambda total=total: (randn(total, H, D), randn(total, H, D), randn(total, H, D))  # noqa: E731
             for name, why in _timeable("varlen_attention", device, dtype, lengths):
                 if why:
@@ -196,12 +343,12 @@ def timing_rows(device: torch.device, quick: bool, deadline: float, on_row: Call
                     continue
                 measure("varlen_attention", shape, name, qkv,
                         lambda a, name=name, cu=cu, m=max_len: bk.varlen_attention(*a, cu, cu, m, m, check_seqlens=False,
-                                                                                   backend=name))
+                                                                                   backend=name), flops=flops)
             mask = (torch.arange(max_len, device=device)[None] < torch.tensor(lengths, device=device)[:, None])
             measure("varlen_attention", shape, "padded SDPA" + (" (no mask)" if label == "dense" else " + key mask"),
                     lambda: (randn(B, H, max_len, D), randn(B, H, max_len, D), randn(B, H, max_len, D)),
                     lambda a, mask=mask, dense=label == "dense": torch.nn.functional.scaled_dot_product_attention(
-                        *a, attn_mask=None if dense else mask[:, None, None, :]))
+                        *a, attn_mask=None if dense else mask[:, None, None, :]), flops=flops)
     return rows
 
 

@@ -68,7 +68,46 @@ def test_quick_run_writes_documented_report(quick_run):
     timing = report["sections"]["timing"]["rows"]
     assert any(r["status"] == "ok" and r["backend"].startswith("padded SDPA") for r in timing)
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in timing if r["status"] == "ok")
-    assert "## Kernels against the float64 reference" in (out / "selftest.md").read_text()
+    # the work each call cannot avoid, beside its time: MB for the pruning ops, GFLOP for attention
+    for row in (r for r in timing if r["status"] == "ok"):
+        work = "fwd_gflop" if row["op"] == "varlen_attention" else "fwd_mb"
+        assert 0 < row[work] < row[work.replace("fwd", "fwd_bwd")], row
+    if torch.cuda.is_available():  # kernel-only and CUDA-graph times, and what the kernels achieve
+        assert all(r.get("fwd_kernel_ms") or r.get("fwd_graph_ms") for r in timing if r["status"] == "ok")
+        assert any(r.get("fwd_peak_pct") for r in timing if r["status"] == "ok")
+    text = (out / "selftest.md").read_text()
+    assert "## Kernels against the float64 reference" in text
+    assert "work per call (fwd; fwd+bwd)" in text or "kernels achieve (fwd; fwd+bwd)" in text
+
+
+def test_work_counts_and_achieved_share_of_peak(monkeypatch):
+    """What a GPU run reports from its kernel-only times, checked on made-up times and peaks."""
+    from bus_benchmarks import harness, selftest_perf as perf
+
+    fwd, full = perf.attention_flops([3, 5], [4, 5], H=2, D=8)
+    assert fwd == 4 * 2 * 8 * (12 + 25) and full == 3.5 * fwd
+    assert perf.attention_flops([5], [5], 1, 8, causal=True)[0] == 4 * 8 * 25 / 2
+    B, N, C, k = 32, 197, 768, 137
+    fwd_bytes, _ = perf.topk_gather_bytes(B, N, C, k, esize=2)
+    assert fwd_bytes == B * N * C * 2 + B * N * 4 + B * (k + 1) * C * 2 + B * k * 8  # x + scores in, tokens + index out
+    tps_fwd, tps_full = perf.tps_bytes(B, N, 12, 64, esize=2)
+    assert tps_fwd == B * N * 768 * 2 + B * 768 * 2 + B * N * 4 and tps_full > 2 * tps_fwd
+
+    monkeypatch.setattr(harness, "peak_memory_bandwidth", lambda device: (4.0e12, "made up"))
+    monkeypatch.setattr(harness, "peak_bf16_flops", lambda device: (1.0e15, "made up"))
+    cuda = torch.device("cuda")
+    row = {"fwd_ms": 0.2, "fwd_kernel_ms": 0.01, "fwd_bwd_ms": 1.0, "fwd_bwd_kernel_ms": None, "fwd_bwd_graph_ms": 0.05}
+    got = perf.achieved(row, cuda, bytes_moved=(2.0e7, 6.0e7))
+    assert got["fwd_gbps"] == pytest.approx(2000) and got["fwd_peak_pct"] == pytest.approx(50)
+    assert got["fwd_call_over_kernel"] == pytest.approx(20) and got["fwd_time_basis"] == "kernel"
+    assert got["fwd_bwd_time_basis"] == "graph" and got["fwd_bwd_gbps"] == pytest.approx(1200)  # no profile: graph
+    got = perf.achieved({"fwd_kernel_ms": 1.0}, cuda, flops=(5e11, 1.75e12))
+    assert got["fwd_tflops"] == pytest.approx(500) and got["fwd_peak_pct"] == pytest.approx(50)
+    assert "fwd_bwd_tflops" not in got and got["fwd_bwd_gflop"] == pytest.approx(1750)
+    assert selftest._achieved_text({**row, **perf.achieved(row, cuda, bytes_moved=(2.0e7, 6.0e7))}) == (
+        "2000 GB/s = 50% of peak, call 20.0x kernels; 1200 GB/s = 30% of peak, call 20.0x kernels")
+    # on a CPU: the counts only
+    assert perf.achieved(row, torch.device("cpu"), bytes_moved=(2.0e7, 6.0e7)) == {"fwd_mb": 20.0, "fwd_bwd_mb": 60.0}
 
 
 def _only(op: str, monkeypatch) -> None:
