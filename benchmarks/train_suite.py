@@ -24,6 +24,7 @@ import dataclasses
 import sys
 
 import torch
+from torch._dynamo.utils import counters
 
 from bus_model.training.compile import BACKEND_HELP, COMPILE_HELP
 
@@ -90,14 +91,24 @@ def run_suite(run, base, pairs, modes, device: torch.device, json_path: str | No
                                            warmup=max(base.warmup, MIN_WARMUP if mode != "none" else 1))
             check_compiles(settings, "bus bench train --gpu-suite")
             log(f"== {model} vs {model}-baseline, batch {batch}, compile {mode} ==")
+            counters.clear()
             case = run(settings, device, log, flops)
             result["cases"].append({k: case[k] for k in ("speedup", "flops_ratio", "models", "settings",
                                                           "peak_bf16_flops", "peak_entry")})
+            result["cases"][-1]["compiler"] = compiler_counts()
             write_json(json_path, result)  # a run cut short keeps the finished cases
             torch._dynamo.reset()  # frees the compiled graphs (and CUDA graph pools) before the next case
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return result
+
+
+def compiler_counts() -> dict:
+    """What dynamo and inductor did in the case just run (``torch._dynamo.utils.counters``): graphs
+    compiled, graph breaks, and CUDA graph skips (inductor then runs that graph without CUDA graphs;
+    the reason is logged with ``TORCH_LOGS=cudagraphs``)."""
+    return {"unique_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
 
 
 def eager_vs_compiled(settings, device: torch.device, log=print) -> dict:
@@ -133,7 +144,7 @@ def rows_of(result: dict) -> list[dict]:
     """One row per case: the pair's numbers side by side."""
     rows = []
     for case in result["cases"]:
-        s = case["settings"]
+        s, compiler = case["settings"], case.get("compiler", {})
         bus, base = case["models"][s["model"]], case["models"][f"{s['model']}-baseline"]
         pct = (lambda m: None if m.get("mfu") is None else 100 * m["mfu"])
         rows.append({
@@ -141,6 +152,7 @@ def rows_of(result: dict) -> list[dict]:
             "bus_ms": 1e3 * bus["median_step_s"], "base_ms": 1e3 * base["median_step_s"], "speedup": case["speedup"],
             "bus_ips": bus["images_per_s"], "base_ips": base["images_per_s"], "bus_mfu": pct(bus), "base_mfu": pct(base),
             "bus_compile_s": bus.get("compile_s"), "base_compile_s": base.get("compile_s"),
+            "graphs": compiler.get("unique_graphs"), "cudagraph_skips": compiler.get("cudagraph_skips"),
         })
     return rows
 
@@ -170,6 +182,7 @@ def render(result: dict) -> str:
         ("speedup", "speedup", ".2f"), ("bus_ips", "BUS images/s", ".1f"), ("base_ips", "baseline images/s", ".1f"),
         ("bus_mfu", "BUS MFU (%)", ".1f"), ("base_mfu", "baseline MFU (%)", ".1f"),
         ("bus_compile_s", "BUS compile (s)", ".1f"), ("base_compile_s", "baseline compile (s)", ".1f"),
+        ("graphs", "graphs compiled", "d"), ("cudagraph_skips", "CUDA graph skips", "d"),
     ])
     gains = compiled_over_eager(result)
     if gains:

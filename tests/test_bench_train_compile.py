@@ -51,6 +51,8 @@ def test_gpu_suite_quick_runs_every_case(tmp_path, capsys):
         assert case["speedup"] == pytest.approx(base["median_step_s"] / bus["median_step_s"])
     assert result["cases"][1]["settings"]["warmup"] == train_suite.MIN_WARMUP  # CUDA graphs: warm-up, record
     eager, compiled = result["cases"]
+    assert eager["compiler"]["unique_graphs"] == 0 and compiled["compiler"]["unique_graphs"] == 2  # BUS, baseline
+    assert compiled["compiler"]["graph_breaks"] == 0 and compiled["compiler"]["cudagraph_skips"] == 0
     for name in eager["models"]:  # counted once, in the eager case
         assert compiled["models"][name]["flops_per_sample"] == eager["models"][name]["flops_per_sample"] > 0
     captured = capsys.readouterr()
