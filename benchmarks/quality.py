@@ -178,7 +178,8 @@ def train_variant(spec, seed: int, steps: int, step_time: float, settings: Quali
                 final = _final_eval(model, held, first_gallery, tokenizer, settings, device, amp)
                 per_gallery = final["paths"][path]
             else:
-                per_gallery = evaluate_paths(model, held, settings.gallery_size, device=device, amp=amp)[path]
+                per_gallery = evaluate_paths(model, held, settings.gallery_size, device=device, amp=amp,
+                                             paths=(path,))[path]  # the curve: the verdict path only
             value = gallery_summary(per_gallery)["mean_r1"]
             curve.append({"time_s": step * step_time, "step": step, "mean_r1": value})
             log(f"{spec.name} seed {seed}: step {step}/{steps} ({step * step_time:.1f}s of training) "

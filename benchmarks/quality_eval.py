@@ -56,19 +56,24 @@ def _autocast(device: torch.device, amp: bool):
 
 
 @torch.no_grad()
-def encode(model, held: HeldOut, *, device: torch.device, amp: bool, batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """``{"text", "unpruned", "deployed"}`` -> (N, E) float32 normalised embeddings (CPU)."""
+def encode(model, held: HeldOut, *, device: torch.device, amp: bool, batch_size: int = 256,
+           paths: tuple[str, ...] = ("unpruned", "deployed")) -> dict[str, torch.Tensor]:
+    """``{"text", *paths}`` -> (N, E) float32 normalised embeddings (CPU); ``paths``: image paths to encode."""
     model.eval()
-    out: dict[str, list[torch.Tensor]] = {"text": [], "unpruned": [], "deployed": []}
+    out: dict[str, list[torch.Tensor]] = {"text": [], **{p: [] for p in paths}}
     same = model.config.selection.policy == "none"  # the baseline: both paths are one
     for s in range(0, len(held), batch_size):
         images = held.images[s : s + batch_size].to(device)
         with _autocast(device, amp):
             ids, mask = held.input_ids[s : s + batch_size].to(device), held.attention_mask[s : s + batch_size].to(device)
             out["text"].append(model.encode_text(ids, mask).embedding.float().cpu())
-            full = model._image_embedding(model.vision.forward_features(images, policy="none")).float().cpu()
-            out["unpruned"].append(full)
-            out["deployed"].append(full if same else model.encode_image(images).embedding.float().cpu())
+            full = None
+            if "unpruned" in paths or same:
+                full = model._image_embedding(model.vision.forward_features(images, policy="none")).float().cpu()
+            if "unpruned" in paths:
+                out["unpruned"].append(full)
+            if "deployed" in paths:
+                out["deployed"].append(full if same else model.encode_image(images).embedding.float().cpu())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -106,12 +111,12 @@ def rerank_recalls(model, held: HeldOut, image_emb: torch.Tensor, text_emb: torc
 
 
 def evaluate_paths(model, held: HeldOut, gallery_size: int, *, device: torch.device, amp: bool,
-                   rerank_k: int = 0) -> dict[str, torch.Tensor]:
-    """``{path: (G, 2) per-gallery (i->t, t->i) R@1}`` for ``unpruned``, ``deployed`` and (``rerank_k`` > 0)
-    ``rerank``."""
-    emb = encode(model, held, device=device, amp=amp)
-    out = {p: gallery_recalls(emb[p], emb["text"], gallery_size) for p in ("unpruned", "deployed")}
-    if rerank_k > 0 and model.itm_head is not None:
+                   rerank_k: int = 0, paths: tuple[str, ...] = ("unpruned", "deployed")) -> dict[str, torch.Tensor]:
+    """``{path: (G, 2) per-gallery (i->t, t->i) R@1}`` for ``paths`` (``unpruned``, ``deployed``) and
+    (``rerank_k`` > 0, which needs ``deployed``) ``rerank``."""
+    emb = encode(model, held, device=device, amp=amp, paths=paths)
+    out = {p: gallery_recalls(emb[p], emb["text"], gallery_size) for p in paths}
+    if rerank_k > 0 and model.itm_head is not None and "deployed" in paths:
         out["rerank"] = rerank_recalls(model, held, emb["deployed"], emb["text"], gallery_size, rerank_k,
                                        device=device, amp=amp)
     return out
