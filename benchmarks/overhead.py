@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import subprocess
@@ -52,10 +51,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .command import run_standalone
-from .harness import environment, markdown_table, publish, timed
+from .harness import environment, publish, timed
+from .overhead_ops import FWD_BWD_TARGET_US, FWD_TARGET_US, PUBLIC_OPS, clock, op_host_times, quantile  # noqa: F401
+from .overhead_report import render  # noqa: F401  (the registry's render hook)
 
-PUBLIC_OPS = ("text_patch_scores", "topk_gather", "topk_gather_varlen", "varlen_attention")
-FWD_TARGET_US, FWD_BWD_TARGET_US = 15.0, 60.0  # issue 23, per public op, kernels stubbed
 DEVICE = torch.device("cpu")
 
 
@@ -192,15 +191,6 @@ def _triton_count_child(settings: OverheadSettings) -> dict:
 # 2. host milliseconds per step, narrow stand-in
 
 
-def quantile(values: list[float], q: float) -> float:
-    """Linear-interpolated ``q`` quantile (0.25: lower quartile)."""
-    v = sorted(values)
-    pos = q * (len(v) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-
 def _error(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).strip()[:800]}"
 
@@ -284,7 +274,7 @@ def time_steps(settings: OverheadSettings, log=print) -> list[dict]:
         order = live[r % len(live):] + live[:r % len(live)]
         for e in order if r % 2 == 0 else order[::-1]:
             for _ in range(settings.steps_per_round):
-                e["times"].append(_clock(lambda: e["step"](e["batch"])))
+                e["times"].append(clock(lambda: e["step"](e["batch"])))
     rows = []
     for e in entries:
         row = {k: v for k, v in e.items() if k not in ("step", "batch", "times")}
@@ -301,149 +291,12 @@ def time_steps(settings: OverheadSettings, log=print) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. host microseconds per public op call, kernels stubbed
-
-
-class _KernelStub:
-    """Stands in for a Triton kernel: ``kernel[grid](...)`` only counts the launch."""
-
-    launches = 0
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __getitem__(self, grid):
-        return self._launch
-
-    def _launch(self, *args, **kwargs):
-        _KernelStub.launches += 1
-
-
-def stub_triton_kernels() -> list[str]:
-    """Replace every Triton kernel (``KernelInterface``) in the modules of ``bus_kernels.ops`` by a stub."""
-    from triton.runtime.jit import KernelInterface
-
-    import bus_kernels.ops  # noqa: F401  (imports every op module)
-
-    stubbed = []
-    for mod_name, module in list(sys.modules.items()):
-        if not mod_name.startswith("bus_kernels.ops") or module is None:
-            continue
-        for attr, value in list(vars(module).items()):
-            if isinstance(value, KernelInterface):
-                setattr(module, attr, _KernelStub(attr))
-                stubbed.append(f"{mod_name}.{attr}")
-    return sorted(stubbed)
-
-
-_TRIVIAL_OP = None
-
-
-def trivial_custom_op():
-    """``bus_overhead::times_two``: ``x * 2`` as a ``torch.library`` custom op with fake and autograd."""
-    global _TRIVIAL_OP
-    if _TRIVIAL_OP is None:
-        @torch.library.custom_op("bus_overhead::times_two", mutates_args=())
-        def times_two(x: torch.Tensor) -> torch.Tensor:
-            return x * 2
-
-        times_two.register_fake(lambda x: torch.empty_like(x))
-        torch.library.register_autograd("bus_overhead::times_two", lambda ctx, g: g * 2,
-                                        setup_context=lambda ctx, inputs, output: None)
-        _TRIVIAL_OP = times_two
-    return _TRIVIAL_OP
-
-
-def op_cases() -> dict:
-    """name -> (make inputs(requires_grad), call(inputs) -> the output to differentiate). Tiny shapes."""
-    import bus_kernels as bk
-
-    B, N, H, D, C, k = 2, 16, 2, 16, 32, 8
-    g = torch.Generator().manual_seed(0)
-
-    def rand(*shape, rg):
-        return torch.randn(*shape, generator=g).requires_grad_(rg)
-
-    cu = torch.tensor([0, 16, 28], dtype=torch.int32)
-    k_rows = torch.tensor([8, 5])
-    times_two = trivial_custom_op()
-    return {
-        "text_patch_scores": (lambda rg: (rand(B, H, D, rg=rg), rand(B, N, H, D, rg=rg)),
-                              lambda a: bk.text_patch_scores(*a)),
-        "topk_gather": (lambda rg: (rand(B, N, C, rg=rg), torch.rand(B, N, generator=g).requires_grad_(rg)),
-                        lambda a: bk.topk_gather(*a, k).tokens),
-        "topk_gather_varlen": (lambda rg: (rand(B, N, C, rg=rg), torch.rand(B, N, generator=g).requires_grad_(rg)),
-                               lambda a: bk.topk_gather_varlen(*a, k_rows).tokens),
-        "varlen_attention": (lambda rg: (rand(28, H, D, rg=rg), rand(28, H, D, rg=rg), rand(28, H, D, rg=rg)),
-                             lambda a: bk.varlen_attention(*a, cu, cu, 16, 16)),
-        "x * 2": (lambda rg: (rand(B, N, C, rg=rg),), lambda a: a[0] * 2),
-        "trivial custom op": (lambda rg: (rand(B, N, C, rg=rg),), lambda a: times_two(a[0])),
-    }
-
-
-def _clock(fn, calls: int = 1) -> tuple[float, float]:
-    """(wall seconds, this thread's CPU seconds) per call of ``fn``, over ``calls`` calls."""
-    wall, cpu = time.perf_counter(), time.thread_time()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - wall) / calls, (time.thread_time() - cpu) / calls
+# 3. host microseconds per public op call, kernels stubbed (overhead_ops.py)
 
 
 def _op_host_child(settings: OverheadSettings) -> dict:
-    """In the TRITON_INTERPRET=1 child: host us per public call with every Triton kernel stubbed."""
-    from .dispatch_count import DispatchCounter
-
-    torch.set_num_threads(1)
-    stubbed = stub_triton_kernels()
-    backends = kernel_backends()
-    cases = op_cases()
-    runs = {}
-    for name, (make, call) in cases.items():
-        plain, grad = make(False), make(True)
-        out = call(grad)
-        grad_out = torch.ones_like(out)
-
-        def fwd_bwd(call=call, grad=grad, grad_out=grad_out):
-            torch.autograd.grad(call(grad), grad, grad_out)
-
-        runs[name] = {"fwd": lambda call=call, plain=plain: call(plain),
-                      "fwd_grad": lambda call=call, grad=grad: call(grad), "fwd_bwd": fwd_bwd}
-    kinds = ("fwd", "fwd_grad", "fwd_bwd")
-    rows = {name: {"op": name, "launches": {}, "dispatched": {}, "times": {k: [] for k in kinds}} for name in cases}
-    for name, fns in runs.items():  # counts, and warm-up
-        for kind, fn in fns.items():
-            fn()
-            before = _KernelStub.launches
-            with DispatchCounter() as counter:
-                fn()
-            rows[name]["launches"][kind] = _KernelStub.launches - before
-            rows[name]["dispatched"][kind] = counter.total
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(settings.op_rounds):
-            names = list(runs) if r % 2 == 0 else list(runs)[::-1]
-            for name in names:
-                for kind, fn in runs[name].items():
-                    calls = settings.op_calls if kind != "fwd_bwd" else max(1, settings.op_calls // 4)
-                    rows[name]["times"][kind].append(_clock(fn, calls))
-    finally:
-        if gc_was:
-            gc.enable()
-    out = []
-    for row in rows.values():
-        for kind, values in row.pop("times").items():
-            wall = [w * 1e6 for w, _ in values]
-            cpu = [c * 1e6 for _, c in values]
-            row[f"{kind}_us"] = quantile(wall, 0.5)
-            row[f"{kind}_us_p25"] = quantile(wall, 0.25)
-            row[f"{kind}_cpu_us"] = quantile(cpu, 0.5)
-        if row["op"] in PUBLIC_OPS:
-            row["fwd_target_met"] = row["fwd_cpu_us"] <= FWD_TARGET_US
-            row["fwd_bwd_target_met"] = row["fwd_bwd_cpu_us"] <= FWD_BWD_TARGET_US
-        out.append(row)
-    not_stubbed = [r["op"] for r in out if r["op"] in PUBLIC_OPS and r["launches"]["fwd"] == 0]
-    return {"rows": out, "stubbed_kernels": stubbed, "backends": backends, "ops_without_stubbed_launch": not_stubbed}
+    """In the TRITON_INTERPRET=1 child: ``overhead_ops.op_host_times`` and the backend each op ran on."""
+    return {**op_host_times(settings.op_rounds, settings.op_calls), "backends": kernel_backends()}
 
 
 def _run_child(kind: str, settings: OverheadSettings) -> dict:
@@ -505,94 +358,6 @@ def _run(settings: OverheadSettings, log) -> dict:
         "settings": asdict(settings),
         **environment(DEVICE),
     }
-
-
-PART_COLUMNS = ("ViT", "selection", "PAD", "text tower", "fusion encoder", "decoder", "losses",
-                "model glue (heads, stacking)", "optimizer")
-
-
-def _bus_extra(rows: list[dict], key: str) -> list[str]:
-    """'bus-small - bus-small-baseline: +N (impl)' for each BUS config measured with its twin."""
-    out = []
-    by_key = {(r["model"], r["attn_impl"]): r for r in rows}
-    for (name, impl), r in by_key.items():
-        twin = by_key.get((f"{name}-baseline", impl))
-        if twin is not None and r.get(key) is not None and twin.get(key) is not None:
-            out.append(f"{name} {impl}: {r[key] - twin[key]:+d}")
-    return out
-
-
-def render(result: dict) -> str:
-    s = result["settings"]
-    rows = result["ops_per_step"]
-    table_rows = []
-    for r in rows:
-        row = {"model": r["model"], "attn_impl": r["attn_impl"], "total": r["total"],
-               "triton_path_total": r.get("triton_path_total"), **r.get("by_phase", {})}
-        row.update({p: r["by_part"].get(p, 0) for p in PART_COLUMNS})
-        table_rows.append(row)
-    parts = ["Dispatched ops per training step (CPU count; forward + backward + fused AdamW, batch "
-             f"{s['batch_size']}, bf16 autocast). Backends here: "
-             + ", ".join(f"{k} {v}" for k, v in result["kernel_backends"].items())
-             + "; \"Triton path\": every bus_kernels op on its Triton custom op, as on a GPU.", "",
-             markdown_table(table_rows, [
-                 ("model", "model", ""), ("attn_impl", "attn", ""), ("total", "ops (CPU backends)", "d"),
-                 ("triton_path_total", "ops (Triton path)", "d"), ("forward", "fwd", "d"), ("backward", "bwd", "d"),
-                 ("optimizer", "optim", "d"),
-                 *[(p, p.split(" (")[0], "d") for p in PART_COLUMNS if p != "optimizer"]])]
-    extra = _bus_extra(rows, "total") + [x + " (Triton path)" for x in _bus_extra(rows, "triton_path_total")]
-    if extra:
-        parts += ["", "BUS minus its baseline: " + "; ".join(extra)]
-    same = [r.get("same_op_graph") for r in rows if "same_op_graph" in r]
-    parts += ["", f"Stand-in (width {s['width']}, images at most {s['image_size']} px) op counts equal the configs': "
-              f"{all(same) if same else 'not checked'}"]
-
-    steps = [dict(r) for r in result["host_ms_per_step"]]
-    for r in steps:
-        r["compute_pct"] = 100 * r["compute_share"] if "compute_share" in r else None
-        r["note"] = "; ".join(x for x in (
-            f"compile {r['compile_s']:.1f} s, fullgraph={r['fullgraph']}, {r.get('graphs')} graph(s)"
-            if "compile_s" in r else "",
-            f"fullgraph failed: {r['fullgraph_error'][:120]}" if "fullgraph_error" in r else "",
-            f"failed: {r['error'][:160]}" if "error" in r else "") if x)
-    parts += ["", f"Host milliseconds per training step on CPU, narrow stand-in (every width {s['width']}, "
-              f"images at most {s['image_size']} px), "
-              f"{s['rounds']} interleaved rounds x {s['steps_per_round']} steps:", "",
-              markdown_table(steps, [("model", "model", ""), ("attn_impl", "attn", ""), ("precision", "precision", ""),
-                                     ("mode", "mode", ""),
-                                     ("median_ms", "wall ms median", ".1f"),
-                                     ("p25_ms", "wall ms lower quartile", ".1f"),
-                                     ("cpu_median_ms", "thread CPU ms median", ".1f"), ("ops", "ops (eager)", "d"),
-                                     ("cpu_us_per_op", "thread CPU us per op", ".1f"),
-                                     ("compute_pct", "compute share %", ".0f"), ("note", "note", "")])]
-
-    ops = result["op_host_us"]
-    if "rows" in ops:
-        op_rows = []
-        for r in ops["rows"]:
-            met = ""
-            if "fwd_target_met" in r:
-                met = f"{'yes' if r['fwd_target_met'] else 'no'} / {'yes' if r['fwd_bwd_target_met'] else 'no'}"
-            op_rows.append({**r, "met": met, "launch": f"{r['launches']['fwd']} / {r['launches']['fwd_bwd']}",
-                            "dispatched_ops": f"{r['dispatched']['fwd']} / {r['dispatched']['fwd_bwd']}"})
-        parts += ["", "Host microseconds per public call on CPU, Triton backend with its kernels stubbed (the "
-                  "wrapper's own cost): wall-clock median of interleaved blocks [lower quartile] and thread CPU "
-                  f"median. Targets (issue 23, judged on thread CPU time): fwd <= {FWD_TARGET_US:g} us, "
-                  f"fwd+bwd <= {FWD_BWD_TARGET_US:g} us.", ""]
-        for r in op_rows:
-            for kind in ("fwd", "fwd_grad", "fwd_bwd"):
-                r[f"{kind}_cell"] = f"{r[f'{kind}_us']:.1f} [{r[f'{kind}_us_p25']:.1f}]; {r[f'{kind}_cpu_us']:.1f}"
-        parts.append(markdown_table(op_rows, [
-            ("op", "op", ""), ("fwd_cell", "fwd us, no grad (wall [p25]; CPU)", ""),
-            ("fwd_grad_cell", "fwd us, recording grad", ""), ("fwd_bwd_cell", "fwd+bwd us", ""),
-            ("met", "targets met fwd / fwd+bwd", ""), ("launch", "Triton launches fwd / fwd+bwd", ""),
-            ("dispatched_ops", "dispatched ops fwd / fwd+bwd", "")]))
-        if ops.get("ops_without_stubbed_launch"):
-            parts.append(f"\nWARNING: no stubbed launch seen for {ops['ops_without_stubbed_launch']}")
-    else:
-        parts += ["", f"Per-op host time: {ops.get('error', 'not measured')}"]
-    parts += ["", f"{result['device']}; torch {result['torch']}; commit {result['commit']}"]
-    return "\n".join(parts)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
