@@ -25,6 +25,7 @@ import torch
 import bus_kernels as bk
 from bus_kernels import reference
 from bus_kernels.backends import TRITON_INTERPRET, get_backend
+from bus_kernels.ops.varlen_attention import ATTENTION_LIMITS
 
 from .command import run_standalone
 from .harness import ByteCounter, default_device, environment, markdown_table, publish, time_op
@@ -126,6 +127,9 @@ def backends_for(op: str, device: torch.device) -> list[tuple[str, str | None]]:
             continue
         if name == "triton" and device.type == "cpu" and TRITON_INTERPRET:
             why = "Triton interpreter: a correctness tool, not timed"
+        limits = ATTENTION_LIMITS.get(name) if op == "varlen_attention" else None
+        if why is None and limits is not None and limits.dense_only:  # the attention case here is ragged
+            why = "dense batches only (every sequence full length); this case is ragged"
         rows.append((name, why))
     return rows
 
