@@ -26,10 +26,10 @@ Head dims 1..256 of any size (80, 96, ...) run by masking the head dim to ``BLOC
 Dense batches (every sequence full length, e.g. a ViT before pruning) skip all of this: ``backend=None``
 runs them as PyTorch SDPA on a ``(B, S, H, D)`` view (backend ``sdpa``, ``dense.py``).
 
-Files: ``kernel_fwd.py`` / ``kernel_bwd.py`` (Triton kernels), ``tiles.py`` (tile configs and the
-block table), ``launch.py`` (custom ops, autograd, backend registration), ``dense.py`` (the SDPA fast
-path), ``limits.py`` (head dims and features per backend), ``api.py`` (the public function), ``aot.py``
-(ahead-of-time variants).
+Files: ``kernel_fwd.py`` / ``kernel_bwd.py`` (Triton kernels; ``kernel_common.py``: the ``@triton.jit``
+helpers they share), ``tiles.py`` (tile configs and the block table), ``launch.py`` (custom ops,
+autograd, backend registration), ``dense.py`` (the SDPA fast path), ``limits.py`` (head dims and
+features per backend), ``api.py`` (the public function), ``aot.py`` (ahead-of-time variants).
 """
 
 from .aot import aot_specs

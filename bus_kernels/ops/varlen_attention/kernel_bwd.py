@@ -10,6 +10,8 @@ Every output element is written by exactly one program: no atomics.
 import triton
 import triton.language as tl
 
+from .kernel_common import _bias_and_causal, _block_sequence, _key_end, _load_keys, _load_queries
+
 
 # Ragged sizes are not specialised: their divisibility by 16 changes from batch to batch and would
 # compile a second variant mid-run (they only index the (H, total) lse/delta rows). See bus_kernels/aot.py.
@@ -38,16 +40,11 @@ def _attn_bwd_dkdv_kernel(
     D: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    seq = tl.load(blk_seq_ptr + pid)
-    if seq < 0:
+    seq = tl.load(blk_seq_ptr + tl.program_id(0))
+    if seq < 0:  # spare entry of the block table
         return
-    start_n = tl.load(blk_start_ptr + pid)
-    q0 = tl.load(cu_q_ptr + seq)
-    k0 = tl.load(cu_k_ptr + seq)
-    len_q = tl.load(cu_q_ptr + seq + 1) - q0
-    len_k = tl.load(cu_k_ptr + seq + 1) - k0
+    start_n, q0, k0, len_q, len_k = _block_sequence(blk_start_ptr, cu_q_ptr, cu_k_ptr, seq)
+    h = tl.program_id(1)
     shift = len_k - len_q
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -55,14 +52,12 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     nmask = cols < len_k
     dmask = offs_d < D
-    kv_mask = nmask[:, None] & dmask[None, :]
     q_base = q_ptr + q0.to(tl.int64) * stride_qt + h * stride_qh
     do_base = dout_ptr + q0.to(tl.int64) * stride_dot + h * stride_doh
     row_base = h.to(tl.int64) * total_q + q0  # into lse and delta, (H, total_q)
-    k = tl.load(k_ptr + k0.to(tl.int64) * stride_kt + h * stride_kh + cols[:, None] * stride_kt + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + k0.to(tl.int64) * stride_vt + h * stride_vh + cols[:, None] * stride_vt + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    k, v = _load_keys(k_ptr + k0.to(tl.int64) * stride_kt + h * stride_kh,
+                      v_ptr + k0.to(tl.int64) * stride_vt + h * stride_vh,
+                      cols, nmask, offs_d, dmask, stride_kt, stride_vt)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + k0 + cols, mask=nmask, other=0.0) * 1.4426950408889634
         dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -75,11 +70,9 @@ def _attn_bwd_dkdv_kernel(
     for m0 in range(start_m, len_q, BLOCK_M):
         rows = m0 + offs_m
         mmask = rows < len_q
-        qd_mask = mmask[:, None] & dmask[None, :]
-        q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=qd_mask, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=qd_mask, other=0.0)
-        lse = tl.load(lse_ptr + row_base + rows, mask=mmask, other=float("inf"))
-        delta = tl.load(delta_ptr + row_base + rows, mask=mmask, other=0.0)
+        q, do, lse, delta = _load_queries(q_base, do_base, lse_ptr + row_base, delta_ptr + row_base, rows, mmask,
+                                          offs_d, dmask, stride_qt, stride_dot)
+        # transposed tiles (keys on rows): dK and dV accumulate without a transpose of P or dS
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         if HAS_BIAS:
             s_t += bias[:, None]
@@ -95,6 +88,7 @@ def _attn_bwd_dkdv_kernel(
             dbias += tl.sum(ds_t, axis=1)
 
     out_off = (k0.to(tl.int64) * H + h) * D + cols[:, None] * (H * D) + offs_d[None, :]
+    kv_mask = nmask[:, None] & dmask[None, :]
     tl.store(dk_ptr + out_off, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
     if HAS_BIAS:
@@ -110,16 +104,11 @@ def _attn_bwd_dq_kernel(
     D: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    seq = tl.load(blk_seq_ptr + pid)
-    if seq < 0:
+    seq = tl.load(blk_seq_ptr + tl.program_id(0))
+    if seq < 0:  # spare entry of the block table
         return
-    start_m = tl.load(blk_start_ptr + pid)
-    q0 = tl.load(cu_q_ptr + seq)
-    k0 = tl.load(cu_k_ptr + seq)
-    len_q = tl.load(cu_q_ptr + seq + 1) - q0
-    len_k = tl.load(cu_k_ptr + seq + 1) - k0
+    start_m, q0, k0, len_q, len_k = _block_sequence(blk_start_ptr, cu_q_ptr, cu_k_ptr, seq)
+    h = tl.program_id(1)
     shift = len_k - len_q
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -127,37 +116,27 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mmask = offs_m < len_q
     dmask = offs_d < D
-    qd_mask = mmask[:, None] & dmask[None, :]
-    q = tl.load(q_ptr + q0.to(tl.int64) * stride_qt + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=qd_mask, other=0.0)
-    do = tl.load(dout_ptr + q0.to(tl.int64) * stride_dot + h * stride_doh + offs_m[:, None] * stride_dot
-                 + offs_d[None, :], mask=qd_mask, other=0.0)
-    lse = tl.load(lse_ptr + h.to(tl.int64) * total_q + q0 + offs_m, mask=mmask, other=float("inf"))
-    delta = tl.load(delta_ptr + h.to(tl.int64) * total_q + q0 + offs_m, mask=mmask, other=0.0)
+    head_row = h.to(tl.int64) * total_q  # this head's row of lse and delta, (H, total_q)
+    q, do, lse, delta = _load_queries(q_ptr + q0.to(tl.int64) * stride_qt + h * stride_qh,
+                                      dout_ptr + q0.to(tl.int64) * stride_dot + h * stride_doh,
+                                      lse_ptr + head_row + q0, delta_ptr + head_row + q0,
+                                      offs_m, mmask, offs_d, dmask, stride_qt, stride_dot)
     k_base = k_ptr + k0.to(tl.int64) * stride_kt + h * stride_kh
     v_base = v_ptr + k0.to(tl.int64) * stride_vt + h * stride_vh
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
-    end_n = len_k
-    if CAUSAL:
-        end_n = tl.minimum(len_k, start_m + BLOCK_M + shift)
-    for start_n in range(0, end_n, BLOCK_N):
+    for start_n in range(0, _key_end(start_m, len_k, shift, BLOCK_M, CAUSAL), BLOCK_N):
         cols = start_n + offs_n
         nmask = cols < len_k
-        kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k, v = _load_keys(k_base, v_base, cols, nmask, offs_d, dmask, stride_kt, stride_vt)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        if HAS_BIAS:
-            s += tl.load(bias_ptr + k0 + cols, mask=nmask, other=0.0)[None, :] * 1.4426950408889634
-        visible = mmask[:, None] & nmask[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
+        s, visible = _bias_and_causal(s, mmask[:, None] & nmask[None, :], bias_ptr, k0, offs_m, cols, nmask, shift,
+                                      CAUSAL, HAS_BIAS)
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    tl.store(dq_ptr + (q0.to(tl.int64) * H + h) * D + offs_m[:, None] * (H * D) + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty),
-             mask=qd_mask)
+    tl.store(dq_ptr + (q0.to(tl.int64) * H + h) * D + offs_m[:, None] * (H * D) + offs_d[None, :],
+             (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
 

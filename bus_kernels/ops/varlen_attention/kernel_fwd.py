@@ -8,6 +8,8 @@ row with no visible key) for the backward.
 import triton
 import triton.language as tl
 
+from .kernel_common import _bias_and_causal, _block_sequence, _key_end
+
 
 # Ragged sizes are not specialised: their divisibility by 16 changes from batch to batch and would
 # compile a second variant mid-run (they only index the (H, total) lse/delta rows). See bus_kernels/aot.py.
@@ -20,16 +22,11 @@ def _attn_fwd_kernel(
     D: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    seq = tl.load(blk_seq_ptr + pid)
+    seq = tl.load(blk_seq_ptr + tl.program_id(0))
     if seq < 0:  # spare entry of the block table
         return
-    start_m = tl.load(blk_start_ptr + pid)
-    q0 = tl.load(cu_q_ptr + seq)
-    k0 = tl.load(cu_k_ptr + seq)
-    len_q = tl.load(cu_q_ptr + seq + 1) - q0
-    len_k = tl.load(cu_k_ptr + seq + 1) - k0
+    start_m, q0, k0, len_q, len_k = _block_sequence(blk_start_ptr, cu_q_ptr, cu_k_ptr, seq)
+    h = tl.program_id(1)
     shift = len_k - len_q  # bottom-right causal: row i sees key j iff j <= i + shift
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -46,21 +43,13 @@ def _attn_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    end_n = len_k
-    if CAUSAL:
-        end_n = tl.minimum(len_k, start_m + BLOCK_M + shift)
-    for start_n in range(0, end_n, BLOCK_N):
+    for start_n in range(0, _key_end(start_m, len_k, shift, BLOCK_M, CAUSAL), BLOCK_N):
         cols = start_n + offs_n
         nmask = cols < len_k
         kt = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None],
                      mask=dmask[:, None] & nmask[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + k0 + cols, mask=nmask, other=0.0)
-            s += bias[None, :] * 1.4426950408889634
-        visible = nmask[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
+        s, visible = _bias_and_causal(s, nmask[None, :], bias_ptr, k0, offs_m, cols, nmask, shift, CAUSAL, HAS_BIAS)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
