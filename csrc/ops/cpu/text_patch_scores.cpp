@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/outputs.h"
 #include "../common/pruning.h"
 #include "loops.h"
 
@@ -112,26 +113,21 @@ void backward_rows(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k
 std::tuple<at::Tensor, at::Tensor, at::Tensor> text_patch_scores(const at::Tensor& query_in, const at::Tensor& keys_in,
                                                                  double scale) {
   check_text_patch_scores(query_in, keys_in);
-  const at::Tensor q = query_in.stride(2) == 1 ? query_in : query_in.contiguous();
-  const at::Tensor k = keys_in.stride(3) == 1 ? keys_in : keys_in.contiguous();
-  const int64_t B = k.size(0), N = k.size(1), H = k.size(2);
-  const auto f32 = k.options().dtype(at::kFloat);
-  auto out = at::empty({B, N}, f32);
-  auto logits = at::empty({B, H, N}, f32);
-  auto lse = at::empty({B, H}, f32);
-  if (B == 0) return {out, logits, lse};
-  BUS_DISPATCH_KERNEL_TYPES(k.scalar_type(), "bus_text_patch_scores_cpu", [&] {
-    forward_rows<scalar_t>(q, k, static_cast<float>(scale), out, logits, lse);
+  const TextPatchScoresInputs in = text_patch_scores_inputs(query_in, keys_in);
+  TextPatchScoresOutputs o = empty_text_patch_scores_outputs(in.keys);
+  if (in.keys.size(0) == 0) return o.tuple();
+  BUS_DISPATCH_KERNEL_TYPES(in.keys.scalar_type(), "bus_text_patch_scores_cpu", [&] {
+    forward_rows<scalar_t>(in.query, in.keys, static_cast<float>(scale), o.scores, o.logits, o.lse);
   });
-  return {out, logits, lse};
+  return o.tuple();
 }
 
 std::tuple<at::Tensor, at::Tensor> text_patch_scores_backward(const at::Tensor& grad, const at::Tensor& query_in,
                                                               const at::Tensor& keys_in, const at::Tensor& logits,
                                                               const at::Tensor& lse, double scale) {
   check_text_patch_scores_backward(grad, query_in, keys_in, logits, lse);
-  const at::Tensor q = query_in.stride(2) == 1 ? query_in : query_in.contiguous();
-  const at::Tensor k = keys_in.stride(3) == 1 ? keys_in : keys_in.contiguous();
+  const TextPatchScoresInputs in = text_patch_scores_inputs(query_in, keys_in);
+  const at::Tensor &q = in.query, &k = in.keys;
   const at::Tensor g = grad.to(at::kFloat).contiguous();
   auto dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   auto dk = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));

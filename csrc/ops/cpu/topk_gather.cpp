@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/outputs.h"
 #include "../common/pruning.h"
 #include "loops.h"
 
@@ -181,30 +182,17 @@ void check_k_values(const int64_t* k, int64_t B, int64_t N, int64_t total_kept) 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_gather(
     const at::Tensor& x_in, const at::Tensor& scores, const at::Tensor& k_in, int64_t total_kept, bool fuse) {
   check_topk_gather(x_in, scores, k_in, total_kept);
-  const int64_t B = x_in.size(0), N = x_in.size(1), C = x_in.size(2);
-  const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
-  const at::Tensor s32 = scores.to(at::kFloat).contiguous();
-  const at::Tensor k = k_in.contiguous();
-  check_k_values(k.data_ptr<int64_t>(), B, N, total_kept);
-  auto tokens = at::empty({total_kept + B * (fuse ? 1 : 0), C}, x.options());
-  auto index = at::empty({total_kept}, x.options().dtype(at::kLong));
-  auto slot = at::empty({B, N}, x.options().dtype(at::kInt));
-  // written by forward_rows when fuse (the only case the backward reads them): no fills
-  auto fused = at::empty({B, C}, x.options().dtype(at::kFloat));
-  auto den = at::empty({B}, x.options().dtype(at::kFloat));
-  if (B == 0) return {tokens, index, slot, fused, den};
-  if (N == 0) {
-    // no token, so k == 0 in every row: each row is its fused token alone, zeros (nothing dropped)
-    tokens.zero_();
-    fused.zero_();
-    den.zero_();
-    return {tokens, index, slot, fused, den};
-  }
-  const RowOffsets off = row_offsets(k.data_ptr<int64_t>(), B, fuse);
-  BUS_DISPATCH_KERNEL_TYPES(x.scalar_type(), "bus_topk_gather_cpu", [&] {
-    forward_rows<scalar_t>(x, s32, k.data_ptr<int64_t>(), off, fuse, tokens, index, slot, fused, den);
+  const int64_t B = x_in.size(0), N = x_in.size(1);
+  const TopkGatherInputs in = topk_gather_inputs(x_in, scores, k_in);
+  check_k_values(in.k.data_ptr<int64_t>(), B, N, total_kept);
+  TopkGatherOutputs o = empty_topk_gather_outputs(in.x, total_kept, fuse);
+  if (topk_gather_needs_no_kernel(o)) return o.tuple();
+  const RowOffsets off = row_offsets(in.k.data_ptr<int64_t>(), B, fuse);
+  BUS_DISPATCH_KERNEL_TYPES(in.x.scalar_type(), "bus_topk_gather_cpu", [&] {
+    forward_rows<scalar_t>(in.x, in.scores, in.k.data_ptr<int64_t>(), off, fuse, o.tokens, o.index, o.slot, o.fused,
+                           o.den);
   });
-  return {tokens, index, slot, fused, den};
+  return o.tuple();
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_gather_backward(const at::Tensor& grad_tokens, const at::Tensor& x_in,
@@ -213,10 +201,9 @@ std::tuple<at::Tensor, at::Tensor> topk_gather_backward(const at::Tensor& grad_t
                                                         const at::Tensor& den, bool fuse) {
   check_topk_gather_backward(grad_tokens, x_in, scores, k_in, slot, fused, den);
   const int64_t B = x_in.size(0), N = x_in.size(1), C = x_in.size(2);
-  const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
+  const TopkGatherInputs in = topk_gather_inputs(x_in, scores, k_in);
+  const at::Tensor &x = in.x, &s32 = in.scores, &k = in.k;
   const at::Tensor g = grad_tokens.to(x.scalar_type()).contiguous();
-  const at::Tensor s32 = scores.to(at::kFloat).contiguous();
-  const at::Tensor k = k_in.contiguous();
   int64_t total_kept = 0;
   for (int64_t b = 0; b < B; ++b) total_kept += k.data_ptr<int64_t>()[b];
   check_k_values(k.data_ptr<int64_t>(), B, N, total_kept);

@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "../common/checks.h"
+#include "../common/outputs.h"
 #include "launch.h"
 
 namespace bus {
@@ -27,51 +28,44 @@ void raise_if(const char* err) { TORCH_CHECK(err == nullptr, bus::msg("bus nativ
 
 void* current_stream() { return static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()); }
 
+// The inputs both topk_gather launchers read, named alike in TopkGatherForwardArgs and
+// TopkGatherBackwardArgs: x (B, N, C) with unit stride in C, scores (B, N) float32, k (B,).
+template <typename Args>
+void set_topk_gather_inputs(Args& a, const TopkGatherInputs& in) {
+  a.x = in.x.data_ptr();
+  a.stride_xb = in.x.stride(0);
+  a.stride_xn = in.x.stride(1);
+  a.scores = in.scores.data_ptr<float>();
+  a.k = in.k.data_ptr<int64_t>();
+  a.B = in.x.size(0);
+  a.N = in.x.size(1);
+  a.C = in.x.size(2);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_gather_op(
     const at::Tensor& x_in, const at::Tensor& scores, const at::Tensor& k_in, int64_t total_kept, bool fuse) {
   check_topk_gather(x_in, scores, k_in, total_kept);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const int64_t B = x_in.size(0), N = x_in.size(1), C = x_in.size(2);
-  const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
-  const at::Tensor s32 = scores.to(at::kFloat).contiguous();
-  const at::Tensor k = k_in.contiguous();
-  auto tokens = at::empty({total_kept + B * (fuse ? 1 : 0), C}, x.options());
-  auto index = at::empty({total_kept}, x.options().dtype(at::kLong));
-  auto slot = at::empty({B, N}, x.options().dtype(at::kInt));
-  // written by the kernel when fuse (the only case the backward reads them): no fills
-  auto fused = at::empty({B, C}, x.options().dtype(at::kFloat));
-  auto den = at::empty({B}, x.options().dtype(at::kFloat));
-  if (B == 0) return {tokens, index, slot, fused, den};
-  if (N == 0) {
-    // no token, so k == 0 in every row: each row is its fused token alone, zeros (nothing dropped)
-    tokens.zero_();
-    fused.zero_();
-    den.zero_();
-    return {tokens, index, slot, fused, den};
-  }
+  const int64_t B = x_in.size(0), N = x_in.size(1);
+  const TopkGatherInputs in = topk_gather_inputs(x_in, scores, k_in);
+  const TopkGatherOutputs o = empty_topk_gather_outputs(in.x, total_kept, fuse);
+  if (topk_gather_needs_no_kernel(o)) return o.tuple();
   TopkGatherForwardArgs a{};
-  a.x = x.data_ptr();
-  a.stride_xb = x.stride(0);
-  a.stride_xn = x.stride(1);
-  a.scores = s32.data_ptr<float>();
-  a.k = k.data_ptr<int64_t>();
-  a.B = B;
-  a.N = N;
-  a.C = C;
+  set_topk_gather_inputs(a, in);
   a.total_kept = total_kept;
   a.fuse = fuse;
-  a.tokens = tokens.data_ptr();
-  a.index = index.data_ptr<int64_t>();
-  a.slot = slot.data_ptr<int32_t>();
-  a.fused = fused.data_ptr<float>();
-  a.den = den.data_ptr<float>();
+  a.tokens = o.tokens.data_ptr();
+  a.index = o.index.data_ptr<int64_t>();
+  a.slot = o.slot.data_ptr<int32_t>();
+  a.fused = o.fused.data_ptr<float>();
+  a.den = o.den.data_ptr<float>();
   at::Tensor scratch;
   if (!topk_gather_fits_on_chip(N)) {  // very long rows: keys and slot map in global memory
-    scratch = at::empty({B, 2 * N}, x.options().dtype(at::kInt));
+    scratch = at::empty({B, 2 * N}, in.x.options().dtype(at::kInt));
     a.scratch = reinterpret_cast<uint32_t*>(scratch.data_ptr<int32_t>());
   }
-  raise_if(topk_gather_forward(kernel_dtype(x), a, current_stream()));
-  return {tokens, index, slot, fused, den};
+  raise_if(topk_gather_forward(kernel_dtype(in.x), a, current_stream()));
+  return o.tuple();
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_gather_backward_op(const at::Tensor& grad_tokens, const at::Tensor& x_in,
@@ -81,27 +75,19 @@ std::tuple<at::Tensor, at::Tensor> topk_gather_backward_op(const at::Tensor& gra
   check_topk_gather_backward(grad_tokens, x_in, scores, k_in, slot, fused, den);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t B = x_in.size(0), N = x_in.size(1), C = x_in.size(2);
-  const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
+  const TopkGatherInputs in = topk_gather_inputs(x_in, scores, k_in);
+  const at::Tensor& x = in.x;
   const at::Tensor g = grad_tokens.to(x.scalar_type()).contiguous();
-  const at::Tensor s32 = scores.to(at::kFloat).contiguous();
-  const at::Tensor k = k_in.contiguous();
   const at::Tensor slot_c = slot.contiguous(), fused_c = fused.contiguous(), den_c = den.contiguous();
   auto grad_x = at::empty({B, N, C}, x.options());
   auto grad_s = at::empty({B, N}, x.options().dtype(at::kFloat));
   if (B > 0 && N > 0) {
     TopkGatherBackwardArgs a{};
+    set_topk_gather_inputs(a, in);
     a.grad_tokens = g.data_ptr();
-    a.x = x.data_ptr();
-    a.stride_xb = x.stride(0);
-    a.stride_xn = x.stride(1);
-    a.scores = s32.data_ptr<float>();
-    a.k = k.data_ptr<int64_t>();
     a.slot = slot_c.data_ptr<int32_t>();
     a.fused = fused_c.data_ptr<float>();
     a.den = den_c.data_ptr<float>();
-    a.B = B;
-    a.N = N;
-    a.C = C;
     a.total_rows = g.size(0);
     a.fuse = fuse;
     a.grad_x = grad_x.data_ptr();
@@ -155,19 +141,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> text_patch_scores_op(const at::Te
   check_text_patch_scores(query_in, keys_in);
   if (query_in.size(2) > kMaxHeadDim) return text_patch_scores_aten(query_in, keys_in, scale);
   const c10::cuda::CUDAGuard guard(query_in.device());
-  const at::Tensor q = query_in.stride(2) == 1 ? query_in : query_in.contiguous();
-  const at::Tensor k = keys_in.stride(3) == 1 ? keys_in : keys_in.contiguous();
-  const int64_t B = k.size(0), N = k.size(1), H = k.size(2);
-  const auto f32 = k.options().dtype(at::kFloat);
-  auto out = at::empty({B, N}, f32);
-  auto logits = at::empty({B, H, N}, f32);
-  auto lse = at::empty({B, H}, f32);
-  TextPatchScoresArgs a = tps_args(q, k, scale);
-  a.scores = out.data_ptr<float>();
-  a.logits = logits.data_ptr<float>();
-  a.lse = lse.data_ptr<float>();
-  raise_if(text_patch_scores_forward(kernel_dtype(k), a, current_stream()));
-  return {out, logits, lse};
+  const TextPatchScoresInputs in = text_patch_scores_inputs(query_in, keys_in);
+  const TextPatchScoresOutputs o = empty_text_patch_scores_outputs(in.keys);
+  TextPatchScoresArgs a = tps_args(in.query, in.keys, scale);
+  a.scores = o.scores.data_ptr<float>();
+  a.logits = o.logits.data_ptr<float>();
+  a.lse = o.lse.data_ptr<float>();
+  raise_if(text_patch_scores_forward(kernel_dtype(in.keys), a, current_stream()));
+  return o.tuple();
 }
 
 std::tuple<at::Tensor, at::Tensor> text_patch_scores_backward_op(const at::Tensor& grad, const at::Tensor& query_in,
@@ -176,8 +157,8 @@ std::tuple<at::Tensor, at::Tensor> text_patch_scores_backward_op(const at::Tenso
   check_text_patch_scores_backward(grad, query_in, keys_in, logits, lse);
   if (query_in.size(2) > kMaxHeadDim) return text_patch_scores_backward_aten(grad, query_in, keys_in, logits, lse, scale);
   const c10::cuda::CUDAGuard guard(query_in.device());
-  const at::Tensor q = query_in.stride(2) == 1 ? query_in : query_in.contiguous();
-  const at::Tensor k = keys_in.stride(3) == 1 ? keys_in : keys_in.contiguous();
+  const TextPatchScoresInputs in = text_patch_scores_inputs(query_in, keys_in);
+  const at::Tensor &q = in.query, &k = in.keys;
   const at::Tensor g = grad.to(at::kFloat).contiguous();
   const at::Tensor z = logits.contiguous(), l = lse.contiguous();
   auto dq = at::empty(q.sizes(), q.options());
