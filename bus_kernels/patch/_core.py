@@ -159,6 +159,37 @@ def swap_layer(
     state.hooks.extend(hooks)
 
 
+def install(
+    owners: Sequence[nn.Module],
+    swaps: dict[int, tuple[nn.Module, type, Sequence[tuple[nn.Module, str, str]]]],
+    *,
+    keep: dict[int, float],
+    policy: str,
+    fuse: bool,
+    backend: str | None,
+    num_prefix_tokens: int,
+    embed_dim: int,
+) -> PatchState:
+    """What every patch does once its checks passed: unpatch what ``owners[0]`` held before, create the
+    ``PatchState``, turn each layer of ``swaps`` (layer index -> ``(layer, mixin, taps)``, see ``swap_layer``)
+    into a pruning layer, and make the state reachable from every owner. Call it after every check, so
+    that a rejected call leaves the model as it was."""
+    unpatch_inside(owners[0])
+    state = PatchState(
+        keep=keep,
+        policy=policy,
+        fuse=fuse and policy in SCORING,
+        num_prefix_tokens=num_prefix_tokens,
+        embed_dim=embed_dim,
+        backend=backend,
+    )
+    for index in sorted(swaps):
+        layer, mixin, taps = swaps[index]
+        swap_layer(layer, mixin, state, index, taps)
+    attach(state, *owners)
+    return state
+
+
 def attach(state: PatchState, *owners: nn.Module) -> None:
     """Make ``state`` reachable from each of ``owners`` (``text_guidance``, ``kept_patches``, ``unpatch``)."""
     for owner in owners:

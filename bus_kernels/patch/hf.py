@@ -191,20 +191,11 @@ def patch_hf_vision(
     backbone, encoder_layers, prefix = _find_layers(model)
     keep_by_layer = _core.check_options(layers, keep, policy, fuse, len(encoder_layers))
     attentions = {index: _attention(encoder_layers[index]) for index in keep_by_layer}
-    _core.unpatch_inside(model)  # after validation: a rejected call leaves the model as it was
-    state = _core.PatchState(
-        keep=keep_by_layer,
-        policy=policy,
-        fuse=fuse and policy in _core.SCORING,
-        num_prefix_tokens=prefix,
-        embed_dim=int(backbone.config.hidden_size),
-        backend=backend,
-    )
-    for index in sorted(keep_by_layer):
-        layer = encoder_layers[index]
-        _core.swap_layer(layer, _PruningEncoderLayer, state, index, attentions[index].taps)
-        layer._bus_attention = attentions[index]
-    _core.attach(state, model)
+    swaps = {index: (encoder_layers[index], _PruningEncoderLayer, attn.taps) for index, attn in attentions.items()}
+    _core.install((model,), swaps, keep=keep_by_layer, policy=policy, fuse=fuse, backend=backend,
+                  num_prefix_tokens=prefix, embed_dim=int(backbone.config.hidden_size))
+    for index, attn in attentions.items():
+        encoder_layers[index]._bus_attention = attn  # how this layer reads its queries and keys
     return model
 
 

@@ -177,20 +177,10 @@ def patch_open_clip(
     keep_by_layer = _core.check_options(layers, keep, policy, fuse, len(blocks))
     if not tower.transformer.batch_first:
         raise TypeError("model's vision transformer runs sequence-first (batch_first=False): open_clip >= 2.23 needed")
-    taps = {index: _block_taps(oc, index, blocks[index]) for index in keep_by_layer}
-    _core.unpatch_inside(model)  # after validation: a rejected call leaves the model as it was
-    state = _core.PatchState(
-        keep=keep_by_layer,
-        policy=policy,
-        fuse=fuse and policy in _core.SCORING,
-        num_prefix_tokens=1,  # open_clip's ViT always has its class token in front
-        embed_dim=int(tower.transformer.width),
-        backend=backend,
-    )
-    for index in sorted(keep_by_layer):
-        mixin, hooks = taps[index]
-        _core.swap_layer(blocks[index], mixin, state, index, hooks)
-    _core.attach(state, model, tower)
+    swaps = {index: (blocks[index], *_block_taps(oc, index, blocks[index])) for index in keep_by_layer}
+    # num_prefix_tokens: open_clip's ViT always has its class token in front
+    _core.install((model, tower), swaps, keep=keep_by_layer, policy=policy, fuse=fuse, backend=backend,
+                  num_prefix_tokens=1, embed_dim=int(tower.transformer.width))
     return model
 
 

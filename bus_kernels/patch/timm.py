@@ -120,20 +120,10 @@ def patch_vit_blocks(owner: nn.Module, model: nn.Module, *, layers, keep, policy
     keep_by_layer = _core.check_options(layers, keep, policy, fuse, len(blocks))
     if policy == "evit" and not getattr(model, "has_class_token", False):
         raise ValueError("policy='evit' scores with the image [CLS] query, but this model has no class token")
-    attns = {index: _check_attention(index, blocks[index]) for index in keep_by_layer}
-    _core.unpatch_inside(owner)  # after validation: a rejected call leaves the model as it was
-    state = _core.PatchState(
-        keep=keep_by_layer,
-        policy=policy,
-        fuse=fuse and policy in _core.SCORING,
-        num_prefix_tokens=int(model.num_prefix_tokens),
-        embed_dim=int(model.embed_dim),
-        backend=backend,
-    )
-    for index in sorted(keep_by_layer):
-        attn = attns[index]
-        _core.swap_layer(
-            blocks[index], _PruningBlock, state, index, [(attn.q_norm, "output", "q"), (attn.k_norm, "output", "k")]
-        )
-    _core.attach(state, owner, model)
+    swaps = {}
+    for index in keep_by_layer:
+        attn = _check_attention(index, blocks[index])
+        swaps[index] = (blocks[index], _PruningBlock, [(attn.q_norm, "output", "q"), (attn.k_norm, "output", "k")])
+    _core.install((owner, model), swaps, keep=keep_by_layer, policy=policy, fuse=fuse, backend=backend,
+                  num_prefix_tokens=int(model.num_prefix_tokens), embed_dim=int(model.embed_dim))
     return owner
