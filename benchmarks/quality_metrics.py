@@ -9,6 +9,8 @@ from typing import Sequence
 
 import torch
 
+from bus_kernels._validation import is_number
+
 
 def selector_recall(kept_positions: torch.Tensor, patch_labels: torch.Tensor) -> float | None:
     """Share of the caption-relevant patches still present as tokens after one selection step.
@@ -48,7 +50,7 @@ def selector_recall(kept_positions: torch.Tensor, patch_labels: torch.Tensor) ->
 def time_to_target(curve: Sequence[dict], target: float, metric: str = "mean_r1") -> float | None:
     """Training time (``time_s``) of the first curve point whose ``metric`` is at least ``target``; None when
     no point reaches it. ``curve``: evaluation points in training order (increasing ``time_s``)."""
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
+    if not is_number(target) or not math.isfinite(target):
         raise ValueError(f"target must be a finite number, got {target!r}")
     times = [point["time_s"] for point in curve]
     if any(b < a for a, b in zip(times, times[1:])):

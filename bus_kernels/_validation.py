@@ -59,6 +59,14 @@ def check_dim_size(name: str, value: torch.Tensor, dim: int, size: int, what: st
         )
 
 
+def is_number(value: object) -> bool:
+    """A real number given as a Python ``int`` or ``float`` (NumPy's ``float64`` is one), never a ``bool``:
+    ``isinstance(True, int)`` holds, so ``True`` (a JSON ``true``, a flag passed in the wrong place)
+    would otherwise pass as 1. The one such check for every package (``bus_model`` and the
+    benchmarks import it from here: ``bus_kernels`` imports nothing of theirs)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> int:
     """``value`` must be a Python int (or 0-dim integer tensor) within ``[low, high]``."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_floating_point:

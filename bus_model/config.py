@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from bus_kernels._validation import is_number  # int or float, not bool (JSON true would pass as 1)
+
 from .selection import KEEP_ROUNDING, POLICIES, RATIO_OF, TEXT_FREE  # noqa: F401  (POLICIES re-exported)
 ATTN_IMPLS = ("sdpa", "varlen")
 ITC_IMAGE = ("guided", "detached", "text_free")  # LossConfig.itc_image
@@ -187,7 +189,7 @@ class BusConfig:
             if list(s.layers) != sorted(set(s.layers)) or any(not 0 <= i < v.depth for i in s.layers):
                 raise ValueError(f"selection.layers must be increasing block indices in [0, {v.depth}), got {list(s.layers)}")
             for r in s.keep_ratios:
-                if not _is_number(r) or not 0.0 < r <= 1.0:
+                if not is_number(r) or not 0.0 < r <= 1.0:
                     raise ValueError(f"selection.keep_ratios must each be in (0, 1], got {list(s.keep_ratios)}")
             if not 0.0 < s.keep_mass <= 1.0:
                 raise ValueError(f"selection.keep_mass must be in (0, 1], got {s.keep_mass}")
@@ -199,12 +201,12 @@ class BusConfig:
             raise ValueError(f"losses.mlm_probability must be in (0, 1), got {self.losses.mlm_probability}")
         _validate_distillation(self.losses)
         for section, ir in (("text", t.initializer_range), ("vision", v.initializer_range)):
-            if not _is_number(ir) or not 0.0 < ir < 1.0:
+            if not is_number(ir) or not 0.0 < ir < 1.0:
                 raise ValueError(f"{section}.initializer_range must be a number in (0, 1), got {ir!r}")
         if self.losses.itm_negatives not in ("sample", "hardest"):
             raise ValueError(f"losses.itm_negatives must be 'sample' or 'hardest', got {self.losses.itm_negatives!r}")
         share = self.losses.itm_random_share
-        if not _is_number(share) or not 0.0 <= share <= 1.0:
+        if not is_number(share) or not 0.0 <= share <= 1.0:
             raise ValueError(f"losses.itm_random_share must be a number in [0, 1], got {share!r}")
         if self.max_text_len > t.max_position_embeddings:
             raise ValueError(
@@ -221,15 +223,10 @@ class BusConfig:
         return _build(cls, data, "config").validate()
 
 
-def _is_number(value: object) -> bool:
-    """A real number for a config field: int or float, not bool (JSON true would pass isinstance(int))."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _validate_distillation(lc: "LossConfig") -> None:
     for name in ("momentum", "distill_alpha"):
         value = getattr(lc, name)
-        if not _is_number(value):
+        if not is_number(value):
             raise ValueError(f"losses.{name} must be a number, got {value!r}")
     if not 0.0 <= lc.momentum < 1.0:
         raise ValueError(f"losses.momentum must be in [0, 1), got {lc.momentum}")
@@ -270,7 +267,7 @@ def _validate_schedule(s: "SelectionConfig", v: VisionConfig) -> None:
         n = (v.image_size // v.patch_size) ** 2  # candidates left
         ratio_of, rounding = keep_rule(s.policy, s.ratio_of, s.keep_rounding)
         for i, ratio in zip(s.layers, s.keep_ratios):
-            if not _is_number(ratio) or not 0.0 < ratio <= 1.0:
+            if not is_number(ratio) or not 0.0 < ratio <= 1.0:
                 return  # the keep_ratios check reports it
             r = s.tome_r or n - keep_count(ratio, n, (v.image_size // v.patch_size) ** 2, ratio_of, rounding)
             limit = max_merge(n + 1, 1)

@@ -36,6 +36,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bus_kernels._validation import is_number
+
 # online module names the momentum model mirrors (BusModel attributes); None entries are skipped
 MOMENTUM_PARTS = ("vision", "pad", "text_encoder", "fusion", "mlm_head", "vision_proj", "text_proj")
 
@@ -48,7 +50,7 @@ class MomentumModel(nn.Module):
 
     def __init__(self, online: nn.Module, momentum: float):
         super().__init__()
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+        if not is_number(momentum) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"losses.momentum must be in [0, 1), got {momentum!r}")
         self.momentum = float(momentum)
         self.parts = [name for name in MOMENTUM_PARTS if getattr(online, name, None) is not None]

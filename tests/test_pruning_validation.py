@@ -98,3 +98,36 @@ def test_topk_gather_varlen_bad_k(k, error, match):
 def test_keep_by_mass_bad_inputs(args, error, match):
     with pytest.raises(error, match=match):
         bk.keep_by_mass(*args)
+
+
+def test_is_number_is_the_one_int_or_float_not_bool_check():
+    """Issue 25: one predicate (``bus_kernels._validation.is_number``) serves the ops, the patches, the
+    model configs, the data and the benchmarks; each still rejects a bool where it wants a number."""
+    import numpy as np
+
+    import bus_kernels.patch
+    from bus_kernels._validation import is_number
+    from bus_model import BusConfig, SelectionConfig
+    from bus_model.data.health import ReadMonitor
+    from bus_model.data.synthetic import random_keep_loss
+    from bus_model.momentum import MomentumModel
+    from bus_benchmarks.quality_metrics import time_to_target
+
+    assert [is_number(v) for v in (1, 0.5, np.float64(0.5), -3)] == [True] * 4
+    assert [is_number(v) for v in (True, False, None, "1", torch.tensor(1.0), [1])] == [False] * 6
+    with pytest.raises(TypeError, match="scale must be a float"):
+        tps_call("torch", scale=True)
+    with pytest.raises(TypeError, match="mass must be a float"):
+        bk.keep_by_mass(torch.rand(2, 5).softmax(1), True, 1, 5)
+    with pytest.raises(TypeError, match="keep must"):
+        bus_kernels.patch._core.check_options([0], True, "evit", True, 2)
+    with pytest.raises(ValueError, match=r"selection\.keep_ratios"):
+        BusConfig(selection=SelectionConfig(keep_ratios=(True, 0.7, 0.7))).validate()
+    with pytest.raises(ValueError, match="max_skip_share"):
+        ReadMonitor(8, max_skip_share=True)
+    with pytest.raises(ValueError, match="momentum"):
+        MomentumModel(torch.nn.Linear(2, 2), True)
+    with pytest.raises(ValueError, match="target"):
+        time_to_target([], True)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        random_keep_loss(4, keep_ratio=True)

@@ -20,7 +20,9 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .._validation import check_dim_size, check_float, check_rank, check_same_device, check_tensor
+from .._validation import (
+    check_dim_size, check_float, check_rank, check_same_device, check_tensor, is_number,
+)
 from ..backends import get_impl, register_impl, select_backend
 from ._triton_utils import next_pow2, on_device, tile_rows
 
@@ -248,7 +250,7 @@ def text_patch_scores(
     check_same_device([("query", query), ("keys", keys)])
     if scale is None:
         scale = D**-0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    elif not is_number(scale):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     scale = float(scale)
     requires_grad = torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad)

@@ -30,7 +30,9 @@ import triton
 
 from .. import reference
 from .._capture import refuse_capture
-from .._validation import check_dim_size, check_float, check_int, check_rank, check_same_device, check_tensor
+from .._validation import (
+    check_dim_size, check_float, check_int, check_rank, check_same_device, check_tensor, is_number,
+)
 from ..backends import get_impl, register_impl, select_backend
 from ..reference.pruning import FUSE_EPS
 from ._triton_utils import next_pow2, on_device, tile_rows
@@ -353,7 +355,7 @@ def keep_by_mass(scores: torch.Tensor, mass: float, min_keep: int, max_keep: int
     check_rank("scores", scores, 2, "(B, N)")
     check_float("scores", scores)
     N = scores.shape[1]
-    if isinstance(mass, bool) or not isinstance(mass, (int, float)):
+    if not is_number(mass):
         raise TypeError(f"mass must be a float, got {type(mass).__name__}")
     if not 0.0 < mass <= 1.0:
         raise ValueError(f"mass must be in (0, 1], got {mass}")

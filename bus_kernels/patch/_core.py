@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .._validation import check_dim_size, check_float, check_rank, check_tensor
+from .._validation import check_dim_size, check_float, check_rank, check_tensor, is_number
 
 POLICIES = ("evit", "text", "random", "tome")
 SCORING = ("evit", "text")  # the policies that score patches with a query (and may fuse the dropped ones)
@@ -79,7 +79,7 @@ def check_options(layers, keep, policy, fuse, depth: int) -> dict[int, float]:
             raise ValueError(f"layers: index {layer} is out of range for a model with {depth} layers (0..{depth - 1})")
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers must not repeat an index, got {list(layers)}")
-    if isinstance(keep, (int, float)) and not isinstance(keep, bool):
+    if is_number(keep):
         keeps = [keep] * len(layers)
     elif isinstance(keep, Sequence) and not isinstance(keep, (str, bytes)):
         keeps = list(keep)
@@ -88,7 +88,7 @@ def check_options(layers, keep, policy, fuse, depth: int) -> dict[int, float]:
     else:
         raise TypeError(f"keep must be a float in (0, 1] or a sequence of them, got {type(keep).__name__}")
     for ratio in keeps:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        if not is_number(ratio):
             raise TypeError(f"keep must hold floats, got {ratio!r}")
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"keep must be in (0, 1], got {ratio}")

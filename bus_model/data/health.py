@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 
+from bus_kernels._validation import is_number
+
 from .decode import SkippedSample
 
 
@@ -56,8 +58,7 @@ class ReadMonitor:
         for name, value, low in (("batch_size", batch_size, 1), ("min_batch", min_batch, 1), ("window", window, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if isinstance(max_skip_share, bool) or not isinstance(max_skip_share, (int, float)) \
-                or not math.isfinite(max_skip_share) or not 0.0 < max_skip_share <= 1.0:
+        if not is_number(max_skip_share) or not math.isfinite(max_skip_share) or not 0.0 < max_skip_share <= 1.0:
             raise ValueError(f"max_skip_share must be a number in (0, 1], got {max_skip_share!r}")
         self.batch_size, self.min_batch, self.window = batch_size, min_batch, window
         self.max_skip_share, self.source, self.rank = float(max_skip_share), source, rank

@@ -56,6 +56,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bus_kernels._validation import is_number
+
 SHAPES = ("circle", "square", "diamond", "triangle", "cross")
 SIZES = {"small": 0.065, "medium": 0.095, "large": 0.13}  # radius as a fraction of the image side
 COLOURS = {  # RGB, uint8; saturated so the textured grey background never looks like an object
@@ -552,7 +554,7 @@ def random_keep_loss(num_samples: int = 256, *, keep_ratio: float = 0.25, seed: 
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
+    if not is_number(keep_ratio) or not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
     n = (image_size // patch_size) ** 2 if image_size % patch_size == 0 else 0
     keep = max(1, round(keep_ratio * n))
