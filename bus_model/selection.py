@@ -62,8 +62,8 @@ POLICY_INFO: dict[str, PolicyInfo] = {
 }
 POLICIES: tuple[str, ...] = tuple(POLICY_INFO)  # every name ``selection.policy`` accepts
 TEXT_FREE = ("auto", "evit", "none")  # ``selection.text_free``; "auto": the policy's own default
-RATIO_OF = ("auto", "current", "original")  # ``selection.ratio_of``; "auto": the policy's own (elip: original)
-KEEP_ROUNDING = ("auto", "round", "floor")  # ``selection.keep_rounding``; "auto": the policy's own (elip: floor)
+RATIO_OF = ("auto", "current", "original")  # ``selection.ratio_of``; "auto": the policy's own
+KEEP_ROUNDING = ("auto", "round", "floor")  # ``selection.keep_rounding``; "auto": the policy's own
 
 
 def policy_names() -> tuple[str, ...]:
