@@ -43,6 +43,7 @@ import torch
 from .command import run_standalone
 from .harness import default_device, environment, markdown_table, parse_overrides, publish, save_plot
 from .quality_eval import PATHS, HeldOut, evaluate_paths
+from .quality_legacy import fmt_recall, render_v1
 from .quality_metrics import gallery_summary, mean_curve, paired_bootstrap_ci, speedup_to_target, time_to_target
 from .quality_oracle import oracle_txt2img_r1
 from .quality_train import (
@@ -219,7 +220,7 @@ def compare(runs: dict, names: list[str], seeds: list[int], reps: int) -> list[d
 def run(settings: QualitySettings, device: torch.device | None = None, log=print) -> dict:
     from bus_model import get_config
     from bus_model.data import SyntheticDataset
-    from bus_model.data.synthetic import random_keep_loss
+    from bus_model.data.synthetic_stats import random_keep_loss
 
     start = time.perf_counter()
     device = device or default_device()
@@ -333,7 +334,7 @@ def _fmt_path(summary: dict | None) -> str:
 
 def render(result: dict) -> str:
     if "heldout_pairs" not in result:
-        return _render_v1(result)
+        return render_v1(result)
     rows = []
     for name, p in result["policies"].items():
         f, rec = p["final"], p.get("selector_recall") or {}
@@ -341,7 +342,7 @@ def render(result: dict) -> str:
             "policy": name, "steps": p["steps"], "step_time_s": p["step_time_s"], "gflops": p["flops_per_sample"] / 1e9,
             "unpruned": _fmt_path(f.get("unpruned")), "deployed": _fmt_path(f.get("deployed")),
             "rerank": _fmt_path(f.get("rerank")), "ttt": p["time_to_target_s"], "speedup": p["speedup_to_target"],
-            "recall": _fmt_recall(rec.get("training")), "recall_free": _fmt_recall(rec.get("text_free")),
+            "recall": fmt_recall(rec.get("training")), "recall_free": fmt_recall(rec.get("text_free")),
             "cider": (p.get("captioning") or {}).get("cider"),
         })
     s = result["settings"]
@@ -377,55 +378,6 @@ def render(result: dict) -> str:
         f"{s['batch_size']}, lr {s['lr']:g}, keep ratios {s.get('keep_ratios') or 'the model default'}, overrides "
         f"{s.get('overrides') or 'none'}. Skipped: {skipped}. "
         f"{result['device']}; torch {result['torch']}; wall {result['wall_s'] / 60:.1f} min; commit {result['commit']}")
-
-
-def _fmt_recall(recall) -> str:
-    return "n/a" if recall is None else " / ".join(f"{r:.2f}" if r is not None else "n/a" for r in recall)
-
-
-def _render_v1(result: dict) -> str:
-    """The table of the recorded runs before issue 24 (one 256-candidate set, no paths)."""
-    rows = []
-    for name, p in result["policies"].items():
-        f, sd = p["final"], p["final_std"]
-        spread = f" ± {sd['mean_r1']:.3f}" if sd.get("mean_r1") is not None else ""
-        rows.append({
-            "policy": name, "steps": p["steps"], "step_time_s": p["step_time_s"],
-            "gflops": p["flops_per_sample"] / 1e9, "mean_r1": f"{f['mean_r1']:.3f}{spread}",
-            "img2txt_r1": f["img2txt_r1"], "txt2img_r1": f["txt2img_r1"], "rerank_mean_r1": f.get("rerank_mean_r1"),
-            "cider": f.get("cider"), "ttt": p["time_to_target_s"], "speedup": p["speedup_to_target"],
-            "recall": _fmt_recall(f.get("selector_recall")),
-        })
-    table = markdown_table(rows, [
-        ("policy", "policy", ""), ("steps", "steps", "d"), ("step_time_s", "step (s)", ".3f"),
-        ("gflops", "GFLOPs/sample", ".3f"), ("mean_r1", "mean R@1", ""), ("img2txt_r1", "i->t R@1", ".3f"),
-        ("txt2img_r1", "t->i R@1", ".3f"),
-        ("rerank_mean_r1", f"mean R@1, ITM re-rank top {result['settings']['final_rerank_k']}", ".3f"),
-        ("cider", "CIDEr", ".2f"),
-        ("ttt", "time to target (s)", ".1f"), ("speedup", "speedup to target", ".2f"),
-        ("recall", "selector recall per layer", ""),
-    ])
-    mismatch = [f"{name}: {p['final']['itc_mean_r1']:.3f} as deployed vs {alt['itc_mean_r1']:.3f} with "
-                f"text_free={alt['text_free']}" for name, p in result["policies"].items()
-                if (alt := p["final"].get("text_free_alternative"))]
-    if mismatch:
-        table += ("\n\ntrain/eval mismatch (ITC-only mean R@1 of text-free retrieval, the image encoded without a "
-                  "caption): " + "; ".join(mismatch))
-    if oracle := result.get("oracle_txt2img_r1"):
-        table += ("\n\nceilings on this held-out set (text->image R@1 of ideal rankers that know only these "
-                  "attributes of each object, ties broken at random): "
-                  + "; ".join(f"{name} {r:.3f}" for name, r in oracle.items()))
-    s = result["settings"]
-    target = result["target"]["value"]
-    ranking = f"ITC ranking + ITM re-rank of the top {s['rerank_k']}" if s["rerank_k"] else "ITC ranking"
-    skipped = "; ".join(f"{k}: {v}" for k, v in result.get("skipped_policies", {}).items()) or "none"
-    return (f"{table}\n\ntarget = baseline final mean R@1 {target:.3f} over {result['candidates']} held-out candidates "
-            f"(chance {1 / result['candidates']:.4f}); {ranking} for the curve and the target; budget "
-            f"{result['budget_s']:g}s of training per variant (steps x interleaved step time, lower quartile), seeds "
-            f"{s['seeds']}, batch {s['batch_size']}, lr {s['lr']:g}, difficulty {s['difficulty']}, overrides "
-            f"{s.get('overrides') or 'none'}; mean R@1 ± sample "
-            f"std over seeds; time to target null = never reached. Skipped: {skipped}. {result['device']}; torch "
-            f"{result['torch']}; wall {result['wall_s'] / 60:.1f} min; commit {result['commit']}")
 
 
 def plot(result: dict, path: str | None) -> str | None:

@@ -7,13 +7,11 @@ import pytest
 import torch
 
 from bus_model.data import synthetic
-from bus_model.data.synthetic import (
-    SyntheticDataset,
-    make_scene,
+from bus_model.data.synthetic import SyntheticDataset, make_scene, render_sample
+from bus_model.data.synthetic_stats import (
     object_patch_labels,
     random_keep_loss,
     random_keep_loss_probability,
-    render_sample,
 )
 from test_data_synthetic import CAPTION_RE, _find, _reference_labels, _reference_mask
 

@@ -109,7 +109,7 @@ def test_is_number_is_the_one_int_or_float_not_bool_check():
     from bus_kernels._validation import is_number
     from bus_model import BusConfig, SelectionConfig
     from bus_model.data.health import ReadMonitor
-    from bus_model.data.synthetic import random_keep_loss
+    from bus_model.data.synthetic_stats import random_keep_loss
     from bus_model.momentum import MomentumModel
     from bus_benchmarks.quality_metrics import time_to_target
 
