@@ -165,11 +165,17 @@ def test_bfloat16_matches_float64(B, N, C, k):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("B,N,C,k", [(3, 41, 700, 17), (1, 9, 513, 9), (2, 30, 256, 1)])
 def test_channel_blocks_match_float64(dtype, B, N, C, k):
-    """The gather runs per (row, channel block) of 256 channels, as the CUDA kernel splits it: several
-    blocks, a partial last one, one row, nothing dropped, one exact block; values and gradients."""
+    """With fewer rows than threads the gather runs per (row, channel block) of 256 channels, as the CUDA
+    kernel splits it: several blocks, a partial last one, one row, nothing dropped, one exact block; values
+    and gradients."""
     x = torch.randn(B, N, C).to(dtype).requires_grad_(True)
     s = torch.rand(B, N, requires_grad=True)
-    out = bk.topk_gather(x, s, k, backend="native")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)  # more threads than rows: the channel split is taken
+    try:
+        out = bk.topk_gather(x, s, k, backend="native")
+    finally:
+        torch.set_num_threads(threads)
     leaves = (x.detach().double().requires_grad_(True), s.detach().double().requires_grad_(True))
     ref = bk.topk_gather(*leaves, k, backend="torch")
     assert torch.equal(out.index, ref.index)

@@ -54,7 +54,8 @@ TopkRule select_row(const uint32_t* keys, int64_t N, int64_t k) {
   return topk_rule(st, k);
 }
 
-// Channels of a row one gather task copies / accumulates (the CUDA kernels' channel blocks, in elements).
+// Channels of a row one gather task copies / accumulates when rows are split (the CUDA kernels' channel
+// blocks, in elements).
 constexpr int64_t kChannelBlock = 256;
 
 template <typename T>
@@ -92,14 +93,17 @@ void forward_rows(const at::Tensor& x, const at::Tensor& s32, const int64_t* k, 
     }
   });
   // 2. per (row, channel block), as the CUDA kernel splits the gather: kept tokens copied to their slot,
-  // dropped ones accumulated in fp32 into the fused token (ascending positions: the same sums)
-  const int64_t blocks = C > kChannelBlock ? (C + kChannelBlock - 1) / kChannelBlock : 1;
+  // dropped ones accumulated in fp32 into the fused token (ascending positions: the same sums whatever the
+  // split). Rows are split into channel blocks only when there are fewer rows than threads: with enough rows
+  // one pass per row reads x most cheaply.
+  const int64_t per_block = B >= at::get_num_threads() ? (C > 0 ? C : 1) : kChannelBlock;
+  const int64_t blocks = C > per_block ? (C + per_block - 1) / per_block : 1;
   at::parallel_for(0, B * blocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> acc(kChannelBlock);
+    std::vector<float> acc(per_block);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / blocks;
-      const int64_t lo = channel_block_begin(t % blocks, kChannelBlock, C);
-      const int64_t width = channel_block_end(t % blocks, kChannelBlock, C) - lo;
+      const int64_t lo = channel_block_begin(t % blocks, per_block, C);
+      const int64_t width = channel_block_end(t % blocks, per_block, C) - lo;
       const float* s = sp + b * N;
       const int32_t* sl = slp + b * N;
       const T* xb = xp + b * sxb + lo;
