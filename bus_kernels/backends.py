@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import torch
 
@@ -71,14 +71,25 @@ _BACKENDS: dict[str, Backend] = {}
 _PREFERENCE: dict[str, dict[str, list[str]]] = {}
 
 
+# Successful choices of select_backend, by everything they depend on; cleared whenever the registry changes.
+_CHOSEN: dict[tuple, str] = {}
+
+
+def forget_choices() -> None:
+    """Drop the cached backend choices (the registry, a backend's availability or an op's limits changed)."""
+    _CHOSEN.clear()
+
+
 def register_backend(backend: Backend) -> None:
     """Add (or replace) a backend in the registry."""
     _BACKENDS[backend.name] = backend
+    forget_choices()
 
 
 def register_op(op: str, preference: Mapping[str, Sequence[str]]) -> None:
     """Declare an op and, per device type, the backends to try in order."""
     _PREFERENCE[op] = {dev: list(names) for dev, names in preference.items()}
+    forget_choices()
 
 
 def add_preference(op: str, device_type: str, name: str, position: int = 0) -> None:
@@ -87,6 +98,7 @@ def add_preference(op: str, device_type: str, name: str, position: int = 0) -> N
     if name in names:
         names.remove(name)
     names.insert(position, name)
+    forget_choices()
 
 
 _IMPLS: dict[tuple[str, str], Callable] = {}
@@ -114,12 +126,31 @@ def select_backend(
     requires_grad: bool,
     backend: str | None = None,
     extra_reasons: Callable[[str], list[str]] | None = None,
+    extra_key: Hashable | None = None,
 ) -> str:
     """Name of the backend that runs ``op`` on inputs of this device/dtype.
 
     ``extra_reasons(backend_name) -> list[str]`` lets an op add its own constraints (e.g. head dims).
+    ``extra_key``: a value that determines everything ``extra_reasons`` answers (e.g. ``D > 256``); given,
+    the choice is cached under it (and the device type, dtype, grad, requested backend and environment):
+    the walk over the preference list runs once per such signature, not on every call (issue 23's host
+    time). Without it (and ``extra_reasons`` given) nothing is cached. Errors are never cached.
     Raises ``BackendNotSupportedError`` listing each rejected backend and why.
     """
+    env = os.environ.get(ENV_VAR) or None
+    key = None
+    if (extra_key is not None or extra_reasons is None) and (backend is None or isinstance(backend, str)):
+        key = (op, device.type, dtype, requires_grad, backend, env, extra_key)
+        chosen = _CHOSEN.get(key)
+        if chosen is not None:
+            return chosen
+    name = _select(op, device, dtype, requires_grad, backend, env, extra_reasons)
+    if key is not None:
+        _CHOSEN[key] = name
+    return name
+
+
+def _select(op, device, dtype, requires_grad, backend, env, extra_reasons) -> str:
 
     def reasons_for(name: str) -> list[str]:
         reasons = _BACKENDS[name].not_supported_reasons(op, device.type, dtype, requires_grad)
@@ -128,7 +159,6 @@ def select_backend(
         return reasons
 
     if backend is None:
-        env = os.environ.get(ENV_VAR) or None
         if env is not None:
             get_backend(env)  # an unknown name in the environment is an error too
             if op in _BACKENDS[env].ops:

@@ -147,7 +147,7 @@ def test_block_tables_are_neither_read_nor_cached_while_capturing():
     assert first is not eager and second is not first  # built inside the graph every time
     assert all(torch.equal(a, b) for a, b in zip(first, eager))
     assert tiles._block_table(cu, 12, 4) is eager  # the eager entry is untouched
-    assert id(new_cu) not in tiles._TABLES  # nothing built during the capture was cached
+    assert id(new_cu) not in tiles._OFFSETS  # nothing built during the capture was cached
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,13 +159,13 @@ def test_block_table_cache_ignores_an_entry_of_a_dead_object_with_the_same_id():
     other = torch.tensor([0, 9, 9], dtype=torch.int32)
     stale = tiles._build_block_table(other, 9, 4)
     # what a freed tensor whose id the new one reuses would leave, had its entry survived: another object
-    tiles._TABLES[id(cu)] = (weakref.ref(other), cu._version, {(9, 4): stale})
+    tiles._OFFSETS[id(cu)] = (weakref.ref(other), cu._version, {(9, 4): stale})
     try:
         table = tiles._block_table(cu, 9, 4)
         assert table is not stale
         assert all(torch.equal(a, b) for a, b in zip(table, tiles._build_block_table(cu, 9, 4)))
     finally:
-        tiles._TABLES.pop(id(cu), None)
+        tiles._OFFSETS.pop(id(cu), None)
 
 
 def test_block_table_cache_entries_die_with_their_offsets_even_when_ids_are_reused():
@@ -174,7 +174,7 @@ def test_block_table_cache_entries_die_with_their_offsets_even_when_ids_are_reus
         table = tiles._block_table(cu, 2 * i + 1, 4)
         assert all(torch.equal(a, b) for a, b in zip(table, tiles._build_block_table(cu.clone(), 2 * i + 1, 4)))
         del cu, table
-    assert not any(entry[0]() is None for entry in tiles._TABLES.values())  # no entry outlives its offsets
+    assert not any(entry[0]() is None for entry in tiles._OFFSETS.values())  # no entry outlives its offsets
 
 
 def test_inference_tensors_are_not_cached():

@@ -191,7 +191,7 @@ def test_block_table_is_built_once_per_offsets_tensor():
     assert tiles._block_table(cu, 12, 8) is not rebuilt  # another tile size: its own table
     key = id(cu)
     del cu, first, rebuilt, expected
-    assert key not in tiles._TABLES  # the entry dies with its offsets
+    assert key not in tiles._OFFSETS  # the entry dies with its offsets
 
 
 def test_dense_offsets_are_shared():

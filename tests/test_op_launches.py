@@ -20,7 +20,7 @@ should launch its kernels and little else. What counts as a launch, for one call
 Counted in the warm state a training step runs in: ``varlen_attention`` after one call with the same
 ``cu_seqlens`` objects (its block tables are built once per offsets object, about 19 small ops, then
 reused by every layer, forward and backward) and with ``check_seqlens=False`` (the model's call; the
-default check adds a ``cat`` and a host read). Forward + backward is one forward, then
+default check adds a ``cat`` and a host read on the first call with new offsets objects). Forward + backward is one forward, then
 ``torch.autograd.grad`` of the op's differentiable output with a contiguous gradient (so that no
 copy of the incoming gradient is counted against the op).
 

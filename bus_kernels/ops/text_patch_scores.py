@@ -20,11 +20,12 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from .._direct import DirectOp
 from .._validation import (
     check_dim_size, check_float, check_rank, check_same_device, check_tensor, is_number,
 )
 from ..backends import get_impl, register_impl, select_backend
-from ._triton_utils import next_pow2, on_device, tile_rows
+from ._triton_utils import cdiv, next_pow2, on_device, tile_rows
 
 TRITON_MAX_HEAD_DIM = 256
 
@@ -122,8 +123,7 @@ def _strides(query: torch.Tensor, keys: torch.Tensor) -> tuple[int, ...]:
     return query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2)
 
 
-@torch.library.custom_op("bus::text_patch_scores_triton", mutates_args=())
-def _tps_triton(query: torch.Tensor, keys: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tps_triton_body(query: torch.Tensor, keys: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """query (B, H, D), keys (B, N, H, D), both with unit stride in D ->
     scores (B, N) fp32, logits (B, H, N) fp32, lse (B, H) fp32."""
     B, N, H, D = keys.shape
@@ -136,7 +136,7 @@ def _tps_triton(query: torch.Tensor, keys: torch.Tensor, scale: float) -> tuple[
     with on_device(keys):  # launch on the tensors' GPU, not the current one
         _tps_logits_kernel[(B, H)](query, keys, logits, lse, N, H, D, *_strides(query, keys), scale, BLOCK_N=block_n, BLOCK_D=block_d)
         combine_n = min(next_pow2(N), 1024)
-        _tps_combine_kernel[(B, triton.cdiv(N, combine_n))](logits, lse, out, N, H, 1.0 / H, BLOCK_N=combine_n)
+        _tps_combine_kernel[(B, cdiv(N, combine_n))](logits, lse, out, N, H, 1.0 / H, BLOCK_N=combine_n)
     return out, logits, lse
 
 
@@ -154,8 +154,9 @@ def scores_backward_fake(grad, query, keys, logits, lse, scale):
     return query.new_empty(query.shape), keys.new_empty(keys.shape)
 
 
-def register_scores_autograd(op_name: str, backward_op) -> None:
-    """Autograd for a forward op of the shape above, whose gradient ``backward_op`` computes."""
+def scores_autograd(backward_op):
+    """``(setup_context, backward)`` of a forward op of the shape above, whose gradient ``backward_op``
+    computes (for ``torch.library.register_autograd`` and for the eager ``DirectOp``)."""
 
     def setup_context(ctx, inputs, output):
         query, keys, scale = inputs
@@ -173,14 +174,16 @@ def register_scores_autograd(op_name: str, backward_op) -> None:
         dq, dk = backward_op(grad, query, keys, logits, lse, ctx.scale)
         return dq, dk, None
 
+    return setup_context, backward
+
+
+def register_scores_autograd(op_name: str, backward_op) -> None:
+    """Autograd (``scores_autograd``) of the registered forward op ``op_name``."""
+    setup_context, backward = scores_autograd(backward_op)
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
 
-_tps_triton.register_fake(scores_fake)
-
-
-@torch.library.custom_op("bus::text_patch_scores_triton_backward", mutates_args=())
-def _tps_triton_backward(
+def _tps_triton_backward_body(
     grad: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """grad (B, N) -> grad_query (B, H, D), grad_keys (B, N, H, D), in the inputs' dtypes."""
@@ -199,8 +202,15 @@ def _tps_triton_backward(
     return dq, dk
 
 
+_tps_triton = torch.library.custom_op("bus::text_patch_scores_triton", _tps_triton_body, mutates_args=())
+_tps_triton.register_fake(scores_fake)
+_tps_triton_backward = torch.library.custom_op(
+    "bus::text_patch_scores_triton_backward", _tps_triton_backward_body, mutates_args=())
 _tps_triton_backward.register_fake(scores_backward_fake)
 register_scores_autograd("bus::text_patch_scores_triton", _tps_triton_backward)
+# eager calls on plain tensors skip the dispatcher (bus_kernels/_direct.py)
+_tps_triton_direct = DirectOp("TextPatchScoresTriton", _tps_triton, _tps_triton_body, scores_autograd,
+                              _tps_triton_backward, _tps_triton_backward_body)
 
 
 def _tps_triton_impl(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
@@ -208,7 +218,7 @@ def _tps_triton_impl(query: torch.Tensor, keys: torch.Tensor, scale: float) -> t
         query = query.contiguous()
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
-    return _tps_triton(query, keys, scale)[0]
+    return _tps_triton_direct(query, keys, scale)[0]
 
 
 register_impl("text_patch_scores", "torch", reference.text_patch_scores)
@@ -260,7 +270,8 @@ def text_patch_scores(
             return [f"head dim {D} > {TRITON_MAX_HEAD_DIM}"]
         return []
 
-    name = select_backend("text_patch_scores", query.device, query.dtype, requires_grad, backend, extra)
+    name = select_backend("text_patch_scores", query.device, query.dtype, requires_grad, backend, extra,
+                          extra_key=D > TRITON_MAX_HEAD_DIM)
     return get_impl("text_patch_scores", name)(query, keys, scale)
 
 

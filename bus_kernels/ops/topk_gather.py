@@ -26,16 +26,16 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
 
 from .. import reference
 from .._capture import refuse_capture
+from .._direct import DirectOp
 from .._validation import (
     check_dim_size, check_float, check_int, check_rank, check_same_device, check_tensor, is_number,
 )
 from ..backends import get_impl, register_impl, select_backend
 from ..reference.pruning import FUSE_EPS
-from ._triton_utils import next_pow2, on_device, tile_rows
+from ._triton_utils import cdiv, constant, next_pow2, on_device, tile_rows
 
 # Largest N the on-chip selection takes (the row's scores live in registers as one tile).
 TRITON_MAX_N = 16384
@@ -80,8 +80,7 @@ def _select_warps(NP: int) -> int:
     return 4 if NP <= 1024 else 16 if NP <= 4096 else 8
 
 
-@torch.library.custom_op("bus::topk_gather_triton", mutates_args=())
-def _topk_gather_triton(
+def _topk_gather_triton_body(
     x: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, total_kept: int, fuse: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (B, N, C) with unit channel stride, scores (B, N), k (B,) int64, total_kept = sum(k) ->
@@ -106,7 +105,7 @@ def _topk_gather_triton(
         )
         if C > 0:  # N == 0 still runs: it writes the (zero) fused tokens
             block_n, block_c = _gather_blocks(C)
-            _topk_gather_fwd_kernel[(B, triton.cdiv(C, block_c))](
+            _topk_gather_fwd_kernel[(B, cdiv(C, block_c))](
                 x, scores, slot, k, cu_seqlens, tokens, fused, den,
                 N, C, x.stride(0), x.stride(1), scores.stride(0), FUSE_EPS,
                 FUSE=fuse, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=GATHER_WARPS,
@@ -134,10 +133,10 @@ def gather_backward_fake(grad_tokens, x, scores, k, slot, fused, den, fuse):
     return x.new_empty(x.shape), scores.new_empty(scores.shape)
 
 
-def register_gather_autograd(op_name: str, backward_op) -> None:
-    """Autograd for a forward op of the shape above, whose gradient ``backward_op`` computes:
-    ``backward_op(grad_tokens, x, scores, k, *outputs[2:], fuse)`` (the op's saved outputs after tokens
-    and index, whatever their number)."""
+def gather_autograd(backward_op):
+    """``(setup_context, backward)`` of a forward op of the shape above, whose gradient ``backward_op``
+    computes: ``backward_op(grad_tokens, x, scores, k, *outputs[2:], fuse)`` (the op's saved outputs after
+    tokens and index, whatever their number); for ``torch.library.register_autograd`` and ``DirectOp``."""
 
     def setup_context(ctx, inputs, output):
         x, scores, k, _total_kept, fuse = inputs
@@ -154,16 +153,16 @@ def register_gather_autograd(op_name: str, backward_op) -> None:
         grad_x, grad_scores = backward_op(grad_tokens, *ctx.saved_tensors, ctx.fuse)
         return grad_x, grad_scores, None, None, None
 
+    return setup_context, backward
+
+
+def register_gather_autograd(op_name: str, backward_op) -> None:
+    """Autograd (``gather_autograd``) of the registered forward op ``op_name``."""
+    setup_context, backward = gather_autograd(backward_op)
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
 
-@_topk_gather_triton.register_fake
-def _(x, scores, k, total_kept, fuse):
-    return (*gather_fake(x, scores, k, total_kept, fuse), x.new_empty(x.shape[0] + 1, dtype=torch.int32))
-
-
-@torch.library.custom_op("bus::topk_gather_triton_backward", mutates_args=())
-def _topk_gather_triton_backward(
+def _topk_gather_triton_backward_body(
     grad_tokens: torch.Tensor, x: torch.Tensor, scores: torch.Tensor, k: torch.Tensor,
     slot: torch.Tensor, fused: torch.Tensor, den: torch.Tensor, cu_seqlens: torch.Tensor, fuse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,12 +176,22 @@ def _topk_gather_triton_backward(
         return grad_x, grad_scores
     block_n, block_c = _gather_blocks(C)
     with on_device(x):  # launch on the tensors' GPU, not the current one
-        _topk_gather_bwd_kernel[(B, triton.cdiv(N, block_n))](
+        _topk_gather_bwd_kernel[(B, cdiv(N, block_n))](
             grad_tokens, x, scores, slot, k, cu_seqlens, fused, den, grad_x, grad_scores,
             N, C, x.stride(0), x.stride(1), scores.stride(0), FUSE_EPS,
             FUSE=fuse, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=GATHER_WARPS,
         )
     return grad_x, grad_scores
+
+
+_topk_gather_triton = torch.library.custom_op("bus::topk_gather_triton", _topk_gather_triton_body, mutates_args=())
+_topk_gather_triton_backward = torch.library.custom_op(
+    "bus::topk_gather_triton_backward", _topk_gather_triton_backward_body, mutates_args=())
+
+
+@_topk_gather_triton.register_fake
+def _(x, scores, k, total_kept, fuse):
+    return (*gather_fake(x, scores, k, total_kept, fuse), x.new_empty(x.shape[0] + 1, dtype=torch.int32))
 
 
 @_topk_gather_triton_backward.register_fake
@@ -191,6 +200,9 @@ def _(grad_tokens, x, scores, k, slot, fused, den, cu_seqlens, fuse):
 
 
 register_gather_autograd("bus::topk_gather_triton", _topk_gather_triton_backward)
+# eager calls on plain tensors skip the dispatcher (bus_kernels/_direct.py)
+_topk_gather_triton_direct = DirectOp("TopkGatherTriton", _topk_gather_triton, _topk_gather_triton_body,
+                                      gather_autograd, _topk_gather_triton_backward, _topk_gather_triton_backward_body)
 
 
 def _prepare_triton(x: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,15 +216,15 @@ def _prepare_triton(x: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor
 def _topk_gather_triton_impl(x, scores, k: int, fuse: bool):
     B, N, C = x.shape
     x, scores = _prepare_triton(x, scores)
-    k_rows = torch.full((B,), k, dtype=torch.int64, device=x.device)
-    tokens, index, *_ = _topk_gather_triton(x, scores, k_rows, B * k, fuse)
+    k_rows = constant((B,), k, torch.int64, x)  # every row keeps k
+    tokens, index, *_ = _topk_gather_triton_direct(x, scores, k_rows, B * k, fuse)
     return tokens.view(B, k + int(fuse), C), index.view(B, k)
 
 
 def _topk_gather_varlen_triton_impl(x, scores, k: torch.Tensor, fuse: bool):
     x, scores = _prepare_triton(x, scores)
     total_kept, max_seqlen = kept_totals(k, fuse)
-    tokens, index, *_, cu_seqlens = _topk_gather_triton(x, scores, k, total_kept, fuse)
+    tokens, index, *_, cu_seqlens = _topk_gather_triton_direct(x, scores, k, total_kept, fuse)
     return tokens, index, cu_seqlens, max_seqlen
 
 
@@ -262,7 +274,8 @@ def _pick_backend(x: torch.Tensor, scores: torch.Tensor, backend: str | None) ->
         return []
 
     # both ops dispatch under the one name "topk_gather"
-    return select_backend("topk_gather", x.device, x.dtype, requires_grad, backend, extra)
+    return select_backend("topk_gather", x.device, x.dtype, requires_grad, backend, extra,
+                          extra_key=x.shape[1] > TRITON_MAX_N)
 
 
 def topk_gather(

@@ -19,8 +19,9 @@ from ..._validation import (
 from ...backends import get_impl, select_backend
 from . import dense  # noqa: F401  (registers the sdpa fast path for dense batches)
 from . import launch  # noqa: F401  (registers the triton and torch implementations)
-from .dense import dense_reasons
+from .dense import dense_reasons, is_dense
 from .limits import ATTENTION_LIMITS
+from .tiles import offsets_facts
 
 
 def _check_cu_seqlens(name: str, values: list[int], total: int, max_name: str, max_seqlen: int) -> None:
@@ -35,6 +36,22 @@ def _check_cu_seqlens(name: str, values: list[int], total: int, max_name: str, m
     longest = max(lengths, default=0)
     if longest > max_seqlen:
         raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sequence of {name} ({longest})")
+
+
+def _check_offsets(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, max_q: int, max_k: int) -> None:
+    """The value checks of both offsets, read once per ``cu_seqlens`` object (and version): a model runs every
+    layer's attention on the same offsets, and they passed the first time (``tiles.offsets_facts``)."""
+    facts_q, facts_k = offsets_facts(cu_q), offsets_facts(cu_k)
+    key_q, key_k = ("checked", total_q, max_q), ("checked", total_k, max_k)
+    if facts_q is not None and facts_k is not None and key_q in facts_q and key_k in facts_k:
+        return
+    offsets = torch.cat([cu_q, cu_k]).tolist()  # one host read (one sync on CUDA)
+    n = cu_q.shape[0]
+    _check_cu_seqlens("cu_seqlens_q", offsets[:n], total_q, "max_seqlen_q", max_q)
+    _check_cu_seqlens("cu_seqlens_k", offsets[n:], total_k, "max_seqlen_k", max_k)
+    for facts, key in ((facts_q, key_q), (facts_k, key_k)):
+        if facts is not None:
+            facts[key] = True
 
 
 def varlen_attention(
@@ -71,7 +88,9 @@ def varlen_attention(
             ``log(n_j)`` gives proportional attention for a token standing for ``n_j`` patches).
             Differentiable. Supported by the triton and torch backends.
         check_seqlens: read ``cu_seqlens_*`` on the host to check their values (a device sync on
-            CUDA). Skipped automatically while ``torch.compile`` traces or a CUDA graph is captured.
+            CUDA), once per offsets object: later calls with the same objects, unchanged in place, and
+            the same totals and maxima reuse the verdict (every layer of a model shares its offsets).
+            Skipped automatically while ``torch.compile`` traces or a CUDA graph is captured.
         backend: ``"triton"``, ``"torch"``, ``"sdpa"``, ``"flash_attn"``, ``"xformers"``,
             ``"torch_varlen"`` or ``None`` (best available; env ``BUS_KERNELS_BACKEND``). ``None`` sends a
             dense batch (every sequence full length: ``total_q == B * max_seqlen_q`` and ``total_k ==
@@ -125,14 +144,10 @@ def varlen_attention(
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if check_seqlens and host_reads_allowed(cu_seqlens_q):
-        offsets = torch.cat([cu_seqlens_q, cu_seqlens_k]).tolist()  # one host read (one sync on CUDA)
-        n = cu_seqlens_q.shape[0]
-        _check_cu_seqlens("cu_seqlens_q", offsets[:n], total_q, "max_seqlen_q", max_seqlen_q)
-        _check_cu_seqlens("cu_seqlens_k", offsets[n:], total_k, "max_seqlen_k", max_seqlen_k)
+        _check_offsets(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k)
 
-    requires_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, key_bias)
-    )
+    requires_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or (key_bias is not None and key_bias.requires_grad))
 
     def extra(name: str) -> list[str]:
         limits = ATTENTION_LIMITS.get(name)
@@ -143,7 +158,9 @@ def varlen_attention(
             reasons += dense_reasons(cu_seqlens_q.shape[0] - 1, total_q, total_k, max_seqlen_q, max_seqlen_k, causal)
         return reasons
 
-    name = select_backend("varlen_attention", q.device, q.dtype, requires_grad, backend, extra)
+    dense = is_dense(cu_seqlens_q.shape[0] - 1, total_q, total_k, max_seqlen_q, max_seqlen_k, causal)
+    name = select_backend("varlen_attention", q.device, q.dtype, requires_grad, backend, extra,
+                          extra_key=(D, key_bias is not None, dense))
     impl = get_impl("varlen_attention", name)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
     return impl(*args, key_bias) if key_bias is not None else impl(*args)

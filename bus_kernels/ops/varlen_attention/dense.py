@@ -38,6 +38,12 @@ from ...backends import register_impl
 NAME = "sdpa"
 
 
+def is_dense(batch: int, total_q: int, total_k: int, max_seqlen_q: int, max_seqlen_k: int, causal: bool) -> bool:
+    """``not dense_reasons(...)``, without building the reasons (the backend choice's cache key)."""
+    return (batch > 0 and max_seqlen_q > 0 and max_seqlen_k > 0 and total_q == batch * max_seqlen_q
+            and total_k == batch * max_seqlen_k and not (causal and max_seqlen_q != max_seqlen_k))
+
+
 def dense_reasons(batch: int, total_q: int, total_k: int, max_seqlen_q: int, max_seqlen_k: int,
                   causal: bool) -> list[str]:
     """Why the dense path cannot take this call (empty: every sequence is full length and it can).

@@ -7,15 +7,16 @@ gradient only when a key bias was given."""
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
-import triton
 
 from ... import reference
+from ..._direct import DirectOp
 from ...backends import register_impl
 from .kernel_bwd import _attn_bwd_dkdv_kernel, _attn_bwd_delta_kernel, _attn_bwd_dq_kernel
-from .._triton_utils import on_device
+from .._triton_utils import cdiv, on_device
 from . import autotune
 from .kernel_fwd import _attn_fwd_kernel
 from .tiles import _bias_arg, _block_d, _block_table, _config, _delta_rows, _precision
@@ -23,8 +24,7 @@ from .tiles import _bias_arg, _block_d, _block_table, _config, _delta_rows, _pre
 _LOG2E = 1.4426950408889634
 
 
-@torch.library.custom_op("bus::varlen_attention_triton", mutates_args=())
-def _varlen_attention_triton(
+def _varlen_attention_triton_body(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     key_bias: Optional[torch.Tensor], softmax_scale: float, causal: bool, max_seqlen_q: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,14 +50,7 @@ def _varlen_attention_triton(
     return out, lse
 
 
-@_varlen_attention_triton.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, key_bias, softmax_scale, causal, max_seqlen_q):
-    total_q, H, D = q.shape
-    return q.new_empty(total_q, H, D), q.new_empty(H, total_q, dtype=torch.float32)
-
-
-@torch.library.custom_op("bus::varlen_attention_triton_backward", mutates_args=())
-def _varlen_attention_triton_backward(
+def _varlen_attention_triton_backward_body(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, key_bias: Optional[torch.Tensor],
     softmax_scale: float, causal: bool, max_seqlen_q: int,
@@ -83,7 +76,7 @@ def _varlen_attention_triton_backward(
     with on_device(q):  # launch on the tensors' GPU, not the current one
         if total_q > 0:
             delta_rows = _delta_rows(block_d)
-            _attn_bwd_delta_kernel[(triton.cdiv(total_q, delta_rows), H)](
+            _attn_bwd_delta_kernel[(cdiv(total_q, delta_rows), H)](
                 out, dout, delta, dout.stride(0), dout.stride(1), total_q, H, D=D, BLOCK_M=delta_rows, BLOCK_D=block_d,
             )
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -111,11 +104,29 @@ def _varlen_attention_triton_backward(
     return dq, dk, dv, dbias
 
 
+_varlen_attention_triton = torch.library.custom_op(
+    "bus::varlen_attention_triton", _varlen_attention_triton_body, mutates_args=())
+_varlen_attention_triton_backward = torch.library.custom_op(
+    "bus::varlen_attention_triton_backward", _varlen_attention_triton_backward_body, mutates_args=())
+
+
+@_varlen_attention_triton.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, key_bias, softmax_scale, causal, max_seqlen_q):
+    total_q, H, D = q.shape
+    return q.new_empty(total_q, H, D), q.new_empty(H, total_q, dtype=torch.float32)
+
+
 @_varlen_attention_triton_backward.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_bias, softmax_scale, causal, max_seqlen_q):
     total_k = k.shape[0] if key_bias is not None else 0
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             q.new_empty(total_k, dtype=torch.float32))
+
+
+def varlen_autograd(backward_op):
+    """``(setup_context, backward)`` of the forward op, whose gradient ``backward_op`` computes (for
+    ``torch.library.register_autograd`` and for the eager ``DirectOp``)."""
+    return _setup_context, functools.partial(_backward, backward_op)
 
 
 def _setup_context(ctx, inputs, output):
@@ -130,11 +141,11 @@ def _setup_context(ctx, inputs, output):
     ctx.max_seqlen_q = max_seqlen_q
 
 
-def _backward(ctx, dout, _dlse):
+def _backward(backward_op, ctx, dout, _dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_bias = ctx.saved_tensors
     if dout is None:
         return (None,) * 9
-    dq, dk, dv, dbias = _varlen_attention_triton_backward(
+    dq, dk, dv, dbias = backward_op(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_bias, ctx.softmax_scale, ctx.causal,
         ctx.max_seqlen_q,
     )
@@ -143,16 +154,26 @@ def _backward(ctx, dout, _dlse):
     return dq, dk, dv, None, None, dbias, None, None, None
 
 
-torch.library.register_autograd("bus::varlen_attention_triton", _backward, setup_context=_setup_context)
+_setup, _grad = varlen_autograd(_varlen_attention_triton_backward)
+torch.library.register_autograd("bus::varlen_attention_triton", _grad, setup_context=_setup)
+# eager calls on plain tensors skip the dispatcher (bus_kernels/_direct.py)
+_varlen_attention_triton_direct = DirectOp(
+    "VarlenAttentionTriton", _varlen_attention_triton, _varlen_attention_triton_body, varlen_autograd,
+    _varlen_attention_triton_backward, _varlen_attention_triton_backward_body)
 
 
 def _varlen_attention_triton_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   softmax_scale, causal, key_bias=None):
     # the block table is sized from the token counts; max_seqlen_q only picks the tiles
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
     if key_bias is not None and not key_bias.is_contiguous():
         key_bias = key_bias.contiguous()
-    return _varlen_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, key_bias, softmax_scale, causal,
+    return _varlen_attention_triton_direct(q, k, v, cu_seqlens_q, cu_seqlens_k, key_bias, softmax_scale, causal,
                                     max_seqlen_q)[0]
 
 

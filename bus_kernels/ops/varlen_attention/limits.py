@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...backends import forget_choices
+
 TRITON_MIN_HEAD_DIM = 1
 TRITON_MAX_HEAD_DIM = 256
 
@@ -41,3 +43,4 @@ ATTENTION_LIMITS: dict[str, AttentionLimits] = {
 def register_attention_limits(backend: str, limits: AttentionLimits) -> None:
     """Declare the head dims / features ``backend`` takes for ``varlen_attention``."""
     ATTENTION_LIMITS[backend] = limits
+    forget_choices()

@@ -11,7 +11,7 @@ import torch
 
 from ..._capture import capturing
 from ...backends import TRITON_INTERPRET
-from .._triton_utils import next_pow2
+from .._triton_utils import constant, next_pow2
 
 
 class _Config(NamedTuple):
@@ -165,11 +165,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# Block tables by cu_seqlens object: {id: (weak reference, version counter, {(total, block): table})}.
-# The id alone is never trusted: an entry counts only while its weak reference still points at this very
-# object (a freed tensor's id may be reused by a new one; its entry is dropped when it dies) and its
-# version counter is unchanged (an in-place change of the offsets rebuilds the table).
-_TABLES: dict[int, tuple] = {}
+# What is known about a cu_seqlens object, by object: {id: (weak reference, version counter, facts)}, the
+# facts being {(total, block): block table} and {("checked", total, max_seqlen): True} (its values passed
+# varlen_attention's checks). The id alone is never trusted: an entry counts only while its weak reference
+# still points at this very object (a freed tensor's id may be reused by a new one; its entry is dropped
+# when it dies) and its version counter is unchanged (an in-place change of the offsets forgets it all).
+_OFFSETS: dict[int, tuple] = {}
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -179,34 +180,42 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
-def _block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_build_block_table``, built once per ``cu_seqlens`` object (while it lives and is not changed in
-    place): a model packs its tokens once and runs every layer's attention, forward and backward, on the
-    same offsets, so the table's small kernels run once per packing instead of three times per layer.
-
-    Not cached (built every call) for inference tensors (no version counter) and while a CUDA graph is
-    captured (``bus_kernels._capture``): there the table's kernels become part of the graph and re-run
-    on every replay, so a replay after an in-place change of the offsets reads a fresh table, and no
+def offsets_facts(cu_seqlens: torch.Tensor) -> dict | None:
+    """The facts cached for this ``cu_seqlens`` object in its current version (a dict to read and fill), or
+    None where nothing may be cached: inference tensors (no version counter) and while a CUDA graph is
+    captured (``bus_kernels._capture``): there the table's kernels become part of the graph and re-run on
+    every replay, so a replay after an in-place change of the offsets reads a fresh table, and no
     graph-pool memory leaks into the eager cache."""
     version = _version(cu_seqlens)
     if version is None or capturing(cu_seqlens):
-        return _build_block_table(cu_seqlens, total, block)
+        return None
     key = id(cu_seqlens)
-    entry = _TABLES.get(key)
+    entry = _OFFSETS.get(key)
     if entry is None or entry[0]() is not cu_seqlens or entry[1] != version:
         entry = (weakref.ref(cu_seqlens, lambda _ref, key=key: _drop(key, _ref)), version, {})
-        _TABLES[key] = entry
-    table = entry[2].get((total, block))
+        _OFFSETS[key] = entry
+    return entry[2]
+
+
+def _block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_build_block_table``, built once per ``cu_seqlens`` object (while it lives and is not changed in
+    place, ``offsets_facts``): a model packs its tokens once and runs every layer's attention, forward and
+    backward, on the same offsets, so the table's small kernels run once per packing instead of three times
+    per layer."""
+    facts = offsets_facts(cu_seqlens)
+    if facts is None:
+        return _build_block_table(cu_seqlens, total, block)
+    table = facts.get((total, block))
     if table is None:
-        table = entry[2][(total, block)] = _build_block_table(cu_seqlens, total, block)
+        table = facts[(total, block)] = _build_block_table(cu_seqlens, total, block)
     return table
 
 
 def _drop(key: int, ref: weakref.ref) -> None:
     """A cu_seqlens object died: drop its entry (only if the entry is still its own)."""
-    entry = _TABLES.get(key)
+    entry = _OFFSETS.get(key)
     if entry is not None and entry[0] is ref:
-        del _TABLES[key]
+        del _OFFSETS[key]
 
 
 def _build_block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,4 +240,4 @@ def _build_block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> tupl
 
 def _bias_arg(key_bias: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """Kernels take a pointer even when HAS_BIAS is off: any fp32 tensor does."""
-    return key_bias if key_bias is not None else like.new_empty(1, dtype=torch.float32)
+    return key_bias if key_bias is not None else constant((1,), 0.0, torch.float32, like)
