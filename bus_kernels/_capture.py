@@ -28,7 +28,9 @@ def capturing(t: torch.Tensor) -> bool:
     """Whether a CUDA graph is being captured on the current stream and ``t`` is a CUDA tensor (never
     initialises CUDA; False on a CPU-only machine). False while ``torch.compile`` traces: the question is
     asked again when the compiled graph runs (a custom op's body runs then, and is what CUDA graphs capture)."""
-    return t.device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
+    # is_cuda, not device.type == "cuda": asked on every call, and building the device's type string costs
+    # more than the rest of the test
+    return t.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
 
 
 def host_reads_allowed(t: torch.Tensor) -> bool:

@@ -8,8 +8,7 @@ tensors runs the body directly, through a ``torch.autograd.Function`` built from
 ``setup_context`` / ``backward`` pair registered with the custom op when a gradient is recorded, and bare
 otherwise. Same kernels, same saved tensors, same gradients.
 
-The custom op is still used whenever something may look at the op instead of running it
-(``needs_dispatcher``): while ``torch.compile`` traces, under any ``TorchDispatchMode`` (FakeTensorMode,
+The custom op is still used whenever something may look at the op instead of running it: while ``torch.compile`` traces, under any ``TorchDispatchMode`` (FakeTensorMode,
 FlopCounterMode, ``bus_benchmarks.dispatch_count``), under functorch transforms (vmap, grad) and for
 tensor subclasses. Backward makes the same choice again, so a dispatch mode around ``backward()`` alone
 also sees the backward custom op.
@@ -24,35 +23,22 @@ import torch
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def needs_dispatcher(args: tuple) -> bool:
-    """Whether a call on ``args`` must go through the registered custom op (see the module docstring)."""
-    if torch.compiler.is_compiling():  # first: Dynamo folds it, and never traces the checks below
-        return True
-    if torch._C._len_torch_dispatch_stack() > 0 or torch._C._are_functorch_transforms_active():
-        return True
-    for a in args:
-        if isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS:
-            return True
-    return False
-
-
-def _requires_grad(args: tuple) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    for a in args:
-        if isinstance(a, torch.Tensor) and a.requires_grad:
-            return True
-    return False
+def _outside_eager() -> bool:
+    """torch.compile tracing, a TorchDispatchMode or a functorch transform is active."""
+    return (torch.compiler.is_compiling()  # first: Dynamo folds it, and never traces the checks after it
+            or torch._C._len_torch_dispatch_stack() > 0 or torch._C._are_functorch_transforms_active())
 
 
 class DirectOp:
-    """Calls ``forward(*args)`` directly in eager mode, or ``custom_op(*args)`` where ``needs_dispatcher``.
+    """Calls ``forward(*args)`` directly in eager mode on plain tensors, else ``custom_op(*args)`` (see the
+    module docstring).
 
     ``custom_op``: the ``torch.library`` op whose body is ``forward``; ``autograd(backward_fn)`` returns the
     ``(setup_context, backward)`` pair of its autograd formula (the one given to
-    ``torch.library.register_autograd``), with ``backward_fn`` computing the input gradients. The direct path
-    uses it with a ``backward_fn`` that itself calls ``backward_body`` directly (or ``backward_op`` where the
-    dispatcher is needed). ``backward_op=None``: the op has no backward (every output non-differentiable).
+    ``torch.library.register_autograd``), with ``backward_fn(grad, *saved)`` computing the input gradients
+    from the incoming gradient first. The direct path uses it with a ``backward_fn`` that itself calls
+    ``backward_body`` directly (or ``backward_op`` where the dispatcher is needed). ``autograd=None``: the op
+    has no backward (every output non-differentiable).
     """
 
     def __init__(self, name: str, custom_op: Callable, forward: Callable,
@@ -62,8 +48,11 @@ class DirectOp:
         self.forward = forward
         self.function = None
         if autograd is not None:
-            def backward_fn(*args):
-                return (backward_op if needs_dispatcher(args) else backward_body)(*args)
+            def backward_fn(grad, *saved):
+                # saved: the forward's plain inputs and outputs; only the incoming gradient is new
+                if _outside_eager() or type(grad) not in _PLAIN_TENSORS:
+                    return backward_op(grad, *saved)
+                return backward_body(grad, *saved)
 
             setup_context, backward = autograd(backward_fn)
 
@@ -78,8 +67,14 @@ class DirectOp:
                 "forward": staticmethod(forward_with_ctx), "backward": staticmethod(backward)})
 
     def __call__(self, *args):
-        if needs_dispatcher(args):
+        if _outside_eager():
             return self.custom_op(*args)
-        if self.function is not None and _requires_grad(args):
+        grad = False
+        for a in args:  # one pass: subclasses (-> the custom op) and whether any input records a gradient
+            if isinstance(a, torch.Tensor):
+                if type(a) not in _PLAIN_TENSORS:
+                    return self.custom_op(*args)
+                grad = grad or a.requires_grad
+        if grad and self.function is not None and torch.is_grad_enabled():
             return self.function.apply(*args)
         return self.forward(*args)

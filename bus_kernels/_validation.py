@@ -43,12 +43,13 @@ def check_same_device(named: Iterable[tuple[str, torch.Tensor]]) -> torch.device
     """All tensors must live on one device; returns it."""
     named = list(named)
     first_name, first = named[0]
+    device = first.device
     for name, t in named[1:]:
-        if t.device != first.device:
+        if t.device != device:
             raise ValueError(
-                f"{name} is on {t.device} but {first_name} is on {first.device}; all inputs must be on one device"
+                f"{name} is on {t.device} but {first_name} is on {device}; all inputs must be on one device"
             )
-    return first.device
+    return device
 
 
 def check_dim_size(name: str, value: torch.Tensor, dim: int, size: int, what: str) -> None:

@@ -19,6 +19,8 @@ from typing import Callable, Hashable, Mapping, Sequence
 
 import torch
 
+from ._env import getenv
+
 ENV_VAR = "BUS_KERNELS_BACKEND"
 
 # Read once, when bus_kernels is imported: Triton decides at kernel-definition time whether
@@ -69,6 +71,11 @@ class Backend:
 _BACKENDS: dict[str, Backend] = {}
 # op -> device type -> backend names, most preferred first
 _PREFERENCE: dict[str, dict[str, list[str]]] = {}
+
+
+def _env_backend() -> str | None:
+    """``BUS_KERNELS_BACKEND`` (None when unset or empty), read on every call so that a change is seen at once."""
+    return getenv(ENV_VAR) or None
 
 
 # Successful choices of select_backend, by everything they depend on; cleared whenever the registry changes.
@@ -137,10 +144,10 @@ def select_backend(
     time). Without it (and ``extra_reasons`` given) nothing is cached. Errors are never cached.
     Raises ``BackendNotSupportedError`` listing each rejected backend and why.
     """
-    env = os.environ.get(ENV_VAR) or None
+    env = _env_backend()
     key = None
     if (extra_key is not None or extra_reasons is None) and (backend is None or isinstance(backend, str)):
-        key = (op, device.type, dtype, requires_grad, backend, env, extra_key)
+        key = (op, device, dtype, requires_grad, backend, env, extra_key)
         chosen = _CHOSEN.get(key)
         if chosen is not None:
             return chosen

@@ -147,10 +147,11 @@ def _topk_gather_native_impl(x: torch.Tensor, scores: torch.Tensor, k: int, fuse
     return tokens.view(B, k + int(fuse), C), index.view(B, k)
 
 
-def _topk_gather_varlen_native_impl(x: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, fuse: bool):
+def _topk_gather_varlen_native_impl(x: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, fuse: bool,
+                                    counts: list[int] | None):
     from .ops.topk_gather import _cu_seqlens, kept_totals
 
-    total_kept, max_seqlen = kept_totals(k, fuse)  # one host read
+    total_kept, max_seqlen = kept_totals(k, fuse, counts)  # one host read, none when counts were read
     tokens, index, *_ = torch.ops.bus.topk_gather(x, scores, k, total_kept, fuse)
     return tokens, index, _cu_seqlens(k, fuse), max_seqlen
 

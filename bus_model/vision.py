@@ -33,6 +33,7 @@ from .selection import (
     score_candidates,
     text_free_mode,
 )
+from .vision_timm import read_state_dict, vision_config_from_state, vision_config_from_timm_module
 
 
 class PatchEmbed(nn.Module):
@@ -138,6 +139,13 @@ class VisionFeatures:
     mask: torch.Tensor | None = None
     selections: list[SelectionRecord] = field(default_factory=list)
     sizes: torch.Tensor | None = None
+
+    def rows(self, rows: slice) -> "VisionFeatures":
+        """These features for a slice of the images (views)."""
+        return VisionFeatures(
+            self.tokens[rows], None if self.mask is None else self.mask[rows],
+            [SelectionRecord(r.layer, r.scores[rows], r.positions[rows], r.kept_positions[rows], r.num_kept[rows])
+             for r in self.selections], None if self.sizes is None else self.sizes[rows])
 
 
 class BusViT(nn.Module):
@@ -295,6 +303,12 @@ class BusViT(nn.Module):
         x = self._embed(images)
         for block in self.blocks[:first]:  # no selection before ``first``: every row full, no mask
             x = block.feed_forward(block.attend(x, None, self.attn_impl)[0], None, self.attn_impl)
+        if (guided, free) == ("bus", "evit") and not detach_scores:
+            # one pass over both row sets stacked (2B rows): the same blocks, the same keep rule, only the query
+            # differs (caption / image [CLS]); the same math as two passes with half the dispatched ops (issue 22)
+            B = x.shape[0]
+            both = self._blocks_from(torch.cat([x, x]), first, guided, text_query, detach_scores, free_rows=B)
+            return both.rows(slice(0, B)), both.rows(slice(B, 2 * B))
         return (self._blocks_from(x, first, guided, text_query, detach_scores),
                 self._blocks_from(x, first, free, None, False))
 
@@ -305,8 +319,10 @@ class BusViT(nn.Module):
         return torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed
 
     def _blocks_from(self, x: torch.Tensor, start: int, policy: str, text_query: torch.Tensor | None,
-                     detach_scores: bool) -> VisionFeatures:
-        """Blocks ``start..depth-1`` on full rows ``x (B, N, C)`` (no selection has run yet), then ``norm``."""
+                     detach_scores: bool, free_rows: int = 0) -> VisionFeatures:
+        """Blocks ``start..depth-1`` on full rows ``x (B, N, C)`` (no selection has run yet), then ``norm``.
+        ``free_rows``: bus only: the last ``free_rows`` rows select with their image [CLS] (EViT, the
+        text-free fallback) and ``text_query`` covers the others."""
         B = x.shape[0]
         mask = None
         size = None  # tome: (B, N) float32 patches per token
@@ -343,6 +359,8 @@ class BusViT(nn.Module):
             if i in layers and policy in ("bus", "evit"):
                 if policy == "bus":
                     query = block.attn.project_query(block.norm1(text_query))  # TSPS: text [CLS] query
+                    if free_rows:
+                        query = torch.cat([query, q[-free_rows:, :, 0]])  # the stacked caption-free rows: EViT
                 else:
                     query = q[:, :, 0]  # EViT: the image [CLS] query of this layer, (B, H, D)
                 cand_mask = None if mask is None else mask[:, 1:]
@@ -392,10 +410,10 @@ class BusViT(nn.Module):
         kernel_backend = options.pop("kernel_backend", None)
         num_heads = options.pop("num_heads", None)
         if isinstance(model_or_checkpoint_path, nn.Module):
-            state, vision = _vision_config_from_timm_module(model_or_checkpoint_path)
+            state, vision = vision_config_from_timm_module(model_or_checkpoint_path)
         elif isinstance(model_or_checkpoint_path, (str, os.PathLike)):
-            state = _read_state_dict(model_or_checkpoint_path)
-            vision = _vision_config_from_state(state, num_heads)
+            state = read_state_dict(model_or_checkpoint_path)
+            vision = vision_config_from_state(state, num_heads)
         else:
             raise TypeError(
                 "model_or_checkpoint_path must be a timm VisionTransformer or a checkpoint path, "
@@ -434,50 +452,3 @@ def _validate_selection(vision: VisionConfig, selection: SelectionConfig) -> Non
     from .config import BusConfig, PadConfig
 
     BusConfig(vision=vision, selection=selection, pad=PadConfig(enabled=False)).validate()
-
-
-def _read_state_dict(path) -> dict[str, torch.Tensor]:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
-    if not isinstance(state, dict) or "pos_embed" not in state:
-        raise ValueError(f"{path!r} is not a timm ViT state dict (no 'pos_embed')")
-    return state
-
-
-def _vision_config_from_state(state: dict[str, torch.Tensor], num_heads: int | None) -> VisionConfig:
-    proj = state["patch_embed.proj.weight"]  # (C, in_chans, p, p)
-    width, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
-    grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
-    return VisionConfig(
-        image_size=grid * patch, patch_size=patch, in_chans=in_chans, width=width, depth=depth,
-        num_heads=num_heads or max(1, width // 64), mlp_ratio=hidden / width,
-        qkv_bias="blocks.0.attn.qkv.bias" in state,
-    )
-
-
-def _vision_config_from_timm_module(model: nn.Module) -> tuple[dict[str, torch.Tensor], VisionConfig]:
-    for attr in ("patch_embed", "blocks", "pos_embed", "cls_token"):
-        if not hasattr(model, attr):
-            raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__} (no {attr!r})")
-    if getattr(model, "num_prefix_tokens", 1) != 1 or getattr(model, "global_pool", "token") not in ("token", ""):
-        raise ValueError("only timm ViTs with exactly one [CLS] prefix token (no registers) are supported")
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    vision = _vision_config_from_state(state, model.blocks[0].attn.num_heads)
-    norm = model.blocks[0].norm1
-    img = model.patch_embed.img_size
-    vision = dataclasses.replace(vision, image_size=img[0] if isinstance(img, (tuple, list)) else img,
-                                 layer_norm_eps=getattr(norm, "eps", 1e-6))
-    return state, vision

@@ -103,20 +103,21 @@ def test_direct_and_dispatched_paths_agree_with_float64(op, seed):
     torch.testing.assert_close(out_direct, out_disp, atol=0, rtol=0)  # same kernels, same result
 
 
-def test_needs_dispatcher_for_modes_subclasses_and_transforms():
+def test_the_custom_op_is_taken_under_modes_subclasses_and_transforms():
+    op = _direct.DirectOp("Probe", custom_op=lambda *a: "custom op", forward=lambda *a: "direct")
     plain = torch.randn(3)
-    assert not _direct.needs_dispatcher((plain, 2, None))
-    assert not _direct.needs_dispatcher((torch.nn.Parameter(plain),))
+    assert op(plain, 2, None) == "direct"
+    assert op(torch.nn.Parameter(plain)) == "direct"
     with _Recorder():
-        assert _direct.needs_dispatcher((plain,))
+        assert op(plain) == "custom op"
 
     class Sub(torch.Tensor):
         pass
 
-    assert _direct.needs_dispatcher((plain, plain.as_subclass(Sub)))
+    assert op(plain, plain.as_subclass(Sub)) == "custom op"
     seen = []
-    torch.func.vmap(lambda t: seen.append(_direct.needs_dispatcher((t,))) or t)(torch.randn(2, 3))
-    assert seen == [True]
+    torch.func.vmap(lambda t: seen.append(op(t)) or t)(torch.randn(2, 3))
+    assert seen == ["custom op"]
 
 
 def test_backward_under_a_dispatch_mode_takes_the_backward_custom_op():
@@ -205,6 +206,13 @@ def test_constants_are_shared_bounded_and_fixed_k_rows_stay_correct():
     for n in range(2 * _triton_utils._MAX_CONSTANTS):
         _triton_utils.constant((n + 1,), 1, torch.int32, torch.empty(0))
     assert len(_triton_utils._CONSTANTS) <= _triton_utils._MAX_CONSTANTS
+    from unittest import mock
+
+    from bus_kernels import _capture
+
+    with mock.patch.object(_capture, "capturing", lambda t: True):  # as if a CUDA graph were being captured
+        made = _triton_utils.constant((7,), 9, torch.int64, torch.empty(0))
+    assert made.tolist() == [9] * 7 and ((7,), 9, torch.int64, made.device) not in _triton_utils._CONSTANTS
     g = torch.Generator().manual_seed(3)
     for B, N, k in ((1, 7, 3), (4, 7, 3), (4, 7, 6), (2, 33, 1)):  # many (B, k): rows keep k each
         x, s = torch.randn(B, N, 8, generator=g), torch.rand(B, N, generator=g)
@@ -212,3 +220,53 @@ def test_constants_are_shared_bounded_and_fixed_k_rows_stay_correct():
         ref_tokens, ref_index = reference.topk_gather(x.double(), s.double(), k, True)
         torch.testing.assert_close(out.tokens.double(), ref_tokens, atol=1e-5, rtol=1e-5)
         assert torch.equal(out.index, ref_index)
+
+
+def test_fast_validation_paths_accept_only_what_the_named_checks_accept():
+    """The common-case checks of topk_gather and varlen_attention (a few comparisons) must imply the named
+    checks: over random valid inputs and one-field corruptions, whenever the fast test passes, the named
+    checks pass too; and every corrupted call still raises its named error through the public function."""
+    import importlib
+
+    api = importlib.import_module("bus_kernels.ops.varlen_attention.api")
+    tg = importlib.import_module("bus_kernels.ops.topk_gather")
+    g = torch.Generator().manual_seed(11)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    good = dict(q=torch.randn(7, 2, 8), k=torch.randn(7, 2, 8), v=torch.randn(7, 2, 8), cu_q=cu, cu_k=cu,
+                max_q=4, max_k=4, key_bias=None)
+    bad_values = {
+        "q": [torch.randn(7, 2), torch.randn(7, 2, 8).half(), torch.randn(7, 0, 8), torch.randint(0, 3, (7, 2, 8)),
+              "q"],
+        "k": [torch.randn(7, 3, 8), torch.randn(7, 2, 4), torch.randn(7, 2, 8).double(), torch.randn(7, 2, 8, 1)],
+        "v": [torch.randn(6, 2, 8), torch.randn(7, 2, 8).half(), torch.randn(7, 1, 8)],
+        "cu_q": [cu.long(), cu[None], torch.zeros(0, dtype=torch.int32), torch.tensor([0, 7], dtype=torch.int32)],
+        "cu_k": [cu.long(), torch.tensor([0, 7], dtype=torch.int32)],
+        "max_q": [-1, 4.0, True, None],
+        "max_k": [-2, "4"],
+        "key_bias": [torch.zeros(7), torch.zeros(7, dtype=torch.float64)],
+    }
+    for field, values in bad_values.items():
+        for value in values:
+            args = dict(good, **{field: value})
+            ordered = tuple(args[n] for n in ("q", "k", "v", "cu_q", "cu_k", "max_q", "max_k", "key_bias"))
+            if api._common_case(*ordered):
+                api._check_inputs(*ordered)  # must not raise
+            elif field != "key_bias":  # a key bias is valid, only not the common case
+                with pytest.raises((TypeError, ValueError)):
+                    api._check_inputs(*ordered)
+    assert api._common_case(*good.values())
+    for _ in range(200):  # random shapes: the fast test passes exactly on consistent ones
+        B, N, C = (int(v) for v in torch.randint(0, 4, (3,), generator=g))
+        x = torch.randn(B, N, C)
+        s = torch.randn(int(torch.randint(0, 4, (1,), generator=g)), N if bool(torch.rand(1, generator=g) < 0.7) else N + 1)
+        if s.shape[0] == B and s.shape[1] == N:
+            assert tg._check_x_scores(x, s) == (B, N, C)
+        else:
+            with pytest.raises(ValueError, match="scores has size"):
+                tg._check_x_scores(x, s)
+    for x, s, match in ((torch.randn(2, 3), torch.rand(2, 3), "x must have shape"),
+                        (torch.randn(2, 3, 4), torch.rand(2, 3).long(), "scores must have a floating dtype"),
+                        (torch.randn(2, 3, 4).int(), torch.rand(2, 3), "x must have a floating dtype"),
+                        ("x", torch.rand(2, 3), "x must be a torch.Tensor")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            tg._check_x_scores(x, s)

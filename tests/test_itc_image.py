@@ -129,3 +129,30 @@ def test_policies_without_a_caption_ignore_the_choice():
         torch.manual_seed(5)
         lb = b(*batch).loss
         torch.testing.assert_close(la, lb, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("keep_mode", ["ratio", "mass"])
+def test_stacked_guided_and_text_free_rows_equal_two_passes(keep_mode):
+    """forward_features_and_text_free runs the guided and the caption-free rows as one 2B-row pass: the same
+    features, masks and selection records as the two passes run apart (ragged rows too: keep_mode mass)."""
+    model = _model("text_free", selection__keep_mode=keep_mode).train()
+    images, ids, mask, _ = _batch(model, batch=3)
+    text_cls = model.encode_text(ids, mask).hidden[:, 0]
+    vit = model.vision
+    guided, free = vit.forward_features_and_text_free(images, text_cls)
+    apart_guided = vit.forward_features(images, text_cls)
+    apart_free = vit.forward_features(images)
+    for got, want in ((guided, apart_guided), (free, apart_free)):
+        torch.testing.assert_close(got.tokens, want.tokens, rtol=1e-5, atol=1e-5)
+        assert (got.mask is None) == (want.mask is None)
+        if got.mask is not None:
+            assert torch.equal(got.mask, want.mask)
+        assert len(got.selections) == len(want.selections)
+        for a, b in zip(got.selections, want.selections):
+            assert a.layer == b.layer
+            torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+            for field in ("positions", "kept_positions", "num_kept"):
+                assert torch.equal(getattr(a, field), getattr(b, field)), field
+    # gradients reach the caption query through the guided rows only
+    guided.tokens.sum().backward()
+    assert vit.text_query_proj.weight.grad is not None and vit.text_query_proj.weight.grad.abs().sum() > 0

@@ -288,20 +288,25 @@ def test_backward_fills_nothing(op, backend):
 @needs_interpreter
 def test_saved_outputs_carry_no_gradient():
     """Outputs saved only for backward (lse, logits, the gather's bookkeeping) are non-differentiable."""
-    from bus_kernels.ops.text_patch_scores import _tps_triton
-    from bus_kernels.ops.topk_gather import _topk_gather_triton
-    from bus_kernels.ops.varlen_attention.launch import _varlen_attention_triton
+    from bus_kernels.ops.text_patch_scores import _tps_triton, _tps_triton_direct
+    from bus_kernels.ops.topk_gather import _topk_gather_triton, _topk_gather_triton_direct
+    from bus_kernels.ops.varlen_attention.launch import _varlen_attention_triton, _varlen_attention_triton_direct
 
-    query, keys = _leaf(B, H, D), _leaf(B, N, H, D)
-    scores, *saved = _tps_triton(query, keys, 0.25)
-    assert scores.requires_grad and not any(t.requires_grad for t in saved)
-    x, s = _leaf(B, N, C), _leaf(B, N, positive=True)
-    tokens, *saved = _topk_gather_triton(x, s, torch.tensor([3, 5]), 8, True)
-    assert tokens.requires_grad and not any(t.requires_grad for t in saved)
-    cu = torch.tensor([0, 5, 9], dtype=torch.int32)
-    q = _leaf(9, H, D)
-    out, lse = _varlen_attention_triton(q, q, q, cu, cu, None, 0.25, False, 5)
-    assert out.requires_grad and not lse.requires_grad
+    # the registered custom ops and their eager fast paths (bus_kernels/_direct.py) alike
+    for tps, gather, attention in ((_tps_triton, _topk_gather_triton, _varlen_attention_triton),
+                                   (_tps_triton_direct, _topk_gather_triton_direct, _varlen_attention_triton_direct)):
+        query, keys = _leaf(B, H, D), _leaf(B, N, H, D)
+        scores, *saved = tps(query, keys, 0.25)
+        assert scores.requires_grad and not any(t.requires_grad for t in saved)
+        x, s = _leaf(B, N, C), _leaf(B, N, positive=True)
+        for k_rows, fixed_k in ((torch.tensor([3, 5]), -1), (torch.tensor([4, 4]), 4)):
+            tokens, *saved = gather(x, s, k_rows, 8, True, fixed_k)
+            assert tokens.requires_grad and not any(t.requires_grad for t in saved)
+            assert tokens.shape == ((10, C) if fixed_k < 0 else (B, 5, C))
+        cu = torch.tensor([0, 5, 9], dtype=torch.int32)
+        q = _leaf(9, H, D)
+        out, lse = attention(q, q, q, cu, cu, None, 0.25, False, 5)
+        assert out.requires_grad and not lse.requires_grad
 
 
 # ---------------------------------------------------------------------------------------------

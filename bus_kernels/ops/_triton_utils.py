@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from .._capture import capturing
+from .. import _capture
 
 
 # Plain integer arithmetic: triton.next_power_of_2 / triton.cdiv are jit-able functions whose host call
@@ -31,7 +31,7 @@ def on_device(t: torch.Tensor):
     and its current stream, so tensors on another GPU (``cuda:1`` while device 0 is current) would be
     read with the wrong device's context. A no-op for CPU tensors (the interpreter) and when ``t``'s GPU is
     already the current one (the common case: no device switch on the host)."""
-    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+    if not t.is_cuda or t.device.index == torch.cuda.current_device():
         return _NO_SWITCH
     return torch.cuda.device(t.device)
 
@@ -54,7 +54,7 @@ def constant(shape: tuple[int, ...], value: int | float, dtype: torch.dtype, lik
     if t is not None:
         return t
     t = torch.full(shape, value, dtype=dtype, device=like.device)
-    if not (torch.compiler.is_compiling() or capturing(like)):
+    if not (torch.compiler.is_compiling() or _capture.capturing(like)):
         if len(_CONSTANTS) >= _MAX_CONSTANTS:
             del _CONSTANTS[next(iter(_CONSTANTS))]
         _CONSTANTS[key] = t

@@ -15,6 +15,8 @@ Forward 2 launches, backward 1: the saved logits and lse carry no gradient (``te
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -114,22 +116,24 @@ def _tps_bwd_kernel(
     tl.store(dq_ptr + (b * H + h) * D + offs_d, dq.to(dq_ptr.dtype.element_ty), mask=dmask)
 
 
+@functools.lru_cache(maxsize=None)  # a few head dims per model; asked on every call
 def _blocks(D: int) -> tuple[int, int]:
     block_d = next_pow2(D)
     return tile_rows(block_d, budget=4096, max_rows=128), block_d
 
 
 def _strides(query: torch.Tensor, keys: torch.Tensor) -> tuple[int, ...]:
-    return query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2)
+    sq, sk = query.stride(), keys.stride()  # one call each: stride(i) costs as much as the whole tuple
+    return sq[0], sq[1], sk[0], sk[1], sk[2]
 
 
 def _tps_triton_body(query: torch.Tensor, keys: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """query (B, H, D), keys (B, N, H, D), both with unit stride in D ->
     scores (B, N) fp32, logits (B, H, N) fp32, lse (B, H) fp32."""
     B, N, H, D = keys.shape
-    out = torch.empty(B, N, dtype=torch.float32, device=keys.device)
-    logits = torch.empty(B, H, N, dtype=torch.float32, device=keys.device)
-    lse = torch.empty(B, H, dtype=torch.float32, device=keys.device)
+    out = keys.new_empty((B, N), dtype=torch.float32)
+    logits = keys.new_empty((B, H, N), dtype=torch.float32)
+    lse = keys.new_empty((B, H), dtype=torch.float32)
     if B == 0:
         return out, logits, lse
     block_n, block_d = _blocks(D)
@@ -189,8 +193,8 @@ def _tps_triton_backward_body(
     """grad (B, N) -> grad_query (B, H, D), grad_keys (B, N, H, D), in the inputs' dtypes."""
     B, N, H, D = keys.shape
     grad = grad.contiguous()
-    dq = torch.empty(B, H, D, dtype=query.dtype, device=query.device)
-    dk = torch.empty(B, N, H, D, dtype=keys.dtype, device=keys.device)
+    dq = query.new_empty((B, H, D))
+    dk = keys.new_empty((B, N, H, D))
     if B == 0:
         return dq, dk
     block_n, block_d = _blocks(D)
@@ -214,9 +218,9 @@ _tps_triton_direct = DirectOp("TextPatchScoresTriton", _tps_triton, _tps_triton_
 
 
 def _tps_triton_impl(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    if query.stride(-1) != 1:
+    if query.stride()[-1] != 1:
         query = query.contiguous()
-    if keys.stride(-1) != 1:
+    if keys.stride()[-1] != 1:
         keys = keys.contiguous()
     return _tps_triton_direct(query, keys, scale)[0]
 

@@ -23,6 +23,7 @@ the row counts and the two above), its backward 1 (``tests/test_op_launches.py``
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,7 @@ from .. import reference
 from .._capture import refuse_capture
 from .._direct import DirectOp
 from .._validation import (
+    FLOAT_DTYPES,
     check_dim_size, check_float, check_int, check_rank, check_same_device, check_tensor, is_number,
 )
 from ..backends import get_impl, register_impl, select_backend
@@ -71,6 +73,7 @@ from .topk_gather_kernels import _topk_gather_bwd_kernel, _topk_gather_fwd_kerne
 GATHER_WARPS = 8
 
 
+@functools.lru_cache(maxsize=None)  # a few channel counts per model; asked on every call
 def _gather_blocks(C: int) -> tuple[int, int]:
     block_c = min(next_pow2(C), 128)
     return tile_rows(block_c, budget=2048, max_rows=32), block_c
@@ -81,41 +84,51 @@ def _select_warps(NP: int) -> int:
 
 
 def _topk_gather_triton_body(
-    x: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, total_kept: int, fuse: bool
+    x: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, total_kept: int, fuse: bool, fixed_k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (B, N, C) with unit channel stride, scores (B, N), k (B,) int64, total_kept = sum(k) ->
-    tokens (total_kept + B*fuse, C), index (total_kept,) int64, slot (B, N) int32, fused (B, C) fp32,
-    den (B,) fp32, cu_seqlens (B + 1,) int32 (row b of tokens at cu_seqlens[b]:cu_seqlens[b + 1]).
-    Every output is written whole by the kernels (``empty``, no fills); fused/den only with fuse,
-    the only case the backward reads them."""
+    tokens (total_kept + B*fuse, C), index (total_kept,) int64, slot (B, N) int32, fused (B, C + 1) fp32
+    (row b: the fused token in fp32, then its weight sum, the backward's divisor), cu_seqlens (B + 1,)
+    int32 (row b of tokens at cu_seqlens[b]:cu_seqlens[b + 1]).
+    ``fixed_k >= 0``: every row keeps that many, and tokens / index come shaped (B, fixed_k + fuse, C) /
+    (B, fixed_k) (the same memory; no views to make afterwards). -1: ragged rows.
+    Every output is written whole by the kernels (``empty``, no fills); fused only with fuse, the only
+    case the backward reads it."""
     B, N, C = x.shape
-    tokens = x.new_empty(total_kept + B * int(fuse), C)
-    index = torch.empty(total_kept, dtype=torch.int64, device=x.device)
-    slot = torch.empty(B, N, dtype=torch.int32, device=x.device)
-    fused = torch.empty(B, C, dtype=torch.float32, device=x.device)
-    # no gather kernel runs when C == 0; den is then the backward's (0,)-channel divisor: any finite value
-    den = (torch.zeros if C == 0 else torch.empty)(B, dtype=torch.float32, device=x.device)
+    if fixed_k >= 0:
+        tokens = x.new_empty((B, fixed_k + int(fuse), C))
+        index = x.new_empty((B, fixed_k), dtype=torch.int64)
+    else:
+        tokens = x.new_empty((total_kept + B * int(fuse), C))
+        index = x.new_empty((total_kept,), dtype=torch.int64)
+    slot = x.new_empty((B, N), dtype=torch.int32)
+    # no gather kernel runs when C == 0; the weight sum is then the backward's (0,)-channel divisor: any
+    # finite value
+    fused = (x.new_zeros if C == 0 else x.new_empty)((B, C + 1), dtype=torch.float32)
     if B == 0:
-        return tokens, index, slot, fused, den, torch.zeros(1, dtype=torch.int32, device=x.device)
-    cu_seqlens = torch.empty(B + 1, dtype=torch.int32, device=x.device)
+        return tokens, index, slot, fused, torch.zeros(1, dtype=torch.int32, device=x.device)
+    cu_seqlens = x.new_empty((B + 1,), dtype=torch.int32)
+    stride_xb, stride_xn, _ = x.stride()
+    stride_sb = scores.stride()[0]
     NP = next_pow2(N)
     with on_device(x):  # launch on the tensors' GPU, not the current one
         _topk_select_kernel[(B,)](
-            scores, k, cu_seqlens, slot, index, N, scores.stride(0), NP=NP, FUSE=fuse, num_warps=_select_warps(NP),
+            scores, k, cu_seqlens, slot, index, N, stride_sb, NP=NP, FUSE=fuse, num_warps=_select_warps(NP),
         )
         if C > 0:  # N == 0 still runs: it writes the (zero) fused tokens
             block_n, block_c = _gather_blocks(C)
             _topk_gather_fwd_kernel[(B, cdiv(C, block_c))](
-                x, scores, slot, k, cu_seqlens, tokens, fused, den,
-                N, C, x.stride(0), x.stride(1), scores.stride(0), FUSE_EPS,
+                x, scores, slot, k, cu_seqlens, tokens, fused,
+                N, C, stride_xb, stride_xn, stride_sb, FUSE_EPS,
                 FUSE=fuse, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=GATHER_WARPS,
             )
-    return tokens, index, slot, fused, den, cu_seqlens
+    return tokens, index, slot, fused, cu_seqlens
 
 
-# Shapes of the forward op ``(x, scores, k, total_kept, fuse) -> (tokens, index, slot, fused, den)`` and of
-# its backward op ``(grad_tokens, x, scores, k, slot, fused, den, fuse) -> (grad_x, grad_scores)``, those of
-# the native registration; the Triton op adds ``cu_seqlens`` to both (see ``register_gather_autograd``).
+# Shapes of the native forward op ``(x, scores, k, total_kept, fuse) -> (tokens, index, slot, fused, den)`` and
+# of its backward op ``(grad_tokens, x, scores, k, slot, fused, den, fuse) -> (grad_x, grad_scores)``. The
+# Triton op keeps the fused token and its weight sum in one (B, C + 1) buffer, adds ``cu_seqlens`` to its
+# outputs and ``fixed_k`` to its inputs (``gather_autograd`` takes both kinds).
 
 
 def gather_fake(x, scores, k, total_kept, fuse):
@@ -136,10 +149,12 @@ def gather_backward_fake(grad_tokens, x, scores, k, slot, fused, den, fuse):
 def gather_autograd(backward_op):
     """``(setup_context, backward)`` of a forward op of the shape above, whose gradient ``backward_op``
     computes: ``backward_op(grad_tokens, x, scores, k, *outputs[2:], fuse)`` (the op's saved outputs after
-    tokens and index, whatever their number); for ``torch.library.register_autograd`` and ``DirectOp``."""
+    tokens and index, whatever their number; the Triton op's extra ``fixed_k`` input gets no gradient);
+    for ``torch.library.register_autograd`` and ``DirectOp``."""
 
     def setup_context(ctx, inputs, output):
-        x, scores, k, _total_kept, fuse = inputs
+        x, scores, k, _total_kept, fuse = inputs[:5]
+        ctx.no_grads = (None,) * (len(inputs) - 2)
         # only tokens carries a gradient: the others (index, slot, cu_seqlens are integers) get none,
         # and no zero gradients are built for them in backward
         ctx.mark_non_differentiable(*output[1:])
@@ -149,9 +164,9 @@ def gather_autograd(backward_op):
 
     def backward(ctx, grad_tokens, *_no_grads):
         if grad_tokens is None:
-            return None, None, None, None, None
+            return None, None, *ctx.no_grads
         grad_x, grad_scores = backward_op(grad_tokens, *ctx.saved_tensors, ctx.fuse)
-        return grad_x, grad_scores, None, None, None
+        return grad_x, grad_scores, *ctx.no_grads
 
     return setup_context, backward
 
@@ -164,21 +179,21 @@ def register_gather_autograd(op_name: str, backward_op) -> None:
 
 def _topk_gather_triton_backward_body(
     grad_tokens: torch.Tensor, x: torch.Tensor, scores: torch.Tensor, k: torch.Tensor,
-    slot: torch.Tensor, fused: torch.Tensor, den: torch.Tensor, cu_seqlens: torch.Tensor, fuse: bool,
+    slot: torch.Tensor, fused: torch.Tensor, cu_seqlens: torch.Tensor, fuse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_tokens (total, C) -> grad_x (B, N, C) in x's dtype, grad_scores (B, N) in scores' dtype
-    (the row offsets ``cu_seqlens`` saved by the forward)."""
+    """grad_tokens (total, C) or (B, k + fuse, C) -> grad_x (B, N, C) in x's dtype, grad_scores (B, N) in
+    scores' dtype (the forward's saved slot map, fused buffer and row offsets ``cu_seqlens``)."""
     B, N, C = x.shape
     grad_tokens = grad_tokens.contiguous()
-    grad_x = torch.empty(B, N, C, dtype=x.dtype, device=x.device)
-    grad_scores = torch.empty(B, N, dtype=scores.dtype, device=x.device)
+    grad_x = x.new_empty((B, N, C))
+    grad_scores = scores.new_empty((B, N))
     if B == 0 or N == 0:
         return grad_x, grad_scores
     block_n, block_c = _gather_blocks(C)
     with on_device(x):  # launch on the tensors' GPU, not the current one
         _topk_gather_bwd_kernel[(B, cdiv(N, block_n))](
-            grad_tokens, x, scores, slot, k, cu_seqlens, fused, den, grad_x, grad_scores,
-            N, C, x.stride(0), x.stride(1), scores.stride(0), FUSE_EPS,
+            grad_tokens, x, scores, slot, k, cu_seqlens, fused, grad_x, grad_scores,
+            N, C, *x.stride()[:2], scores.stride()[0], FUSE_EPS,
             FUSE=fuse, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=GATHER_WARPS,
         )
     return grad_x, grad_scores
@@ -190,13 +205,19 @@ _topk_gather_triton_backward = torch.library.custom_op(
 
 
 @_topk_gather_triton.register_fake
-def _(x, scores, k, total_kept, fuse):
-    return (*gather_fake(x, scores, k, total_kept, fuse), x.new_empty(x.shape[0] + 1, dtype=torch.int32))
+def _(x, scores, k, total_kept, fuse, fixed_k):
+    B, N, C = x.shape
+    if fixed_k >= 0:
+        tokens, index = x.new_empty(B, fixed_k + int(fuse), C), x.new_empty(B, fixed_k, dtype=torch.int64)
+    else:
+        tokens, index = x.new_empty(total_kept + B * int(fuse), C), x.new_empty(total_kept, dtype=torch.int64)
+    return (tokens, index, x.new_empty(B, N, dtype=torch.int32), x.new_empty(B, C + 1, dtype=torch.float32),
+            x.new_empty(B + 1, dtype=torch.int32))
 
 
 @_topk_gather_triton_backward.register_fake
-def _(grad_tokens, x, scores, k, slot, fused, den, cu_seqlens, fuse):
-    return gather_backward_fake(grad_tokens, x, scores, k, slot, fused, den, fuse)
+def _(grad_tokens, x, scores, k, slot, fused, cu_seqlens, fuse):
+    return x.new_empty(x.shape), scores.new_empty(scores.shape)
 
 
 register_gather_autograd("bus::topk_gather_triton", _topk_gather_triton_backward)
@@ -206,25 +227,27 @@ _topk_gather_triton_direct = DirectOp("TopkGatherTriton", _topk_gather_triton, _
 
 
 def _prepare_triton(x: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.stride(-1) != 1:
+    if x.stride()[-1] != 1:
         x = x.contiguous()
-    if scores.stride(-1) != 1:
+    if scores.stride()[-1] != 1:
         scores = scores.contiguous()
     return x, scores
 
 
 def _topk_gather_triton_impl(x, scores, k: int, fuse: bool):
     B, N, C = x.shape
-    x, scores = _prepare_triton(x, scores)
+    if x.stride()[-1] != 1 or scores.stride()[-1] != 1:
+        x, scores = _prepare_triton(x, scores)
     k_rows = constant((B,), k, torch.int64, x)  # every row keeps k
-    tokens, index, *_ = _topk_gather_triton_direct(x, scores, k_rows, B * k, fuse)
-    return tokens.view(B, k + int(fuse), C), index.view(B, k)
+    tokens, index, *_ = _topk_gather_triton_direct(x, scores, k_rows, B * k, fuse, k)
+    return tokens, index
 
 
-def _topk_gather_varlen_triton_impl(x, scores, k: torch.Tensor, fuse: bool):
-    x, scores = _prepare_triton(x, scores)
-    total_kept, max_seqlen = kept_totals(k, fuse)
-    tokens, index, *_, cu_seqlens = _topk_gather_triton_direct(x, scores, k, total_kept, fuse)
+def _topk_gather_varlen_triton_impl(x, scores, k: torch.Tensor, fuse: bool, counts: list[int] | None):
+    if x.stride()[-1] != 1 or scores.stride()[-1] != 1:
+        x, scores = _prepare_triton(x, scores)
+    total_kept, max_seqlen = kept_totals(k, fuse, counts)
+    tokens, index, *_, cu_seqlens = _topk_gather_triton_direct(x, scores, k, total_kept, fuse, -1)
     return tokens, index, cu_seqlens, max_seqlen
 
 
@@ -234,16 +257,21 @@ def _cu_seqlens(k: torch.Tensor, fuse: bool) -> torch.Tensor:
     return cu
 
 
-def kept_totals(k: torch.Tensor, fuse: bool) -> tuple[int, int]:
+def kept_totals(k: torch.Tensor, fuse: bool, counts: list[int] | None = None) -> tuple[int, int]:
     """(sum k, longest row = max k + fuse): the output sizes, in one host read (one sync on CUDA;
-    the (B,) counts themselves, summed on the host: no reduction kernels)."""
-    counts = k.tolist()
+    the (B,) counts themselves, summed on the host: no reduction kernels); none when the caller has
+    already read them (``counts``, the values of ``k``)."""
+    if counts is None:
+        counts = k.tolist()
     return sum(counts), max(counts, default=-int(fuse)) + int(fuse)
 
 
 register_impl("topk_gather", "torch", reference.topk_gather)
 register_impl("topk_gather", "triton", _topk_gather_triton_impl)
-register_impl("topk_gather_varlen", "torch", reference.topk_gather_varlen)
+# impls of topk_gather_varlen take (x, scores, k, fuse, counts): counts = k's values when the public
+# function has read them already (check_k), else None
+register_impl("topk_gather_varlen", "torch",
+              lambda x, scores, k, fuse, counts: reference.topk_gather_varlen(x, scores, k, fuse))
 register_impl("topk_gather_varlen", "triton", _topk_gather_varlen_triton_impl)
 
 
@@ -252,6 +280,13 @@ register_impl("topk_gather_varlen", "triton", _topk_gather_varlen_triton_impl)
 
 
 def _check_x_scores(x, scores) -> tuple[int, int, int]:
+    # the common valid case in a few comparisons; anything else goes through the named checks below,
+    # which raise with the argument's name (this condition implies every one of them passes)
+    if (isinstance(x, torch.Tensor) and isinstance(scores, torch.Tensor) and x.dim() == 3 and scores.dim() == 2
+            and x.dtype in FLOAT_DTYPES and scores.dtype in FLOAT_DTYPES):
+        B, N, C = x.shape
+        if scores.shape == (B, N) and x.device == scores.device:
+            return B, N, C
     check_tensor("x", x)
     check_tensor("scores", scores)
     check_rank("x", x, 3, "(B, N, C)")
@@ -265,17 +300,15 @@ def _check_x_scores(x, scores) -> tuple[int, int, int]:
     return B, N, C
 
 
-def _pick_backend(x: torch.Tensor, scores: torch.Tensor, backend: str | None) -> str:
+def _pick_backend(x: torch.Tensor, scores: torch.Tensor, N: int, backend: str | None) -> str:
     requires_grad = torch.is_grad_enabled() and (x.requires_grad or scores.requires_grad)
-
-    def extra(name: str) -> list[str]:
-        if name == "triton" and x.shape[1] > TRITON_MAX_N:
-            return [f"N={x.shape[1]} exceeds the on-chip selection limit {TRITON_MAX_N}"]
-        return []
+    extra = None
+    if N > TRITON_MAX_N:  # the only case with a reason of its own
+        def extra(name: str) -> list[str]:
+            return [f"N={N} exceeds the on-chip selection limit {TRITON_MAX_N}"] if name == "triton" else []
 
     # both ops dispatch under the one name "topk_gather"
-    return select_backend("topk_gather", x.device, x.dtype, requires_grad, backend, extra,
-                          extra_key=x.shape[1] > TRITON_MAX_N)
+    return select_backend("topk_gather", x.device, x.dtype, requires_grad, backend, extra, extra_key=N > TRITON_MAX_N)
 
 
 def topk_gather(
@@ -304,10 +337,11 @@ def topk_gather(
     B, N, C = _check_x_scores(x, scores)
     if N == 0:
         raise ValueError("x must have at least one token (N >= 1), got N=0")
-    k = check_int("k", k, 1, N)
+    if type(k) is not int or not 1 <= k <= N:
+        k = check_int("k", k, 1, N)
     if not isinstance(fuse, bool):
         raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
-    name = _pick_backend(x, scores, backend)
+    name = _pick_backend(x, scores, N, backend)
     tokens, index = get_impl("topk_gather", name)(x, scores, k, fuse)
     return TopkGatherOutput(tokens, index)
 
@@ -332,25 +366,29 @@ def topk_gather_varlen(
         then its fused token are ``tokens[cu_seqlens[b]:cu_seqlens[b + 1]]``.
     """
     B, N, C = _check_x_scores(x, scores)
-    check_tensor("k", k)
-    if k.dtype.is_floating_point or k.dtype == torch.bool or k.is_complex():
-        raise TypeError(f"k must be an integer tensor, got {k.dtype}")
-    check_rank("k", k, 1, "(B,)")
-    check_dim_size("k", k, 0, B, "batch size B of x")
-    check_same_device([("x", x), ("k", k)])
+    if not (isinstance(k, torch.Tensor) and k.dtype in (torch.int64, torch.int32) and k.dim() == 1
+            and k.shape[0] == B and k.device == x.device):  # else the named checks, which raise
+        check_tensor("k", k)
+        if k.dtype.is_floating_point or k.dtype == torch.bool or k.is_complex():
+            raise TypeError(f"k must be an integer tensor, got {k.dtype}")
+        check_rank("k", k, 1, "(B,)")
+        check_dim_size("k", k, 0, B, "batch size B of x")
+        check_same_device([("x", x), ("k", k)])
     if not isinstance(fuse, bool):
         raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
     if not isinstance(check_k, bool):
         raise TypeError(f"check_k must be a bool, got {type(check_k).__name__}")
     refuse_capture(x, "topk_gather_varlen")
-    k = k.to(torch.int64)
+    if k.dtype != torch.int64:
+        k = k.to(torch.int64)
+    counts = None
     if check_k and B > 0:
-        counts = k.tolist()  # one host read (a sync on CUDA), no reduction kernels
+        counts = k.tolist()  # one host read (a sync on CUDA), no reduction kernels; the output sizes reuse it
         k_min, k_max = min(counts), max(counts)
         if k_min < 0 or k_max > N:
             raise ValueError(f"k must be in [0, N={N}] for every row, got values in [{k_min}, {k_max}]")
-    name = _pick_backend(x, scores, backend)
-    return TopkGatherVarlenOutput(*get_impl("topk_gather_varlen", name)(x, scores, k, fuse))
+    name = _pick_backend(x, scores, N, backend)
+    return TopkGatherVarlenOutput(*get_impl("topk_gather_varlen", name)(x, scores, k, fuse, counts))
 
 
 def keep_by_mass(scores: torch.Tensor, mass: float, min_keep: int, max_keep: int) -> torch.Tensor:
@@ -413,12 +451,12 @@ def aot_specs():
                 tag = f"{dt} scores={score_dt} C={C}"
                 specs.append(KernelSpec(
                     f"topk_gather_fwd {tag}", _topk_gather_fwd_kernel,
-                    {**common, "out_ptr": f"*{dt}", "fused_ptr": "*fp32", "den_ptr": "*fp32", **scalars}, consts,
+                    {**common, "out_ptr": f"*{dt}", "fused_ptr": "*fp32", **scalars}, consts,
                     num_warps=GATHER_WARPS, divisible=divisible,
                 ))
                 specs.append(KernelSpec(
                     f"topk_gather_bwd {tag}", _topk_gather_bwd_kernel,
-                    {"gout_ptr": f"*{dt}", **common, "fused_ptr": "*fp32", "den_ptr": "*fp32",
+                    {"gout_ptr": f"*{dt}", **common, "fused_ptr": "*fp32",
                      "gx_ptr": f"*{dt}", "gs_ptr": f"*{score_dt}", **scalars}, consts,
                     num_warps=GATHER_WARPS, divisible=divisible,
                 ))

@@ -61,7 +61,7 @@ def _topk_select_kernel(
 @triton.jit(do_not_specialize=["N", "stride_sb"])
 def _topk_gather_fwd_kernel(
     x_ptr, scores_ptr, slot_ptr, k_ptr, cu_ptr,
-    out_ptr, fused_ptr, den_ptr,
+    out_ptr, fused_ptr,
     N, C, stride_xb, stride_xn, stride_sb, eps,
     FUSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -90,13 +90,14 @@ def _topk_gather_fwd_kernel(
         fused = acc / tl.maximum(total, eps)
         k = tl.load(k_ptr + b)
         tl.store(out_ptr + (out_base + k).to(tl.int64) * C + offs_c, fused.to(out_ptr.dtype.element_ty), mask=cmask)
-        tl.store(fused_ptr + b * C + offs_c, fused, mask=cmask)
-        tl.store(den_ptr + b, total, mask=cb == 0)
+        # fused_ptr: (B, C + 1) fp32, row b = the fused token then its weight sum (one buffer, one allocation)
+        tl.store(fused_ptr + b * (C + 1) + offs_c, fused, mask=cmask)
+        tl.store(fused_ptr + b * (C + 1) + C, total, mask=cb == 0)
 
 
 @triton.jit(do_not_specialize=["N", "stride_sb"])
 def _topk_gather_bwd_kernel(
-    gout_ptr, x_ptr, scores_ptr, slot_ptr, k_ptr, cu_ptr, fused_ptr, den_ptr,
+    gout_ptr, x_ptr, scores_ptr, slot_ptr, k_ptr, cu_ptr, fused_ptr,
     gx_ptr, gs_ptr,
     N, C, stride_xb, stride_xn, stride_sb, eps,
     FUSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -110,7 +111,7 @@ def _topk_gather_bwd_kernel(
     out_base = tl.load(cu_ptr + b).to(tl.int64)
     rows = (out_base + slot).to(tl.int64)
     if FUSE:
-        total = tl.load(den_ptr + b)
+        total = tl.load(fused_ptr + b * (C + 1) + C)  # (B, C + 1): the fused token, then its weight sum
         denom = tl.maximum(total, eps)
         s = tl.load(scores_ptr + b * stride_sb + offs_n, mask=nmask, other=0.0).to(tl.float32)
         coef = tl.where(dropped, s / denom, 0.0)
@@ -126,7 +127,7 @@ def _topk_gather_bwd_kernel(
         gx = gx.to(tl.float32)
         if FUSE:
             gf = tl.load(gout_ptr + fused_row * C + offs_c, mask=cmask, other=0.0).to(tl.float32)
-            f = tl.load(fused_ptr + b * C + offs_c, mask=cmask, other=0.0)
+            f = tl.load(fused_ptr + b * (C + 1) + offs_c, mask=cmask, other=0.0)
             gx += coef[:, None] * gf[None, :]
             drop_mask = tile_mask & dropped[:, None]
             xt = tl.load(x_ptr + b * stride_xb + offs_n[:, None] * stride_xn + offs_c[None, :], mask=drop_mask, other=0.0)

@@ -8,6 +8,7 @@ import torch
 
 from ..._capture import host_reads_allowed
 from ..._validation import (
+    FLOAT_DTYPES,
     check_dim_size,
     check_dtype,
     check_float,
@@ -41,7 +42,8 @@ def _check_cu_seqlens(name: str, values: list[int], total: int, max_name: str, m
 def _check_offsets(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, max_q: int, max_k: int) -> None:
     """The value checks of both offsets, read once per ``cu_seqlens`` object (and version): a model runs every
     layer's attention on the same offsets, and they passed the first time (``tiles.offsets_facts``)."""
-    facts_q, facts_k = offsets_facts(cu_q), offsets_facts(cu_k)
+    facts_q = offsets_facts(cu_q)
+    facts_k = facts_q if cu_k is cu_q else offsets_facts(cu_k)  # self-attention: one object
     key_q, key_k = ("checked", total_q, max_q), ("checked", total_k, max_k)
     if facts_q is not None and facts_k is not None and key_q in facts_q and key_k in facts_k:
         return
@@ -52,6 +54,63 @@ def _check_offsets(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k
     for facts, key in ((facts_q, key_q), (facts_k, key_k)):
         if facts is not None:
             facts[key] = True
+
+
+def _common_case(q, k, v, cu_q, cu_k, max_q, max_k, key_bias) -> bool:
+    """The common valid call in a few comparisons (no key bias, int maxima, one device); False sends the call
+    through ``_check_inputs``. True implies every check of ``_check_inputs`` passes."""
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+            and isinstance(cu_q, torch.Tensor) and isinstance(cu_k, torch.Tensor) and key_bias is None
+            and type(max_q) is int and type(max_k) is int and max_q >= 0 and max_k >= 0
+            and q.dim() == 3 and k.dim() == 3 and q.dtype in FLOAT_DTYPES and k.dtype == q.dtype
+            and v.dtype == q.dtype and cu_q.dtype == torch.int32 and cu_k.dtype == torch.int32 and cu_q.dim() == 1):
+        return False
+    _, H, D = q.shape
+    k_shape = k.shape
+    device = q.device
+    return (H > 0 and D > 0 and k_shape[1] == H and k_shape[2] == D and v.shape == k_shape
+            and cu_k.shape == cu_q.shape and cu_q.shape[0] >= 1
+            and k.device == device and v.device == device and cu_q.device == device and cu_k.device == device)
+
+
+def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias):
+    """Every input check, each raising with the argument's name -> (total_q, H, D, total_k, max_seqlen_q,
+    max_seqlen_k) with the maxima as ints."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, t)
+    check_rank("q", q, 3, "(total_q, H, D)")
+    check_rank("k", k, 3, "(total_k, H, D)")
+    check_rank("v", v, 3, "(total_k, H, D)")
+    check_float("q", q)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    total_q, H, D = q.shape
+    total_k = k.shape[0]
+    if H == 0 or D == 0:
+        raise ValueError(f"q must have H >= 1 heads of D >= 1 dims, got shape {tuple(q.shape)}")
+    check_dim_size("k", k, 1, H, "head count H of q")
+    check_dim_size("k", k, 2, D, "head dim D of q")
+    check_dim_size("v", v, 0, total_k, "token count total_k of k")
+    check_dim_size("v", v, 1, H, "head count H of q")
+    check_dim_size("v", v, 2, D, "head dim D of q")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_dtype(name, cu, torch.int32)
+        check_rank(name, cu, 1, "(B + 1,)")
+        if cu.shape[0] == 0:
+            raise ValueError(f"{name} must have B + 1 >= 1 entries, got 0")
+    check_dim_size("cu_seqlens_k", cu_seqlens_k, 0, cu_seqlens_q.shape[0], "B + 1 entries of cu_seqlens_q")
+    max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, 0)
+    max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, 0)
+    named = [("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)]
+    if key_bias is not None:
+        check_tensor("key_bias", key_bias)
+        check_dtype("key_bias", key_bias, torch.float32)
+        check_rank("key_bias", key_bias, 1, "(total_k,)")
+        check_dim_size("key_bias", key_bias, 0, total_k, "token count total_k of k")
+        named.append(("key_bias", key_bias))
+    check_same_device(named)
+    return total_q, H, D, total_k, max_seqlen_q, max_seqlen_k
 
 
 def varlen_attention(
@@ -100,40 +159,12 @@ def varlen_attention(
     Returns:
         ``(total_q, H, D)`` in q's dtype. Differentiable in q, k, v (and key_bias).
     """
-    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        check_tensor(name, t)
-    check_rank("q", q, 3, "(total_q, H, D)")
-    check_rank("k", k, 3, "(total_k, H, D)")
-    check_rank("v", v, 3, "(total_k, H, D)")
-    check_float("q", q)
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-    total_q, H, D = q.shape
-    total_k = k.shape[0]
-    if H == 0 or D == 0:
-        raise ValueError(f"q must have H >= 1 heads of D >= 1 dims, got shape {tuple(q.shape)}")
-    check_dim_size("k", k, 1, H, "head count H of q")
-    check_dim_size("k", k, 2, D, "head dim D of q")
-    check_dim_size("v", v, 0, total_k, "token count total_k of k")
-    check_dim_size("v", v, 1, H, "head count H of q")
-    check_dim_size("v", v, 2, D, "head dim D of q")
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        check_dtype(name, cu, torch.int32)
-        check_rank(name, cu, 1, "(B + 1,)")
-        if cu.shape[0] == 0:
-            raise ValueError(f"{name} must have B + 1 >= 1 entries, got 0")
-    check_dim_size("cu_seqlens_k", cu_seqlens_k, 0, cu_seqlens_q.shape[0], "B + 1 entries of cu_seqlens_q")
-    max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, 0)
-    max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, 0)
-    named = [("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)]
-    if key_bias is not None:
-        check_tensor("key_bias", key_bias)
-        check_dtype("key_bias", key_bias, torch.float32)
-        check_rank("key_bias", key_bias, 1, "(total_k,)")
-        check_dim_size("key_bias", key_bias, 0, total_k, "token count total_k of k")
-        named.append(("key_bias", key_bias))
-    check_same_device(named)
+    if _common_case(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias):
+        total_q, H, D = q.shape
+        total_k = k.shape[0]
+    else:  # the named checks, which raise with the argument's name
+        total_q, H, D, total_k, max_seqlen_q, max_seqlen_k = _check_inputs(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias)
     if softmax_scale is None:
         softmax_scale = D**-0.5
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):

@@ -15,10 +15,10 @@ benchmarking is harmless.
 from __future__ import annotations
 
 import functools
-import os
 
 import triton
 
+from ..._env import getenv
 from ...backends import TRITON_INTERPRET
 from .tiles import _Config
 
@@ -28,7 +28,7 @@ _KEY = ["D", "CAUSAL", "HAS_BIAS", "PRECISION", "BLOCK_D"]
 
 def enabled() -> bool:
     """Read at every launch, so it can be switched within a process."""
-    return not TRITON_INTERPRET and os.environ.get(ENV_VAR, "0") == "1"
+    return not TRITON_INTERPRET and getenv(ENV_VAR) == "1"
 
 
 def candidates(kind: str, cfg: _Config) -> list[triton.Config]:

@@ -24,6 +24,16 @@ from .tiles import _bias_arg, _block_d, _block_table, _config, _delta_rows, _pre
 _LOG2E = 1.4426950408889634
 
 
+def _row_head_strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """(row stride, head stride) of each (tokens, H, D) tensor, flattened: one ``stride()`` call per tensor
+    (``stride(i)`` costs as much as the whole tuple)."""
+    out = []
+    for t in tensors:
+        s = t.stride()
+        out += (s[0], s[1])
+    return tuple(out)
+
+
 def _varlen_attention_triton_body(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     key_bias: Optional[torch.Tensor], softmax_scale: float, causal: bool, max_seqlen_q: int,
@@ -33,8 +43,8 @@ def _varlen_attention_triton_body(
     ``max_seqlen_q`` only picks the tiles (a small query tile for short sequences): the block table
     comes from ``cu_seqlens_q``, so an understated value costs speed, never correctness."""
     total_q, H, D = q.shape
-    out = torch.empty(total_q, H, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(H, total_q, dtype=torch.float32, device=q.device)
+    out = q.new_empty((total_q, H, D))
+    lse = q.new_empty((H, total_q), dtype=torch.float32)
     cfg = _config("fwd", q.dtype, D, q.device, max_seqlen_q)
     blk_seq, blk_start = _block_table(cu_seqlens_q, total_q, cfg.block_m)
     if blk_seq.numel() == 0 or H == 0:
@@ -43,8 +53,7 @@ def _varlen_attention_triton_body(
         autotune.launch(
             "fwd", _attn_fwd_kernel, (blk_seq.numel(), H), cfg,
             q, k, v, _bias_arg(key_bias, q), out, lse, cu_seqlens_q, cu_seqlens_k, blk_seq, blk_start,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            total_q, H, softmax_scale * _LOG2E,
+            *_row_head_strides(q, k, v), total_q, H, softmax_scale * _LOG2E,
             D=D, CAUSAL=causal, HAS_BIAS=key_bias is not None, PRECISION=_precision(q.dtype), BLOCK_D=_block_d(D),
         )
     return out, lse
@@ -56,31 +65,39 @@ def _varlen_attention_triton_backward_body(
     softmax_scale: float, causal: bool, max_seqlen_q: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dout (total_q, H, D) -> dq, dk, dv in the inputs' dtypes (contiguous) and dbias (total_k,) fp32
-    ((0,) when key_bias is None). The dq and dkdv kernels write every row of every sequence (zeros where
-    a row sees nothing), as the forward writes ``out``: ``empty``, no fills."""
+    ((0,) when key_bias is None: a custom op returns tensors)."""
+    dq, dk, dv, dbias = _backward_grads(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_bias,
+                                        softmax_scale, causal, max_seqlen_q)
+    return dq, dk, dv, q.new_empty(0, dtype=torch.float32) if dbias is None else dbias
+
+
+def _backward_grads(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key_bias, softmax_scale, causal,
+                    max_seqlen_q):
+    """The backward: dq, dk, dv and dbias (None without a key bias; the eager path takes it as it is). The dq
+    and dkdv kernels write every row of every sequence (zeros where a row sees nothing), as the forward writes
+    ``out``: ``empty``, no fills."""
     total_q, H, D = q.shape
     total_k = k.shape[0]
-    if dout.stride(-1) != 1:
+    if dout.stride()[-1] != 1:
         dout = dout.contiguous()
     has_bias = key_bias is not None
     if H == 0 or D == 0:  # no kernel runs (only reachable by calling the op directly)
         return (q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape),
-                q.new_zeros(total_k if has_bias else 0, dtype=torch.float32))
-    dq = torch.empty(total_q, H, D, dtype=q.dtype, device=q.device)
-    dk = torch.empty(total_k, H, D, dtype=k.dtype, device=k.device)
-    dv = torch.empty(total_k, H, D, dtype=v.dtype, device=v.device)
+                q.new_zeros(total_k, dtype=torch.float32) if has_bias else None)
+    dq = q.new_empty((total_q, H, D))
+    dk = k.new_empty((total_k, H, D))
+    dv = v.new_empty((total_k, H, D))
     # per head, summed below (a program owns one head: no atomics); nothing at all without a key bias
-    dbias_heads = torch.empty(H, total_k, dtype=torch.float32, device=q.device) if has_bias else None
+    dbias_heads = q.new_empty((H, total_k), dtype=torch.float32) if has_bias else None
     block_d = _block_d(D)
-    delta = torch.empty(H, total_q, dtype=torch.float32, device=q.device)
+    delta = q.new_empty((H, total_q), dtype=torch.float32)
     with on_device(q):  # launch on the tensors' GPU, not the current one
+        strides = _row_head_strides(q, k, v, dout)
         if total_q > 0:
             delta_rows = _delta_rows(block_d)
             _attn_bwd_delta_kernel[(cdiv(total_q, delta_rows), H)](
-                out, dout, delta, dout.stride(0), dout.stride(1), total_q, H, D=D, BLOCK_M=delta_rows, BLOCK_D=block_d,
+                out, dout, delta, strides[6], strides[7], total_q, H, D=D, BLOCK_M=delta_rows, BLOCK_D=block_d,
             )
-        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                   dout.stride(0), dout.stride(1))
         flags = dict(D=D, CAUSAL=causal, HAS_BIAS=has_bias, PRECISION=_precision(q.dtype), BLOCK_D=block_d)
         bias = _bias_arg(key_bias, q)
         cfg = _config("dkdv", q.dtype, D, q.device, max_seqlen_q)
@@ -100,8 +117,7 @@ def _varlen_attention_triton_backward_body(
                 q, k, v, bias, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, q_seq, q_start, *strides,
                 total_q, H, softmax_scale * _LOG2E, softmax_scale, **flags,
             )
-    dbias = dbias_heads.sum(0) if has_bias else q.new_empty(0, dtype=torch.float32)
-    return dq, dk, dv, dbias
+    return dq, dk, dv, dbias_heads.sum(0) if has_bias else None
 
 
 _varlen_attention_triton = torch.library.custom_op(
@@ -159,17 +175,17 @@ torch.library.register_autograd("bus::varlen_attention_triton", _grad, setup_con
 # eager calls on plain tensors skip the dispatcher (bus_kernels/_direct.py)
 _varlen_attention_triton_direct = DirectOp(
     "VarlenAttentionTriton", _varlen_attention_triton, _varlen_attention_triton_body, varlen_autograd,
-    _varlen_attention_triton_backward, _varlen_attention_triton_backward_body)
+    _varlen_attention_triton_backward, _backward_grads)
 
 
 def _varlen_attention_triton_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   softmax_scale, causal, key_bias=None):
     # the block table is sized from the token counts; max_seqlen_q only picks the tiles
-    if q.stride(-1) != 1:
+    if q.stride()[-1] != 1:
         q = q.contiguous()
-    if k.stride(-1) != 1:
+    if k.stride()[-1] != 1:
         k = k.contiguous()
-    if v.stride(-1) != 1:
+    if v.stride()[-1] != 1:
         v = v.contiguous()
     if key_bias is not None and not key_bias.is_contiguous():
         key_bias = key_bias.contiguous()

@@ -82,6 +82,7 @@ _SM90_CONFIGS: dict = {
 _INTERPRET_CONFIG = _Config(16, 16, 4, 1)
 
 
+@functools.lru_cache(maxsize=None)  # asked at every launch
 def _block_d(D: int) -> int:
     return max(16, next_pow2(D))  # tl.dot needs every block dim >= 16
 
@@ -145,6 +146,7 @@ def _config(kind: str, dtype: torch.dtype, D: int, device: torch.device | None =
     return config_for(kind, dtype, D, major, max_seqlen_q)
 
 
+@functools.lru_cache(maxsize=None)  # asked at every launch; target_configs builds a dict
 def config_for(kind: str, dtype: torch.dtype, D: int, major: int, max_seqlen_q: int | None = None) -> _Config:
     """The GPU tiles of ``kind`` on compute capability ``major`` (what ``_config`` picks, and what
     ``python -m bus_kernels.aot`` compiles)."""
