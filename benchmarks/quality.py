@@ -44,6 +44,7 @@ from .command import run_standalone
 from .harness import default_device, environment, markdown_table, parse_overrides, publish, save_plot
 from .quality_eval import PATHS, HeldOut, evaluate_paths
 from .quality_legacy import fmt_recall, render_v1
+from .quality_mlm import mlm_accuracies, render_leak, summarise_leak
 from .quality_metrics import gallery_summary, mean_curve, paired_bootstrap_ci, speedup_to_target, time_to_target
 from .quality_oracle import oracle_txt2img_r1
 from .quality_train import (
@@ -155,6 +156,7 @@ def _final_eval(model, held: HeldOut, first_gallery, tokenizer, settings, device
     caps = evaluate_model(model, first_gallery, tokenizer, device=device, rerank_k=0, captions=True, amp=amp)
     return {
         "paths": paths,  # path -> (G, 2) per-gallery R@1 (dropped before the JSON)
+        "mlm": mlm_accuracies(model, held, device=device, chunk=settings.gallery_size, amp=amp),  # or None
         "captioning": {"cider": caps.get("cider"), "bleu4": caps.get("bleu4"), "images": len(first_gallery)},
         "selector_recall": {
             "training": selector_recalls(model, first_gallery, tokenizer, device=device, captions=True),
@@ -196,8 +198,10 @@ def _save(model, tokenizer, directory: Path) -> None:
 
 
 def comparison_pairs(names: list[str]) -> list[tuple[str, str]]:
-    """bus - random, bus - baseline, then every other policy - baseline (those present)."""
+    """bus - random, bus - baseline, every other policy - baseline, then each BUS variant (``bus-noptm``,
+    ``bus-detached``, ``bus-text-free``) - bus: the ablations and the ITC choice compared directly (those present)."""
     pairs = [("bus", "random"), ("bus", BASELINE)] + [(n, BASELINE) for n in names if n not in (BASELINE, "bus")]
+    pairs += [(n, "bus") for n in names if n.startswith("bus-")]
     return [(a, b) for a, b in pairs if a in names and b in names]
 
 
@@ -224,6 +228,7 @@ def run(settings: QualitySettings, device: torch.device | None = None, log=print
 
     start = time.perf_counter()
     device = device or default_device()
+    env = environment(device)  # the commit the run starts from (the tree may move on while it runs)
     amp = device.type == "cuda" if settings.amp is None else settings.amp
     tokenizer, text_overrides = _tokenizer_and_overrides(settings.model)
     specs, skipped = select_specs(settings, text_overrides)
@@ -295,6 +300,7 @@ def run(settings: QualitySettings, device: torch.device | None = None, log=print
                          for s in settings.seeds],
             "curve": curve, "time_to_target_s": time_to_target(curve, base_final),
             "selector_recall": recall,
+            "mlm_leak": summarise_leak([per_seed[s]["final"]["mlm"] for s in settings.seeds], settings.bootstrap_reps),
             "captioning": {k: mean_of([per_seed[s]["final"]["captioning"][k] for s in settings.seeds])
                            for k in ("cider", "bleu4")},
             "step_time_s": timing[name]["step_time_s"], "step_times_s": timing[name]["step_times_s"],
@@ -303,7 +309,6 @@ def run(settings: QualitySettings, device: torch.device | None = None, log=print
     base_time = policies[BASELINE]["time_to_target_s"]
     for p in policies.values():
         p["speedup_to_target"] = speedup_to_target(base_time, p["time_to_target_s"])
-    env = environment(device)
     return {
         "benchmark": "quality", "version": 2, "model": settings.model, "scene": settings.scene,
         "scene_why": SCENE_WHY.get(settings.scene), "heldout_pairs": settings.heldout_pairs,
@@ -364,7 +369,7 @@ def render(result: dict) -> str:
     skipped = "; ".join(f"{k}: {w}" for k, w in result.get("skipped_policies", {}).items()) or "none"
     oracle = "; ".join(f"{name} {r:.3f}" for name, r in (result.get("oracle_txt2img_r1") or {}).items())
     return (
-        f"{table}\n\n{comp_table}\n\n"
+        f"{table}\n\n{comp_table}\n\n{render_leak(result['policies'])}\n\n"
         f"Verdict path and metric (declared before running): {v['path']} {v['metric']}: {v['why']}. Target = the "
         f"baseline's final value {result['target']['value']:.4f}. R@1 in {result['heldout_pairs'] // result['gallery_size']} "
         f"galleries of {result['gallery_size']} held-out pairs (chance {1 / result['gallery_size']:.4f}), ± standard "

@@ -17,7 +17,8 @@ from .quality_metrics import selector_recall
 
 BASELINE = "baseline"
 NO_PTM = "bus-noptm"  # the ablation: BUS selection trained without the patch-text matching loss
-ITC_VARIANTS = {  # losses.itc_image choice -> summary; variant name bus-<choice> ("_" -> "-")
+ITC_CHOICES = {  # losses.itc_image choice -> summary; each but the model's default is a variant bus-<choice>
+    "guided": "BUS, ITC from the caption-guided pass (each positive image seen through its own caption)",
     "detached": "BUS, ITC without gradient through the selection scores (ELIP's rule)",
     "text_free": "BUS, ITC from a caption-free pass (what retrieval encodes)",
 }
@@ -36,8 +37,11 @@ class PolicySpec:
 def policy_specs(model: str) -> dict[str, PolicySpec]:
     """Every variant ``model`` offers, discovered from ``bus_model.selection.POLICY_INFO`` (a policy added
     there appears here): the ``-baseline`` twin, each selection policy on ``model``, ``bus`` without PTM and
-    ``bus`` with each other ITC image embedding (``ITC_VARIANTS``)."""
+    ``bus`` with each ITC image embedding other than the model's default (``ITC_CHOICES``)."""
+    from bus_model import get_config
     from bus_model.selection import POLICY_INFO
+
+    default_itc = get_config(model).losses.itc_image
 
     specs = {BASELINE: PolicySpec(BASELINE, f"{model}-baseline", {}, "the -baseline twin: every patch, no PAD")}
     for name, info in POLICY_INFO.items():
@@ -47,7 +51,9 @@ def policy_specs(model: str) -> dict[str, PolicySpec]:
         if name == "bus":
             specs[NO_PTM] = PolicySpec(NO_PTM, model, {"selection__policy": "bus", "losses__ptm": False},
                                        "ablation: BUS without the PTM loss")
-            for choice, summary in ITC_VARIANTS.items():  # the other ITC image embeddings (losses.itc_image)
+            for choice, summary in ITC_CHOICES.items():  # the other ITC image embeddings (losses.itc_image)
+                if choice == default_itc:
+                    continue
                 specs[f"bus-{choice.replace('_', '-')}"] = PolicySpec(
                     f"bus-{choice.replace('_', '-')}", model, {"selection__policy": "bus", "losses__itc_image": choice},
                     summary)

@@ -131,8 +131,10 @@ SELECTION_LAYERS = len(get_config("bus-small").selection.layers)
     ("bus-small", {"attn_impl": "varlen"}, 2),
     ("bus-small-baseline", {"attn_impl": "varlen"}, 2),
     ("bus-small", {"selection": {"keep_mode": "mass"}, "kernel_backend": "native"}, SELECTION_LAYERS),
+    # + 1: with the caption-free ITC pass stacked onto the guided rows (losses.itc_image="text_free"), the guided
+    # half's mask is a slice of the stacked one, whose packed size PAD reads once
     ("bus-small", {"selection": {"keep_mode": "mass"}, "attn_impl": "varlen", "kernel_backend": "native"},
-     SELECTION_LAYERS + 2),
+     SELECTION_LAYERS + 3),
 ], ids=["sdpa", "baseline", "varlen", "baseline-varlen", "mass", "mass-varlen"])
 def test_training_step_sync_budget(name, overrides, budget):
     if overrides.get("kernel_backend") == "native":

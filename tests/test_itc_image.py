@@ -47,7 +47,7 @@ def _spy_text_query(model) -> list[torch.Tensor]:
 def test_bad_itc_image_raises_naming_the_field():
     with pytest.raises(ValueError, match="losses.itc_image"):
         get_config("bus-tiny", losses__itc_image="caption")
-    assert get_config("bus-tiny").losses.itc_image == "guided"  # the default: today's behaviour
+    assert get_config("bus-tiny").losses.itc_image == "text_free"  # the default (issue 24's 3-seed comparison)
 
 
 @pytest.mark.parametrize("choice", ["guided", "detached", "text_free"])

@@ -1,7 +1,8 @@
 """FLOPs of one training step (forward + backward, every loss on) of BUS vs its baseline twin, batch 2.
 
 The paper's claim (BUS abstract, §4): ~50% higher training throughput, i.e. a step costs <= 1/1.5 of the
-baseline's; and the 384 px model costs no more than the 224 px baseline. Counted with
+baseline's; and the 384 px model costs no more than the 224 px baseline. Both hold with the paper's one-pass
+ITC (``losses.itc_image="guided"``); the default caption-free ITC pass costs more (``ITC_BOUNDS``). Counted with
 ``torch.utils.flop_counter.FlopCounterMode`` on the meta device (shapes only: no memory, no time).
 """
 
@@ -42,16 +43,26 @@ def test_meta_counting_equals_real_counting():
         assert step_flops(name, "meta", kernel_backend="torch") == real
 
 
+# ITC image embedding -> (largest bus-base / baseline FLOPs ratio, largest bus-base-384 / baseline ratio). "guided"
+# (the paper's design: one ViT pass) keeps the paper's claim; "text_free" (the default since issue 24's accuracy
+# comparison) adds a caption-free pass over the pruned blocks for ITC: measured 0.769 and 1.168 without momentum
+# distillation; the bounds hold that cost where it is.
+ITC_BOUNDS = {"guided": (0.67, 1.0), "text_free": (0.78, 1.18)}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("itc_image", list(ITC_BOUNDS))
 @pytest.mark.parametrize("momentum", [False, True])
-def test_bus_base_step_flops_vs_baseline(momentum):
+def test_bus_base_step_flops_vs_baseline(momentum, itc_image):
     # the keep ratios were tuned on the architecture (momentum off); the base configs train with ALBEF momentum
     # distillation on, whose no-grad momentum ViT at 384 px costs more than the baseline's at 224 px
-    off = {"losses": {"momentum_distill": momentum}}
+    off = {"losses": {"momentum_distill": momentum, "itc_image": itc_image}}
     base = step_flops("bus-base-baseline", **off)
     bus = step_flops("bus-base", **off)
     bus384 = step_flops("bus-base-384", **off)
-    print(f"\nFLOPs per training step, batch 2, momentum distillation {momentum}: bus-base-baseline {base / 1e9:.1f} G, "
-          f"bus-base {bus / 1e9:.1f} G (ratio {bus / base:.3f}), bus-base-384 {bus384 / 1e9:.1f} G (ratio {bus384 / base:.3f})")
-    assert bus / base <= 0.67
-    assert bus384 <= base * (1.02 if momentum else 1.0)
+    print(f"\nFLOPs per training step, batch 2, momentum distillation {momentum}, ITC {itc_image}: bus-base-baseline "
+          f"{base / 1e9:.1f} G, bus-base {bus / 1e9:.1f} G (ratio {bus / base:.3f}), bus-base-384 {bus384 / 1e9:.1f} G "
+          f"(ratio {bus384 / base:.3f})")
+    ratio, ratio384 = ITC_BOUNDS[itc_image]
+    assert bus / base <= ratio
+    assert bus384 <= base * ratio384 * (1.02 if momentum else 1.0)

@@ -102,11 +102,11 @@ def test_every_policy_the_model_offers_is_trained():
     from bus_model.selection import POLICY_INFO
 
     specs = policy_specs("bus-mini")
-    itc = {"bus-detached", "bus-text-free"}  # the other losses.itc_image choices (issue 24)
+    itc = {"bus-guided", "bus-detached"}  # the losses.itc_image choices other than the default (issue 24)
     assert set(specs) == {BASELINE, NO_PTM} | itc | (set(POLICY_INFO) - {"none"})
     assert specs[BASELINE].config == "bus-mini-baseline"
     assert specs[NO_PTM].overrides == {"selection__policy": "bus", "losses__ptm": False}
-    assert specs["bus-text-free"].overrides == {"selection__policy": "bus", "losses__itc_image": "text_free"}
+    assert specs["bus-guided"].overrides == {"selection__policy": "bus", "losses__itc_image": "guided"}
     tok, text = quality._tokenizer_and_overrides("bus-mini")
     chosen, skipped = quality.select_specs(quality.QualitySettings(policies=["all"]), text)
     assert set(chosen) == set(specs) and not skipped  # bus-mini builds every variant (elip: equal widths)
@@ -216,6 +216,12 @@ def test_quick_run_writes_the_documented_json(tmp_path):
     assert len(recall["text_free"]) == 2  # bus without a caption: the EViT fallback selects
     assert result["policies"]["random"]["selector_recall"]["text_free"] is None  # random drops nothing at retrieval
     assert base["speedup_to_target"] == 1.0  # the baseline reaches its own final value
+    # the MLM leak: measured for the text-guided policy only
+    assert base["mlm_leak"] is None and result["policies"]["random"]["mlm_leak"] is None
+    leak = result["policies"]["bus"]["mlm_leak"]
+    assert all(0.0 <= leak[w] <= 1.0 for w in ("clean_guided", "masked_guided", "text_free"))
+    assert leak["leak"] == pytest.approx(leak["clean_guided"] - leak["masked_guided"], abs=1e-9)
+    assert "MLM leak through the selection" in proc.stdout
     pairs = {(c["a"], c["b"], c["path"]) for c in result["comparisons"]}
     for a, b in (("bus", "random"), ("bus", "baseline"), ("random", "baseline")):
         assert {(a, b, "unpruned"), (a, b, "deployed")} <= pairs
@@ -299,6 +305,9 @@ def test_comparison_pairs_and_quality_settings_checks():
     assert quality.comparison_pairs(["baseline", "bus", "random", "evit"]) == [
         ("bus", "random"), ("bus", "baseline"), ("random", "baseline"), ("evit", "baseline")]
     assert quality.comparison_pairs(["baseline", "random"]) == [("random", "baseline")]
+    assert quality.comparison_pairs(["baseline", "bus", "bus-detached", "bus-text-free"]) == [
+        ("bus", "baseline"), ("bus-detached", "baseline"), ("bus-text-free", "baseline"),
+        ("bus-detached", "bus"), ("bus-text-free", "bus")]  # the ITC choice compared directly with bus
     d = quality.QualitySettings()
     assert d.heldout_pairs >= 2048 and d.gallery_size == 256 and len(d.seeds) >= 3 and d.scene == "cluttered"
     for argv, match in ((["--heldout-pairs", "300"], "multiple"), (["--scene", "busy"], "scene"),
@@ -306,3 +315,35 @@ def test_comparison_pairs_and_quality_settings_checks():
                                                                 "difficulty")):
         with pytest.raises(SystemExit, match=match):
             quality.settings_from_args(_args(*argv))
+
+
+def test_mlm_leak_is_zero_when_the_selection_keeps_everything_and_masks_are_fixed():
+    """Keep ratio 1: whatever guides the selection, every patch is kept in position order, so the clean and
+    the masked caption give the same memory and the leak is exactly 0; the masks come from mask_seed alone
+    (the same accuracies twice) and the caller's RNG is left as it was."""
+    from bus_model import BusModel, get_config
+    from bus_model.data import SyntheticDataset
+
+    from bus_benchmarks.quality_eval import HeldOut
+    from bus_benchmarks.quality_mlm import mlm_accuracies, summarise_leak
+    from bus_benchmarks.quality_train import data_kwargs
+
+    tokenizer, text = quality._tokenizer_and_overrides("bus-mini")
+    torch.manual_seed(0)
+    config = get_config("bus-mini", selection__keep_ratios=[1.0, 1.0], text=text)
+    model = BusModel(config)
+    held = HeldOut.build(SyntheticDataset(**data_kwargs(config, num_samples=24, seed=3, split="test",
+                                                        difficulty="standard")), tokenizer, config)
+    state = torch.random.get_rng_state()
+    first = mlm_accuracies(model, held, device=torch.device("cpu"), chunk=8)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again = mlm_accuracies(model, held, device=torch.device("cpu"), chunk=8)
+    assert set(first) == {"clean_guided", "masked_guided", "text_free"} and first["clean_guided"].shape == (3,)
+    for way in first:
+        assert torch.equal(first[way], again[way])
+    assert torch.equal(first["clean_guided"], first["masked_guided"])
+    summary = summarise_leak([first, again], reps=200)
+    assert summary["leak"] == 0.0 and summary["ci95"] == [0.0, 0.0] and not summary["significant"]
+    baseline = BusModel(get_config("bus-mini-baseline", text=text))
+    assert mlm_accuracies(baseline, held, device=torch.device("cpu")) is None
+    assert summarise_leak([first, None], reps=10) is None
