@@ -4,7 +4,8 @@ BUS claims ~1.5x faster training at comparable accuracy. This benchmark trains, 
 seed on the same data stream, the variants the model offers: the ``-baseline`` twin, each selection
 policy of ``bus_model.selection.POLICY_INFO`` on the model at one keep schedule (bus, elip, evit, random =
 FLIP masking, tome = token merging, and any policy added later), ``bus-noptm`` (BUS without the PTM loss)
-and BUS with each other ITC image embedding (``losses.itc_image``: ``bus-detached``, ``bus-text-free``),
+and BUS with each ITC image embedding other than the default (``losses.itc_image``: ``bus-guided``,
+``bus-detached``),
 each for the same training-time budget. The default run trains baseline, bus and random
 (``--policies all``: every variant).
 
@@ -41,10 +42,10 @@ from pathlib import Path
 import torch
 
 from .command import run_standalone
-from .harness import default_device, environment, markdown_table, parse_overrides, publish, save_plot
+from .harness import default_device, environment, parse_overrides, publish
 from .quality_eval import PATHS, HeldOut, evaluate_paths
-from .quality_legacy import fmt_recall, render_v1
-from .quality_mlm import mlm_accuracies, render_leak, summarise_leak
+from .quality_mlm import mlm_accuracies, summarise_leak
+from .quality_report import plot, render
 from .quality_metrics import gallery_summary, mean_curve, paired_bootstrap_ci, speedup_to_target, time_to_target
 from .quality_oracle import oracle_txt2img_r1
 from .quality_train import (
@@ -198,10 +199,11 @@ def _save(model, tokenizer, directory: Path) -> None:
 
 
 def comparison_pairs(names: list[str]) -> list[tuple[str, str]]:
-    """bus - random, bus - baseline, every other policy - baseline, then each BUS variant (``bus-noptm``,
-    ``bus-detached``, ``bus-text-free``) - bus: the ablations and the ITC choice compared directly (those present)."""
+    """bus - random, bus - baseline, every other policy - baseline, bus - evit (what the caption adds over the
+    image [CLS] selecting at the same schedule), then each BUS variant (``bus-noptm``, the other ITC choices) -
+    bus: the ablations compared directly (those present)."""
     pairs = [("bus", "random"), ("bus", BASELINE)] + [(n, BASELINE) for n in names if n not in (BASELINE, "bus")]
-    pairs += [(n, "bus") for n in names if n.startswith("bus-")]
+    pairs += [("bus", "evit")] + [(n, "bus") for n in names if n.startswith("bus-")]
     return [(a, b) for a, b in pairs if a in names and b in names]
 
 
@@ -330,86 +332,12 @@ def run(settings: QualitySettings, device: torch.device | None = None, log=print
     }
 
 
-def _fmt_path(summary: dict | None) -> str:
-    if not summary:
-        return "n/a"
-    se = summary.get("mean_r1_se")
-    return f"{summary['mean_r1']:.4f}" + (f" ± {se:.4f}" if se is not None else "")
-
-
-def render(result: dict) -> str:
-    if "heldout_pairs" not in result:
-        return render_v1(result)
-    rows = []
-    for name, p in result["policies"].items():
-        f, rec = p["final"], p.get("selector_recall") or {}
-        rows.append({
-            "policy": name, "steps": p["steps"], "step_time_s": p["step_time_s"], "gflops": p["flops_per_sample"] / 1e9,
-            "unpruned": _fmt_path(f.get("unpruned")), "deployed": _fmt_path(f.get("deployed")),
-            "rerank": _fmt_path(f.get("rerank")), "ttt": p["time_to_target_s"], "speedup": p["speedup_to_target"],
-            "recall": fmt_recall(rec.get("training")), "recall_free": fmt_recall(rec.get("text_free")),
-            "cider": (p.get("captioning") or {}).get("cider"),
-        })
-    s = result["settings"]
-    table = markdown_table(rows, [
-        ("policy", "policy", ""), ("steps", "steps", "d"), ("step_time_s", "step (s)", ".3f"),
-        ("gflops", "GFLOPs/sample", ".3f"), ("unpruned", "unpruned R@1 ± se", ""),
-        ("deployed", "deployed R@1 ± se", ""), ("rerank", f"ITM re-rank top {s['rerank_k']} R@1 ± se", ""),
-        ("ttt", "time to target (s)", ".1f"), ("speedup", "speedup to target", ".2f"),
-        ("recall", "selector recall, caption", ""), ("recall_free", "selector recall, no caption", ""),
-        ("cider", "CIDEr", ".2f"),
-    ])
-    comp = [{"cmp": f"{c['a']} - {c['b']}", "path": c["path"], "diff": c["diff"],
-             "ci": f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]",
-             "per_seed": " / ".join(f"{d:+.4f}" for d in c.get("per_seed", [])),
-             "sig": "significant" if c["significant"] else "not significant"} for c in result["comparisons"]]
-    comp_table = markdown_table(comp, [("cmp", "comparison", ""), ("path", "path", ""), ("diff", "diff", "+.4f"),
-                                       ("ci", "95% interval", ""), ("per_seed", "per seed", ""), ("sig", "", "")])
-    v, st = result["verdict"], result.get("scene_statistics") or {}
-    skipped = "; ".join(f"{k}: {w}" for k, w in result.get("skipped_policies", {}).items()) or "none"
-    oracle = "; ".join(f"{name} {r:.3f}" for name, r in (result.get("oracle_txt2img_r1") or {}).items())
-    return (
-        f"{table}\n\n{comp_table}\n\n{render_leak(result['policies'])}\n\n"
-        f"Verdict path and metric (declared before running): {v['path']} {v['metric']}: {v['why']}. Target = the "
-        f"baseline's final value {result['target']['value']:.4f}. R@1 in {result['heldout_pairs'] // result['gallery_size']} "
-        f"galleries of {result['gallery_size']} held-out pairs (chance {1 / result['gallery_size']:.4f}), ± standard "
-        f"error over galleries; differences paired per seed and gallery, 95% bootstrap interval over seeds and "
-        f"galleries ({s['bootstrap_reps']} replicates). Scene {result['scene']} ({result.get('scene_why')}); "
-        f"{result['kept_share']:.0%} of the patches kept by the selection variants: random keep loses a mentioned "
-        f"object {st.get('lost_mentioned_object', float('nan')):.2f} of the time, salient patches "
-        f"{st.get('salient_share', float('nan')):.2f} of the image. Within-gallery ceilings (text->image R@1 of "
-        f"ideal rankers knowing only these attributes): {oracle}. Budget {result['budget_s']:g}s of training per "
-        f"variant and seed (steps x interleaved step time, lower quartile), seeds {result['seeds']}, batch "
-        f"{s['batch_size']}, lr {s['lr']:g}, keep ratios {s.get('keep_ratios') or 'the model default'}, overrides "
-        f"{s.get('overrides') or 'none'}. Skipped: {skipped}. "
-        f"{result['device']}; torch {result['torch']}; wall {result['wall_s'] / 60:.1f} min; commit {result['commit']}")
-
-
-def plot(result: dict, path: str | None) -> str | None:
-    chance = 1 / result.get("gallery_size", result.get("candidates", 1))
-    where = (f"{result['verdict']['path']} path, galleries of {result['gallery_size']}" if "verdict" in result
-             else f"{result.get('candidates')} candidates")
-
-    def draw(ax):
-        for name, p in result["policies"].items():
-            xs = [0.0] + [c["time_s"] for c in p["curve"]]
-            ys = [chance] + [c["mean_r1"] for c in p["curve"]]
-            ax.plot(xs, ys, marker="o", markersize=3, label=name, linestyle="--" if name == "baseline" else "-")
-        ax.axhline(result["target"]["value"], color="gray", linewidth=0.8, linestyle=":", label="target")
-        ax.set_xlabel("training time (s): steps x interleaved step time (lower quartile)")
-        ax.set_ylabel(f"held-out mean R@1 ({where})")
-        ax.set_title(f"{result['model']}: accuracy vs training time\n{result['device']}", fontsize=8)
-        ax.legend(fontsize=7)
-
-    return save_plot(path, draw)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = QualitySettings()
     parser.add_argument("--model", default=d.model, help=f"a BUS config with a -baseline twin (default {d.model})")
     parser.add_argument("--policies", nargs="+", default=None, help=f"variants to train (default {DEFAULT_POLICIES}; "
-                        "'all': every one the model offers: baseline, each selection policy, bus-noptm, bus-detached, "
-                        "bus-text-free)")
+                        "'all': every one the model offers: baseline, each selection policy, bus-noptm, bus-guided, "
+                        "bus-detached)")
     parser.add_argument("--budget-s", type=float, default=d.budget_s, help="training seconds per variant and seed "
                         f"(steps x measured step time; default {d.budget_s:g})")
     parser.add_argument("--seeds", type=int, nargs="+", default=d.seeds, help=f"initial seeds (default {d.seeds})")

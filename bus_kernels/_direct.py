@@ -8,9 +8,9 @@ tensors runs the body directly, through a ``torch.autograd.Function`` built from
 ``setup_context`` / ``backward`` pair registered with the custom op when a gradient is recorded, and bare
 otherwise. Same kernels, same saved tensors, same gradients.
 
-The custom op is still used whenever something may look at the op instead of running it: while ``torch.compile`` traces, under any ``TorchDispatchMode`` (FakeTensorMode,
-FlopCounterMode, ``bus_benchmarks.dispatch_count``), under functorch transforms (vmap, grad) and for
-tensor subclasses. Backward makes the same choice again, so a dispatch mode around ``backward()`` alone
+The custom op is still used whenever something may look at the op instead of running it: while
+``torch.compile`` traces, under any ``TorchDispatchMode`` (FakeTensorMode, FlopCounterMode,
+``bus_benchmarks.dispatch_count``), under functorch transforms (vmap, grad) and for tensor subclasses. Backward makes the same choice again, so a dispatch mode around ``backward()`` alone
 also sees the backward custom op.
 """
 

@@ -141,8 +141,10 @@ def _tps_native_impl(query: torch.Tensor, keys: torch.Tensor, scale: float) -> t
 
 
 def _topk_gather_native_impl(x: torch.Tensor, scores: torch.Tensor, k: int, fuse: bool):
+    from .ops._triton_utils import constant
+
     B, _, C = x.shape
-    k_rows = torch.full((B,), k, dtype=torch.int64, device=x.device)
+    k_rows = constant((B,), k, torch.int64, x)  # every row keeps k (a cached constant: no fill per call)
     tokens, index, *_ = torch.ops.bus.topk_gather(x, scores, k_rows, B * k, fuse)
     return tokens.view(B, k + int(fuse), C), index.view(B, k)
 

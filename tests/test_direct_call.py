@@ -210,9 +210,12 @@ def test_constants_are_shared_bounded_and_fixed_k_rows_stay_correct():
 
     from bus_kernels import _capture
 
+    cached = _triton_utils.constant((3,), 5, torch.int64, torch.empty(0))
     with mock.patch.object(_capture, "capturing", lambda t: True):  # as if a CUDA graph were being captured
         made = _triton_utils.constant((7,), 9, torch.int64, torch.empty(0))
+        fresh = _triton_utils.constant((3,), 5, torch.int64, torch.empty(0))  # cached before: not read either
     assert made.tolist() == [9] * 7 and ((7,), 9, torch.int64, made.device) not in _triton_utils._CONSTANTS
+    assert fresh.tolist() == [5] * 3 and fresh is not cached
     g = torch.Generator().manual_seed(3)
     for B, N, k in ((1, 7, 3), (4, 7, 3), (4, 7, 6), (2, 33, 1)):  # many (B, k): rows keep k each
         x, s = torch.randn(B, N, 8, generator=g), torch.rand(B, N, generator=g)

@@ -246,7 +246,7 @@ def test_quick_run_writes_the_documented_json(tmp_path):
     # the recorded runs before issue 24 still render
     from pathlib import Path
 
-    old = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quality_cpu.json"
+    old = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "superseded" / "quality_cpu.json"
     if old.exists():
         assert "| policy |" in quality.render(json.loads(old.read_text()))
 
@@ -303,11 +303,11 @@ def test_paired_bootstrap_interval_covers_zero_only_for_noise():
 
 def test_comparison_pairs_and_quality_settings_checks():
     assert quality.comparison_pairs(["baseline", "bus", "random", "evit"]) == [
-        ("bus", "random"), ("bus", "baseline"), ("random", "baseline"), ("evit", "baseline")]
+        ("bus", "random"), ("bus", "baseline"), ("random", "baseline"), ("evit", "baseline"), ("bus", "evit")]
     assert quality.comparison_pairs(["baseline", "random"]) == [("random", "baseline")]
-    assert quality.comparison_pairs(["baseline", "bus", "bus-detached", "bus-text-free"]) == [
-        ("bus", "baseline"), ("bus-detached", "baseline"), ("bus-text-free", "baseline"),
-        ("bus-detached", "bus"), ("bus-text-free", "bus")]  # the ITC choice compared directly with bus
+    assert quality.comparison_pairs(["baseline", "bus", "bus-detached", "bus-guided"]) == [
+        ("bus", "baseline"), ("bus-detached", "baseline"), ("bus-guided", "baseline"),
+        ("bus-detached", "bus"), ("bus-guided", "bus")]  # the ITC choice compared directly with bus
     d = quality.QualitySettings()
     assert d.heldout_pairs >= 2048 and d.gallery_size == 256 and len(d.seeds) >= 3 and d.scene == "cluttered"
     for argv, match in ((["--heldout-pairs", "300"], "multiple"), (["--scene", "busy"], "scene"),

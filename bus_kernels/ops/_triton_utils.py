@@ -40,22 +40,22 @@ _NO_SWITCH = contextlib.nullcontext()
 
 
 # Small read-only constant tensors the launchers pass to their kernels, by (shape, value, dtype, device):
-# built once instead of an allocation and a fill on every call. Bounded (oldest dropped first); nothing is
-# added while torch.compile traces (the value would be baked into the graph as a constant) or while a CUDA
-# graph is captured (its memory would belong to the graph's pool).
+# built once instead of an allocation and a fill on every call. Bounded (oldest dropped first). Neither read
+# nor written while torch.compile traces (the fill goes into the graph as before) or while a CUDA graph is
+# captured: the fill is then captured with the kernels that read it, so no replay reads a cached tensor that
+# a later eviction may have freed.
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
 _MAX_CONSTANTS = 64
 
 
 def constant(shape: tuple[int, ...], value: int | float, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
     """A tensor of ``shape`` filled with ``value`` on ``like``'s device, never to be written to."""
+    if torch.compiler.is_compiling() or _capture.capturing(like):
+        return torch.full(shape, value, dtype=dtype, device=like.device)
     key = (shape, value, dtype, like.device)
     t = _CONSTANTS.get(key)
-    if t is not None:
-        return t
-    t = torch.full(shape, value, dtype=dtype, device=like.device)
-    if not (torch.compiler.is_compiling() or _capture.capturing(like)):
+    if t is None:
         if len(_CONSTANTS) >= _MAX_CONSTANTS:
             del _CONSTANTS[next(iter(_CONSTANTS))]
-        _CONSTANTS[key] = t
+        t = _CONSTANTS[key] = torch.full(shape, value, dtype=dtype, device=like.device)
     return t
