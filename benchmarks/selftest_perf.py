@@ -431,13 +431,17 @@ def training_rows(device: torch.device, quick: bool, deadline: float, on_row: Ca
 def sync_budgets(model: str, device: torch.device) -> dict[str, int | None]:
     """Host syncs a forward + backward may make (tests/test_host_syncs.py holds them on CPU): none with
     sdpa, 2 with varlen (the text masks' packed sizes), one per selection layer with keep_mode="mass" (the
-    ragged kept counts), when the ragged pruning op runs compiled (not the torch reference)."""
+    ragged kept counts), when the ragged pruning op runs compiled (not the torch reference); with both, one
+    more when the caption-free ITC rows are stacked onto the guided ones (losses.itc_image="text_free": the
+    guided half's mask is packed once for PAD)."""
     from bus_model import get_config
 
-    layers = len(get_config(model).selection.layers)
+    config = get_config(model)
+    layers = len(config.selection.layers)
+    stacked = int(config.losses.itc_image == "text_free")
     compiled = select_backend("topk_gather", device, torch.float32, True) != "torch"
     return {"sdpa": 0, "varlen": 2, "mass": layers if compiled else None,
-            "mass+varlen": layers + 2 if compiled else None, "baseline": 0}
+            "mass+varlen": layers + 2 + stacked if compiled else None, "baseline": 0}
 
 
 def sync_rows(device: torch.device, quick: bool, deadline: float, on_row: Callable[[dict], None]) -> list[dict]:

@@ -143,9 +143,14 @@ def test_backend_choice_is_cached_and_forgotten_when_the_registry_changes(monkey
     assert backends.select_backend("text_patch_scores", q.device, q.dtype, False, extra_reasons=lambda n: [],
                                    extra_key=False) == "triton"
     monkeypatch.delenv(backends.ENV_VAR)
-    # registering anything forgets every choice
-    backends.add_preference("text_patch_scores", "cpu", "torch", position=0)
-    assert not backends._CHOSEN
+    # registering anything forgets every choice (the preference list is restored: other tests rely on it)
+    saved = list(backends._PREFERENCE["text_patch_scores"]["cpu"])
+    try:
+        backends.add_preference("text_patch_scores", "cpu", "torch", position=0)
+        assert not backends._CHOSEN
+    finally:
+        backends._PREFERENCE["text_patch_scores"]["cpu"] = saved
+        backends.forget_choices()
     # errors are never cached, and a bad backend argument still gets its own error
     with pytest.raises(TypeError, match="backend must be a str"):
         bk.text_patch_scores(q, keys, backend=["triton"])
