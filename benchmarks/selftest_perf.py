@@ -255,30 +255,25 @@ def achieved(row: dict, device: torch.device, *, flops: tuple[float, float] | No
     or GB/s (memory-bound ops), each as a share of the device's peak, and whole-call / kernel time."""
     from .harness import peak_bf16_flops, peak_memory_bandwidth
 
+    # (work per phase, its count key and scale, its rate key and scale, the device's peak rate)
+    kinds = [kind for kind in ((flops, "gflop", 1e9, "tflops", 1e12, peak_bf16_flops),
+                               (bytes_moved, "mb", 1e6, "gbps", 1e9, peak_memory_bandwidth)) if kind[0] is not None]
     out = {}
     for i, phase in enumerate(("fwd", "fwd_bwd")):
-        if flops is not None:
-            out[f"{phase}_gflop"] = flops[i] / 1e9
-        if bytes_moved is not None:
-            out[f"{phase}_mb"] = bytes_moved[i] / 1e6
+        for work, count, count_scale, *_ in kinds:
+            out[f"{phase}_{count}"] = work[i] / count_scale
         kernel_ms = row.get(f"{phase}_kernel_ms") or row.get(f"{phase}_graph_ms")
         if device.type != "cuda" or not kernel_ms:
             continue
         out[f"{phase}_time_basis"] = "kernel" if row.get(f"{phase}_kernel_ms") else "graph"
         if row.get(f"{phase}_ms"):
             out[f"{phase}_call_over_kernel"] = row[f"{phase}_ms"] / kernel_ms
-        if flops is not None:
-            tflops = flops[i] / (kernel_ms * 1e-3) / 1e12
-            out[f"{phase}_tflops"] = tflops
-            peak, _ = peak_bf16_flops(device)
+        for work, _, _, rate, rate_scale, peak_of in kinds:
+            per_s = work[i] / (kernel_ms * 1e-3)
+            out[f"{phase}_{rate}"] = per_s / rate_scale
+            peak, _ = peak_of(device)
             if peak:
-                out[f"{phase}_peak_pct"] = 100.0 * tflops * 1e12 / peak
-        if bytes_moved is not None:
-            gbps = bytes_moved[i] / (kernel_ms * 1e-3) / 1e9
-            out[f"{phase}_gbps"] = gbps
-            peak, _ = peak_memory_bandwidth(device)
-            if peak:
-                out[f"{phase}_peak_pct"] = 100.0 * gbps * 1e9 / peak
+                out[f"{phase}_peak_pct"] = 100.0 * per_s / peak
     return out
 
 
