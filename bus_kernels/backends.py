@@ -139,7 +139,7 @@ def select_backend(
 
     ``extra_reasons(backend_name) -> list[str]`` lets an op add its own constraints (e.g. head dims).
     ``extra_key``: a value that determines everything ``extra_reasons`` answers (e.g. ``D > 256``); given,
-    the choice is cached under it (and the device type, dtype, grad, requested backend and environment):
+    the choice is cached under it (and the device, dtype, grad, requested backend and environment):
     the walk over the preference list runs once per such signature, not on every call (issue 23's host
     time). Without it (and ``extra_reasons`` given) nothing is cached. Errors are never cached.
     Raises ``BackendNotSupportedError`` listing each rejected backend and why.

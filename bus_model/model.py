@@ -196,9 +196,10 @@ class BusModel(nn.Module):
     def encode_image(self, images: torch.Tensor, text_cls: torch.Tensor | None = None) -> ImageEncoding:
         """images (B, C, H, W) -> ImageEncoding. Text-free by default (bus selects with the image [CLS],
         as EViT does): use it to index images for retrieval. ``text_cls (B, hidden)`` guides TSPS."""
-        feats = self.vision.forward_features(images, text_cls)
-        memory, memory_mask = self._visual_memory(feats)
-        return ImageEncoding(self._image_embedding(feats), memory, memory_mask, feats)
+        return self._image_encoding(self.vision.forward_features(images, text_cls))
+
+    def _image_encoding(self, feats: VisionFeatures) -> ImageEncoding:
+        return ImageEncoding(self._image_embedding(feats), *self._visual_memory(feats), feats)
 
     def _uses_text_query(self) -> bool:
         return POLICY_INFO[self.config.selection.policy].uses_text
@@ -296,11 +297,9 @@ class BusModel(nn.Module):
         if itc_image == "text_free":  # ITC (and ITM's mining) reads a caption-free pass, as retrieval does
             feats, free = self.vision.forward_features_and_text_free(images, t_cls)
             image = ImageEncoding(self._image_embedding(free), *self._visual_memory(feats), feats)
-        elif itc_image == "detached":  # the selector's scores reach the tokens without gradient (ELIP)
-            feats = self.vision.forward_features(images, t_cls, detach_scores=True)
-            image = ImageEncoding(self._image_embedding(feats), *self._visual_memory(feats), feats)
-        else:
-            image = self.encode_image(images, t_cls if self._uses_text_query() else None)
+        else:  # "detached": the selector's scores reach the tokens without gradient (ELIP)
+            image = self._image_encoding(self.vision.forward_features(
+                images, t_cls if self._uses_text_query() else None, detach_scores=itc_image == "detached"))
         memory, memory_mask = image.memory, image.memory_mask
         losses: dict[str, torch.Tensor] = {}
         sim = None

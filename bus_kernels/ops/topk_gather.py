@@ -227,6 +227,7 @@ _topk_gather_triton_direct = DirectOp("TopkGatherTriton", _topk_gather_triton, _
 
 
 def _prepare_triton(x: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and scores with a unit stride in their last dim, as the kernels read them (copies only if not)."""
     if x.stride()[-1] != 1:
         x = x.contiguous()
     if scores.stride()[-1] != 1:
@@ -236,16 +237,14 @@ def _prepare_triton(x: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor
 
 def _topk_gather_triton_impl(x, scores, k: int, fuse: bool):
     B, N, C = x.shape
-    if x.stride()[-1] != 1 or scores.stride()[-1] != 1:
-        x, scores = _prepare_triton(x, scores)
+    x, scores = _prepare_triton(x, scores)
     k_rows = constant((B,), k, torch.int64, x)  # every row keeps k
     tokens, index, *_ = _topk_gather_triton_direct(x, scores, k_rows, B * k, fuse, k)
     return tokens, index
 
 
 def _topk_gather_varlen_triton_impl(x, scores, k: torch.Tensor, fuse: bool, counts: list[int] | None):
-    if x.stride()[-1] != 1 or scores.stride()[-1] != 1:
-        x, scores = _prepare_triton(x, scores)
+    x, scores = _prepare_triton(x, scores)
     total_kept, max_seqlen = kept_totals(k, fuse, counts)
     tokens, index, *_, cu_seqlens = _topk_gather_triton_direct(x, scores, k, total_kept, fuse, -1)
     return tokens, index, cu_seqlens, max_seqlen
